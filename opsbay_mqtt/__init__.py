@@ -1,0 +1,3 @@
+"""opsbay-mqtt: an MQTT job bus for operations teams."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from opsbay_mqtt.cli import main
+
+main()

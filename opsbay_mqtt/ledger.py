@@ -1,0 +1,73 @@
+"""The worker's on-disk ledger of job ids it has started, so a redelivered dispatch never runs
+a command twice. SQLite, one file in the worker's state directory."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+DEFAULT_MAX_ENTRIES = 10_000
+
+
+class Ledger:
+    def __init__(self, path: Path | str, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._finished_since_prune = 0
+        self._lock = threading.Lock()
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(
+            "PRAGMA synchronous=FULL"
+        )  # a start must be on disk before the command runs
+        self.db.execute(
+            "CREATE TABLE IF NOT EXISTS ledger (job_id TEXT PRIMARY KEY, state TEXT NOT NULL, "
+            "result BLOB, updated_ms INTEGER NOT NULL)"
+        )
+        self.db.execute("CREATE INDEX IF NOT EXISTS ledger_by_time ON ledger (updated_ms)")
+
+    def get(self, job_id: str) -> tuple[str, bytes | None] | None:
+        with self._lock:
+            row = self.db.execute(
+                "SELECT state, result FROM ledger WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def start(self, job_id: str, now_ms: int) -> bool:
+        """Record that `job_id` is about to run; False if it was already in the ledger."""
+        with self._lock:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO ledger (job_id, state, updated_ms) VALUES (?, 'running', ?)",
+                (job_id, now_ms),
+            )
+            return cur.rowcount == 1
+
+    def finish(self, job_id: str, state: str, result: bytes, now_ms: int) -> None:
+        with self._lock:
+            self.db.execute(
+                "INSERT OR REPLACE INTO ledger (job_id, state, result, updated_ms) "
+                "VALUES (?, ?, ?, ?)",
+                (job_id, state, result, now_ms),
+            )
+            self._finished_since_prune += 1
+            if self._finished_since_prune >= 100:
+                self._finished_since_prune = 0
+                self._prune()
+
+    def interrupted(self) -> list[str]:
+        """Job ids that were running when the previous worker process ended."""
+        with self._lock:
+            return [
+                r[0] for r in self.db.execute("SELECT job_id FROM ledger WHERE state='running'")
+            ]
+
+    def _prune(self) -> None:
+        self.db.execute(
+            "DELETE FROM ledger WHERE state != 'running' AND job_id IN (SELECT job_id FROM ledger "
+            "WHERE state != 'running' ORDER BY updated_ms DESC LIMIT -1 OFFSET ?)",
+            (self.max_entries,),
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()

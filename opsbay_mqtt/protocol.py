@@ -1,0 +1,224 @@
+"""Wire messages (protocol version 1): pydantic models, encode and decode.
+
+Every message is a signed JSON object (see `signing`) with `v` and `type`. Decoding wraps
+every failure as one `Refused` with a reason code; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from opsbay_mqtt import signing
+from opsbay_mqtt.errors import Refused
+from opsbay_mqtt.signing import Auth, Keyring
+from opsbay_mqtt.states import ExecState, JobState
+from opsbay_mqtt.topics import JOB_ID_RE, NODE_NAME_RE, REPLY_ID_RE
+
+PROTOCOL_VERSION = 1
+MAX_COMMAND_BYTES = 64 * 1024
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+JobId = Annotated[str, Field(pattern=JOB_ID_RE.pattern)]
+NodeName = Annotated[str, Field(pattern=NODE_NAME_RE.pattern)]
+Millis = Annotated[int, Field(ge=0, lt=2**53)]
+Text = Annotated[str, Field(max_length=1024)]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    v: Literal[1] = 1
+
+
+class Submit(Message):
+    """client -> coordinator on `<prefix>/submit`."""
+
+    type: Literal["submit"] = "submit"
+    job_id: JobId
+    target: NodeName
+    command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_BYTES)]
+    timeout_s: Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)]
+    start_by_ms: Millis
+
+
+class Dispatch(Message):
+    """coordinator -> worker on `<prefix>/nodes/<node>/jobs`."""
+
+    type: Literal["dispatch"] = "dispatch"
+    job_id: JobId
+    node: NodeName
+    command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_BYTES)]
+    timeout_s: Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)]
+    start_by_ms: Millis
+
+
+class Result(Message):
+    """worker -> coordinator and watchers on `<prefix>/results/<node>/<job>`."""
+
+    type: Literal["result"] = "result"
+    job_id: JobId
+    node: NodeName
+    state: ExecState
+    session: Millis = 0
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_bytes: Annotated[int, Field(ge=0)] = 0
+    stderr_bytes: Annotated[int, Field(ge=0)] = 0
+    truncated: bool = False
+    started_ms: Millis | None = None
+    finished_ms: Millis | None = None
+    duration_ms: Millis | None = None
+    reason: Text | None = None
+    host: dict[str, Any] = Field(default_factory=dict)
+
+
+class Execution(BaseModel):
+    """One job on one node, as the coordinator records it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    node: NodeName
+    state: ExecState
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    truncated: bool = False
+    dispatched_ms: Millis | None = None
+    started_ms: Millis | None = None
+    finished_ms: Millis | None = None
+    duration_ms: Millis | None = None
+    reason: Text | None = None
+    host: dict[str, Any] = Field(default_factory=dict)
+
+
+class Job(BaseModel):
+    """A job and its executions, as the coordinator records it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    job_id: JobId
+    state: JobState
+    target: str
+    command: str
+    timeout_s: int
+    start_by_ms: Millis
+    submitted_ms: Millis
+    submitted_by: str
+    reason_code: str | None = None
+    reason: str | None = None
+    executions: list[Execution] = Field(default_factory=list)
+
+
+class JobEvent(Message):
+    """coordinator -> client and watchers on `<prefix>/jobs/<job>`: the job as it now stands."""
+
+    type: Literal["job"] = "job"
+    job: Job
+
+
+class Rejected(Message):
+    """coordinator -> submitter: a refused submission, on `<prefix>/jobs/<job>` when the job id
+    could be read, and always on `<prefix>/rejected`."""
+
+    type: Literal["rejected"] = "rejected"
+    job_id: str | None = None
+    code: Text
+    reason: Text
+
+
+class Query(Message):
+    """client -> coordinator on `<prefix>/rpc/request`."""
+
+    type: Literal["query"] = "query"
+    query: Literal["result", "results", "nodes"]
+    reply_to: Annotated[str, Field(pattern=REPLY_ID_RE.pattern)]
+    correlation: Annotated[str, Field(min_length=1, max_length=64)]
+    job_id: JobId | None = None
+    node: NodeName | None = None
+    state: JobState | None = None
+    limit: Annotated[int, Field(ge=1, le=1000)] = 20
+
+
+class Reply(Message):
+    """coordinator -> client on `<prefix>/rpc/reply/<reply_to>`."""
+
+    type: Literal["reply"] = "reply"
+    correlation: str
+    ok: bool
+    code: str | None = None
+    error: str | None = None
+    data: Any = None
+
+
+class NodeInfo(Message):
+    """worker -> everyone, retained on `<prefix>/nodes/<node>/info`."""
+
+    type: Literal["info"] = "info"
+    node: NodeName
+    session: Millis
+    published_ms: Millis
+    agent_version: Text
+    labels: dict[str, str] = Field(default_factory=dict)
+    facts: dict[str, Any] = Field(default_factory=dict)
+
+
+class NodeStatus(Message):
+    """worker (or its Last Will) -> everyone, retained on `<prefix>/nodes/<node>/status`."""
+
+    type: Literal["status"] = "status"
+    node: NodeName
+    state: Literal["online", "offline"]
+    session: Millis
+    seq: Annotated[int, Field(ge=0, lt=2**31)] = 0
+    published_ms: Millis
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (Submit, Dispatch, Result, JobEvent, Rejected, Query, Reply, NodeInfo, NodeStatus)
+}
+
+
+def encode(msg: Message, keyring: Keyring, now_s: int) -> bytes:
+    return signing.sign(msg.model_dump(mode="json"), keyring, now_s)
+
+
+def decode(
+    payload: bytes, keyring: Keyring, expect: tuple[type[Message], ...] | None = None
+) -> tuple[Message, Auth]:
+    """Parse, verify and validate one message; every failure is a `Refused`."""
+    obj = signing.parse(payload)
+    auth = signing.verify(obj, keyring)
+    body = {k: v for k, v in obj.items() if k not in ("auth", "sig")}
+    if body.get("v") != PROTOCOL_VERSION:
+        raise Refused("bad_version", f"protocol version {body.get('v')!r} is not supported (1)")
+    cls = MESSAGE_TYPES.get(body.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise Refused("bad_type", f"unknown message type {body.get('type')!r}")
+    if expect is not None and cls not in expect:
+        names = ", ".join(c.model_fields["type"].default for c in expect)
+        raise Refused("bad_type", f"message type {body['type']!r} not expected here ({names})")
+    try:
+        return cls.model_validate(body), auth
+    except ValidationError as e:
+        raise Refused("invalid", describe_validation(e)) from e
+
+
+def describe_validation(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "message"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def peek_job_id(payload: bytes) -> str | None:
+    """Best-effort job id of a payload we refuse, so the refusal can reach its submitter."""
+    try:
+        obj = signing.parse(payload)
+    except Refused:
+        return None
+    job_id = obj.get("job_id")
+    return job_id if isinstance(job_id, str) and JOB_ID_RE.match(job_id) else None

@@ -1,0 +1,169 @@
+"""What the CLI shows: exit codes, public JSON, tables. Pure functions over jobs and nodes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from opsbay_mqtt.protocol import Job
+
+# Exit codes of `opsbay submit --wait` and `opsbay result` (documented in the README).
+# A job that ran to completion exits with the command's own code; these cover the rest.
+EXIT_USAGE = 2
+EXIT_EXPIRED = 68  # not started before its start-by deadline (node offline or unknown)
+EXIT_UNAVAILABLE = 69  # broker unreachable, or the coordinator did not answer
+EXIT_LOST = 70  # the worker died or restarted during the run
+EXIT_NOT_FOUND = 66  # `opsbay result`: no such job
+EXIT_WAIT_GAVE_UP = 75  # the caller's wait ran out (or no acknowledgement yet); the job goes on
+EXIT_REJECTED = 77  # refused by the coordinator (signature, freshness, replay, schema, policy)
+EXIT_CONFIG = 78  # a setting is missing or invalid
+EXIT_CANCELLED = 80  # cancelled before it finished
+EXIT_TIMED_OUT = 124  # the run timeout hit; the process group was killed (as timeout(1))
+
+_STATE_EXIT = {
+    "timed_out": EXIT_TIMED_OUT,
+    "expired": EXIT_EXPIRED,
+    "cancelled": EXIT_CANCELLED,
+    "lost": EXIT_LOST,
+    "rejected": EXIT_REJECTED,
+    "pending": EXIT_WAIT_GAVE_UP,
+    "running": EXIT_WAIT_GAVE_UP,
+}
+
+
+def exit_code(job: Job) -> int:
+    """The command's own exit code when every execution ran to completion, otherwise the code
+    of the job's state."""
+    if job.state in ("succeeded", "failed"):
+        codes = [x.exit_code for x in job.executions if x.state == "failed"]
+        if job.state == "succeeded":
+            return 0
+        return next((c for c in codes if c is not None and 0 < c < 256), 1)
+    return _STATE_EXIT[job.state]
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    t = dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def public_job(job: Job) -> dict[str, Any]:
+    """The job as `--json` prints it: times as ISO 8601 UTC strings named `*_at`."""
+    d = job.model_dump(mode="json")
+    d["submitted_at"] = iso(d.pop("submitted_ms"))
+    d["start_by"] = iso(d.pop("start_by_ms"))
+    for ex in d["executions"]:
+        for key in ("dispatched", "started", "finished"):
+            ex[f"{key}_at"] = iso(ex.pop(f"{key}_ms"))
+    return d
+
+
+def public_node(node: dict[str, Any], now_ms: int) -> dict[str, Any]:
+    d = dict(node)
+    seen = d.pop("last_seen_ms", 0)
+    d["last_seen"] = iso(seen) if seen else None
+    d["last_seen_ago_s"] = (now_ms - seen) // 1000 if seen else None
+    return d
+
+
+def _duration(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
+
+
+def _ago(seconds: int | None) -> str:
+    if seconds is None:
+        return "never"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{max(0, seconds)}s ago"
+
+
+def _bytes(n: int | None) -> str:
+    if not n:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in
+              enumerate(headers)]  # fmt: skip
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for r in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def jobs_table(jobs: list[Job]) -> str:
+    rows = []
+    for j in jobs:
+        ex = j.executions[0] if j.executions else None
+        command = j.command.replace("\n", " ")
+        rows.append(
+            [
+                j.job_id,
+                j.state,
+                j.target,
+                "-" if ex is None or ex.exit_code is None else str(ex.exit_code),
+                _duration(ex.duration_ms if ex else None),
+                iso(j.submitted_ms) or "-",
+                command if len(command) <= 40 else command[:37] + "...",
+            ]
+        )
+    return table(["JOB", "STATE", "TARGET", "EXIT", "DURATION", "SUBMITTED", "COMMAND"], rows)
+
+
+def nodes_table(nodes: list[dict[str, Any]], now_ms: int) -> str:
+    rows = []
+    for n in nodes:
+        p = public_node(n, now_ms)
+        f = p.get("facts") or {}
+        labels = ",".join(f"{k}={v}" for k, v in sorted((p.get("labels") or {}).items()))
+        rows.append(
+            [
+                p["node"],
+                p["state"],
+                _ago(p["last_seen_ago_s"]),
+                str(f.get("hostname", "-")),
+                str(f.get("distro") or f.get("os") or "-"),
+                str(f.get("arch", "-")),
+                str(f.get("kernel", "-")),
+                _ago(f.get("uptime_s")).replace(" ago", "") if f.get("uptime_s") else "-",
+                str(f.get("cpu_count", "-")),
+                _bytes(f.get("memory_total")),
+                _bytes(f.get("disk_free")),
+                labels or "-",
+            ]
+        )
+    headers = ["NODE", "STATUS", "LAST SEEN", "HOSTNAME", "OS", "ARCH", "KERNEL", "UPTIME",
+               "CPUS", "MEMORY", "DISK FREE", "LABELS"]  # fmt: skip
+    return table(headers, rows)
+
+
+def job_summary(job: Job) -> str:
+    lines = [f"job      {job.job_id}", f"state    {job.state}", f"command  {job.command}"]
+    if job.reason:
+        lines.append(f"reason   {job.reason_code}: {job.reason}")
+    for ex in job.executions:
+        code = "-" if ex.exit_code is None else str(ex.exit_code)
+        lines.append(
+            f"node     {ex.node}: {ex.state}, exit {code}, {_duration(ex.duration_ms)}, "
+            f"started {iso(ex.started_ms) or '-'}"
+        )
+        if ex.reason:
+            lines.append(f"         {ex.reason}")
+        if ex.truncated:
+            lines.append(
+                f"         output truncated: {ex.stdout_bytes} bytes of stdout, "
+                f"{ex.stderr_bytes} of stderr (head and tail kept)"
+            )
+    return "\n".join(lines)

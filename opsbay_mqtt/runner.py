@@ -1,0 +1,209 @@
+"""Run one shell command in its own process group, with a timeout and capped output."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT_CAP = 64 * 1024  # per stream: this much from the head and this much from the tail
+DEFAULT_KILL_GRACE_S = 5.0
+_READ_SIZE = 64 * 1024
+
+
+class HeadTail:
+    """Keeps the first `cap` and the last `cap` bytes written, and counts them all."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.head = bytearray()
+        self.tail: deque[bytes] = deque()
+        self.tail_len = 0
+        self.total = 0
+
+    def write(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.cap - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if not data:
+            return
+        self.tail.append(data)
+        self.tail_len += len(data)
+        while self.tail_len - len(self.tail[0]) >= self.cap:
+            self.tail_len -= len(self.tail.popleft())
+
+    @property
+    def truncated(self) -> bool:
+        return self.total > len(self.head) + min(self.tail_len, self.cap)
+
+    def text(self) -> str:
+        tail = b"".join(self.tail)[-self.cap :] if self.tail else b""
+        if not self.truncated:
+            return (bytes(self.head) + tail).decode("utf-8", errors="replace")
+        dropped = self.total - len(self.head) - len(tail)
+        marker = f"\n[... opsbay: {dropped} bytes omitted ...]\n"
+        return (
+            bytes(self.head).decode("utf-8", errors="replace")
+            + marker
+            + tail.decode("utf-8", errors="replace")
+        )
+
+
+@dataclass(frozen=True)
+class RunResult:
+    state: str  # succeeded, failed or timed_out
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    stdout_bytes: int
+    stderr_bytes: int
+    truncated: bool
+    started_ms: int
+    finished_ms: int
+    duration_ms: int
+    reason: str | None = None
+
+
+def _pump(stream: int, buf: HeadTail) -> None:
+    while True:
+        chunk = os.read(stream, _READ_SIZE)
+        if not chunk:
+            return
+        buf.write(chunk)
+
+
+def _kill_tree(proc: subprocess.Popen[bytes], sig: int, known: set[psutil.Process]) -> None:
+    """Signal the command's process group, and every descendant seen while the shell was alive
+    (some may have left the group with setsid)."""
+    if proc.poll() is None:  # only while alive: a reaped pid may already belong to someone else
+        with contextlib.suppress(psutil.Error):
+            known.update(psutil.Process(proc.pid).children(recursive=True))
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+    for p in list(known):
+        with contextlib.suppress(psutil.Error):
+            if p.is_running():
+                p.send_signal(sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live (not zombie) process is left in the group."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
+                return True
+    return False
+
+
+def _join_all(threads: list[threading.Thread], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    return not any(t.is_alive() for t in threads)
+
+
+def _end_leftovers(
+    proc: subprocess.Popen[bytes], known: set[psutil.Process], grace_s: float
+) -> None:
+    """TERM what the command left running in its group, KILL it after `grace_s`."""
+    if not _group_alive(proc.pid) and not any(p.is_running() for p in known):
+        return
+    _kill_tree(proc, signal.SIGTERM, known)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _group_alive(proc.pid):
+        time.sleep(0.02)  # polling a process group that has no wait primitive, bounded above
+    _kill_tree(proc, signal.SIGKILL, known)
+
+
+def run(
+    command: str,
+    *,
+    timeout_s: float,
+    output_cap: int = DEFAULT_OUTPUT_CAP,
+    kill_grace_s: float = DEFAULT_KILL_GRACE_S,
+    clock: Callable[[], float] = time.time,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+) -> RunResult:
+    """Run `command` with /bin/sh in a new session; on timeout TERM, then KILL, the whole tree.
+
+    When the shell exits, anything it left behind in its process group is terminated too, so a
+    job never leaves processes running on the node after its result is reported.
+    """
+    out, err = HeadTail(output_cap), HeadTail(output_cap)
+    started = clock()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", command],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+        env=env,
+        cwd=cwd,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    readers = [
+        threading.Thread(target=_pump, args=(proc.stdout.fileno(), out), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr.fileno(), err), daemon=True),
+    ]
+    for r in readers:
+        r.start()
+    state, reason = "", None
+    known: set[psutil.Process] = set()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        state, reason = "timed_out", f"timed out after {timeout_s:g} s; process group killed"
+        _kill_tree(proc, signal.SIGTERM, known)
+        try:
+            proc.wait(timeout=kill_grace_s)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc, signal.SIGKILL, known)
+            proc.wait()
+    finished = clock()
+    duration_ms = int((time.monotonic() - t0) * 1000)
+    # Leftovers in the group (background jobs) would hold the pipes open or outlive the job.
+    _join_all(readers, 0.2)
+    _end_leftovers(proc, known, kill_grace_s)
+    _join_all(readers, kill_grace_s)
+    if not any(r.is_alive() for r in readers):  # a reader still blocked keeps its fd open
+        proc.stdout.close()
+        proc.stderr.close()
+    code = proc.returncode
+    if code is not None and code < 0:  # report as a shell would: 128 + signal number
+        reason = reason or f"killed by signal {-code}"
+        code = 128 - code
+    if not state:
+        state = "succeeded" if code == 0 else "failed"
+    return RunResult(
+        state=state,
+        exit_code=code,
+        stdout=out.text(),
+        stderr=err.text(),
+        stdout_bytes=out.total,
+        stderr_bytes=err.total,
+        truncated=out.truncated or err.truncated,
+        started_ms=int(started * 1000),
+        finished_ms=int(finished * 1000),
+        duration_ms=duration_ms,
+        reason=reason,
+    )

@@ -1,0 +1,55 @@
+"""Execution and job states, and the only transitions allowed between them (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal, get_args
+
+ExecState = Literal[
+    "pending", "running", "succeeded", "failed", "timed_out", "expired", "cancelled", "lost"
+]
+JobState = Literal[
+    "pending",
+    "running",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "expired",
+    "cancelled",
+    "lost",
+    "rejected",
+]
+
+EXEC_STATES: tuple[str, ...] = get_args(ExecState)
+JOB_STATES: tuple[str, ...] = get_args(JobState)
+TERMINAL: frozenset[str] = frozenset(
+    {"succeeded", "failed", "timed_out", "expired", "cancelled", "lost", "rejected"}
+)
+
+_ALLOWED: dict[str, frozenset[str]] = {
+    "pending": frozenset({"running", *TERMINAL} - {"rejected"}),
+    "running": frozenset(TERMINAL - {"expired", "rejected"}),
+}
+
+# When executions end differently, the job shows the worst: this order decides.
+_SEVERITY = ("succeeded", "cancelled", "expired", "failed", "timed_out", "lost")
+
+
+def is_terminal(state: str) -> bool:
+    return state in TERMINAL
+
+
+def can_move(current: str, new: str) -> bool:
+    """Whether an execution in `current` may move to `new`. Terminal states never change."""
+    return new in _ALLOWED.get(current, frozenset())
+
+
+def job_state(exec_states: Iterable[str]) -> JobState:
+    """Aggregate the states of a job's executions into the job's state."""
+    states = list(exec_states)
+    if not states:
+        return "pending"
+    if not all(is_terminal(s) for s in states):
+        return "running" if any(s != "pending" for s in states) else "pending"
+    worst = max(states, key=_SEVERITY.index)
+    return worst  # type: ignore[return-value]

@@ -1,0 +1,244 @@
+"""The coordinator's record: SQLite in WAL mode. The only module that speaks SQL."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from opsbay_mqtt.protocol import Execution, Job
+from opsbay_mqtt.states import TERMINAL
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    target TEXT NOT NULL,
+    command TEXT NOT NULL,
+    timeout_s INTEGER NOT NULL,
+    start_by_ms INTEGER NOT NULL,
+    submitted_ms INTEGER NOT NULL,
+    submitted_by TEXT NOT NULL,
+    reason_code TEXT,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (submitted_ms DESC);
+CREATE TABLE IF NOT EXISTS executions (
+    job_id TEXT NOT NULL REFERENCES jobs (job_id) ON DELETE CASCADE,
+    node TEXT NOT NULL,
+    state TEXT NOT NULL,
+    exit_code INTEGER,
+    stdout TEXT NOT NULL DEFAULT '',
+    stderr TEXT NOT NULL DEFAULT '',
+    stdout_bytes INTEGER NOT NULL DEFAULT 0,
+    stderr_bytes INTEGER NOT NULL DEFAULT 0,
+    truncated INTEGER NOT NULL DEFAULT 0,
+    dispatched_ms INTEGER,
+    started_ms INTEGER,
+    finished_ms INTEGER,
+    duration_ms INTEGER,
+    reason TEXT,
+    host TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (job_id, node)
+);
+CREATE INDEX IF NOT EXISTS executions_by_node ON executions (node, job_id);
+CREATE INDEX IF NOT EXISTS executions_open ON executions (state)
+    WHERE state IN ('pending', 'running');
+CREATE TABLE IF NOT EXISTS nodes (
+    node TEXT PRIMARY KEY,
+    state TEXT NOT NULL DEFAULT 'unknown',
+    session INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL DEFAULT 0,
+    last_seen_ms INTEGER NOT NULL DEFAULT 0,
+    info TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS nonces (
+    kid TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    ts INTEGER NOT NULL,
+    PRIMARY KEY (kid, nonce)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS nonces_by_ts ON nonces (ts);
+"""
+
+_EXEC_COLS = (
+    "node", "state", "exit_code", "stdout", "stderr", "stdout_bytes", "stderr_bytes", "truncated",
+    "dispatched_ms", "started_ms", "finished_ms", "duration_ms", "reason", "host",
+)  # fmt: skip
+_JOB_COLS = (
+    "job_id", "state", "target", "command", "timeout_s", "start_by_ms", "submitted_ms",
+    "submitted_by", "reason_code", "reason",
+)  # fmt: skip
+
+
+class Store:
+    """Jobs, executions, nodes and seen nonces. Writes are batched: call `commit()`."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+        self.db.execute("BEGIN")
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        """All of the block's writes, or none of them (a savepoint in the open batch)."""
+        self.db.execute("SAVEPOINT atomic")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK TO atomic")
+            raise
+        finally:
+            self.db.execute("RELEASE atomic")
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+        self.db.execute("BEGIN")
+
+    def close(self) -> None:
+        self.db.execute("COMMIT")
+        self.db.close()
+
+    # -- nonces
+    def remember_nonce(self, kid: str, nonce: str, ts: int) -> bool:
+        """Record a nonce; False if it was already seen."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO nonces (kid, nonce, ts) VALUES (?, ?, ?)", (kid, nonce, ts)
+        )
+        return cur.rowcount == 1
+
+    def forget_nonces_before(self, ts: int) -> None:
+        self.db.execute("DELETE FROM nonces WHERE ts < ?", (ts,))
+
+    # -- jobs
+    def insert_job(self, job: Job) -> None:
+        row = job.model_dump(include=set(_JOB_COLS))
+        self.db.execute(
+            f"INSERT INTO jobs ({', '.join(_JOB_COLS)}) VALUES ({', '.join('?' * len(_JOB_COLS))})",
+            [row[c] for c in _JOB_COLS],
+        )
+        for ex in job.executions:
+            self.upsert_execution(job.job_id, ex)
+
+    def set_job_state(self, job_id: str, state: str) -> None:
+        self.db.execute("UPDATE jobs SET state = ? WHERE job_id = ?", (state, job_id))
+
+    def upsert_execution(self, job_id: str, ex: Execution) -> None:
+        row = ex.model_dump()
+        row["host"] = json.dumps(row["host"], sort_keys=True)
+        row["truncated"] = int(row["truncated"])
+        cols = ", ".join(_EXEC_COLS)
+        marks = ", ".join("?" * len(_EXEC_COLS))
+        self.db.execute(
+            f"INSERT OR REPLACE INTO executions (job_id, {cols}) VALUES (?, {marks})",
+            [job_id, *(row[c] for c in _EXEC_COLS)],
+        )
+
+    def get_job(self, job_id: str) -> Job | None:
+        row = self.db.execute(
+            f"SELECT {', '.join(_JOB_COLS)} FROM jobs WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return self._job(row)
+
+    def _job(self, row: tuple[Any, ...]) -> Job:
+        fields = dict(zip(_JOB_COLS, row, strict=True))
+        ex_rows = self.db.execute(
+            f"SELECT {', '.join(_EXEC_COLS)} FROM executions WHERE job_id = ? ORDER BY node",
+            (fields["job_id"],),
+        ).fetchall()
+        fields["executions"] = [self._execution(r) for r in ex_rows]
+        return Job.model_validate(fields)
+
+    @staticmethod
+    def _execution(row: tuple[Any, ...]) -> Execution:
+        fields = dict(zip(_EXEC_COLS, row, strict=True))
+        fields["host"] = json.loads(fields["host"])
+        fields["truncated"] = bool(fields["truncated"])
+        return Execution.model_validate(fields)
+
+    def list_jobs(
+        self, *, node: str | None = None, state: str | None = None, limit: int = 20
+    ) -> list[Job]:
+        where, args = [], []
+        if node is not None:
+            where.append("job_id IN (SELECT job_id FROM executions WHERE node = ?)")
+            args.append(node)
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        sql = f"SELECT {', '.join(_JOB_COLS)} FROM jobs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY submitted_ms DESC, job_id LIMIT ?"
+        rows = self.db.execute(sql, [*args, limit]).fetchall()
+        return [self._job(r) for r in rows]
+
+    def open_executions(self) -> list[tuple[str, int, int, Execution]]:
+        """(job_id, timeout_s, start_by_ms, execution) for every non-terminal execution."""
+        cols = ", ".join(f"e.{c}" for c in _EXEC_COLS)
+        rows = self.db.execute(
+            f"SELECT e.job_id, j.timeout_s, j.start_by_ms, {cols} FROM executions e "
+            "JOIN jobs j USING (job_id) WHERE e.state IN ('pending', 'running')"
+        ).fetchall()
+        return [(r[0], r[1], r[2], self._execution(r[3:])) for r in rows]
+
+    def count_terminal(self) -> int:
+        marks = ", ".join("?" * len(TERMINAL))
+        return int(
+            self.db.execute(
+                f"SELECT count(*) FROM executions WHERE state IN ({marks})", sorted(TERMINAL)
+            ).fetchone()[0]
+        )
+
+    # -- nodes
+    def node_seen(
+        self,
+        node: str,
+        now_ms: int,
+        *,
+        state: str | None = None,
+        session: int | None = None,
+        seq: int = 0,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO nodes (node, last_seen_ms) VALUES (?, ?) ON CONFLICT (node) DO UPDATE "
+            "SET last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
+            (node, now_ms),
+        )
+        if state is not None and session is not None:
+            # A status from an older connection than the one we know never wins (late Wills).
+            self.db.execute(
+                "UPDATE nodes SET state = ?, session = ?, seq = ? WHERE node = ? "
+                "AND (session < ? OR (session = ? AND seq <= ?))",
+                (state, session, seq, node, session, session, seq),
+            )
+        if info is not None:
+            self.db.execute(
+                "UPDATE nodes SET info = ? WHERE node = ?", (json.dumps(info, sort_keys=True), node)
+            )
+
+    def list_nodes(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT node, state, session, seq, last_seen_ms, info FROM nodes ORDER BY node"
+        ).fetchall()
+        return [
+            {
+                "node": n,
+                "state": s,
+                "session": ses,
+                "seq": seq,
+                "last_seen_ms": seen,
+                **json.loads(info),
+            }
+            for n, s, ses, seq, seen, info in rows
+        ]
