@@ -268,8 +268,9 @@ class Coordinator:
         if q.query == "result":
             job = self.store.get_job(q.job_id) if q.job_id else None
             if job is None:
-                self._send(topic, Reply(correlation=q.correlation, ok=False, code="not_found",
-                                        error=f"no job {q.job_id!r}"))  # fmt: skip
+                error = f"no job {q.job_id!r}"
+                reply = Reply(correlation=q.correlation, ok=False, code="not_found", error=error)
+                self._send(topic, reply)
                 return
             data: Any = job.model_dump(mode="json")
         elif q.query == "results":

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Shared set-up for scripts/up.sh and scripts/test.sh: a virtualenv with the package, and the
+# system tools the bus needs (Mosquitto and its clients; jq and openssl for the shell examples).
+# Source it: `. scripts/setup.sh [dev]`.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${OPSBAY_VENV:-$root/.venv}"
+python="${PYTHON:-python3}"
+
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+command -v jq >/dev/null 2>&1 || need_apt+=(jq)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+if ! "$python" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  echo "opsbay: need Python 3.10 or newer with venv (Debian: apt-get install python3-venv)" >&2
+  exit 1
+fi
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo"; else
+    echo "opsbay: missing ${need_apt[*]}; install with:" >&2
+    echo "  sudo apt-get update && sudo apt-get install -y ${need_apt[*]}" >&2
+    exit 1
+  fi
+  echo "opsbay: installing ${need_apt[*]} with apt-get" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+extra="${1:-}"
+stamp="$venv/.opsbay-installed${extra:+-$extra}"
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
+  echo "opsbay: installing the package into $venv" >&2
+  "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$venv/bin/python" -m pip install -q -e "$root${extra:+[$extra]}"
+  touch "$stamp"
+fi
+export PATH="$venv/bin:$PATH"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Lint, type-check and run the whole test suite. The suite starts its own Mosquitto on a free
+# port. Extra arguments go to pytest (e.g. -k refusals).
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh" dev
+cd "$root"
+ruff check opsbay_mqtt tests
+ruff format --check opsbay_mqtt tests
+mypy
+exec pytest "$@"

@@ -1,0 +1,70 @@
+"""One real Mosquitto for the whole session, on a free port with a generated config; one
+isolated bus (topic prefix, secret, directories) per test."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from opsbay_mqtt.stack import (
+    INSTALL_HINT,
+    broker_config,
+    find_mosquitto,
+    stop_process,
+    wait_for_port,
+)
+from tests.helpers import Broker, Bus
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_broker(directory: Path, port: int | None = None) -> Broker:
+    try:
+        binary = find_mosquitto()
+    except Exception as e:  # fail, never skip: the suite is about delivery through a real broker
+        pytest.fail(f"{e} (or run ./scripts/test.sh, which installs it: {INSTALL_HINT})")
+    port = port or free_port()
+    data = directory / "broker-data"
+    data.mkdir(parents=True, exist_ok=True)
+    conf = directory / "mosquitto.conf"
+    conf.write_text(broker_config(port, data))
+    log = directory / "mosquitto.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    wait_for_port(port, 10, proc)
+    return Broker(port=port, process=proc, conf=conf, log=log)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    b = start_broker(tmp_path_factory.mktemp("broker"))
+    yield b
+    stop_process(b.process)
+
+
+@pytest.fixture
+def bus(broker: Broker, tmp_path: Path) -> Iterator[Bus]:
+    b = Bus(broker=broker, tmp=tmp_path)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def running(bus: Bus) -> Bus:
+    """A bus with a coordinator and one worker, node `n1`."""
+    bus.coordinator()
+    bus.worker("n1")
+    return bus
+
+
+def pytest_report_header() -> str:
+    return f"mosquitto: {shutil.which('mosquitto') or '/usr/sbin/mosquitto?'}"

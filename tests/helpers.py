@@ -1,0 +1,186 @@
+"""Test helpers: waiting on conditions, running the CLI and the daemons as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str, every: float = 0.02) -> T:
+    """Return the predicate's first truthy value; fail, saying what was awaited, at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(every)  # the poll interval of a bounded wait on a condition
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last saw {last!r}")
+
+
+@dataclass
+class Broker:
+    port: int
+    process: subprocess.Popen[bytes]
+    conf: Path
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+
+class Watcher:
+    """A plain MQTT subscriber (no opsbay code): what any MQTT client would see."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.messages: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
+        self.seen: list[tuple[str, bytes, bool]] = []
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex}"
+        )
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload, m.retain))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        done = self.client.subscribe(topic, qos=1)
+        assert done[0] == mqtt.MQTT_ERR_SUCCESS
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self.seen.append(self.messages.get_nowait())
+            except queue.Empty:
+                return
+
+    def find(self, pred: Callable[[str, dict[str, Any], bool], bool]) -> list[dict[str, Any]]:
+        self._drain()
+        out = []
+        for topic, payload, retain in self.seen:
+            try:
+                body = json.loads(payload)
+            except ValueError:
+                continue
+            if isinstance(body, dict) and pred(topic, body, retain):
+                out.append(body)
+        return out
+
+    def wait_for(
+        self, pred: Callable[[str, dict[str, Any], bool], bool], what: str, timeout: float = 10
+    ) -> dict[str, Any]:
+        return wait_until(lambda: self.find(pred), timeout, what)[-1]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@dataclass
+class Bus:
+    """One isolated bus on the shared test broker: its own topic prefix, secret and dirs."""
+
+    broker: Broker
+    tmp: Path
+    prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
+    secret: str = field(default_factory=lambda: uuid.uuid4().hex)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    watchers: list[Watcher] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPSBAY_")}
+        env.update(
+            OPSBAY_BROKER=self.broker.url,
+            OPSBAY_SECRET=self.secret,
+            OPSBAY_PREFIX=self.prefix,
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(extra)
+        return env
+
+    def start(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        p = subprocess.Popen(
+            [sys.executable, "-m", "opsbay_mqtt", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env(**env),
+            start_new_session=True,
+        )
+        log.close()
+        self.procs.append(p)
+        return p
+
+    def coordinator(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        p = self.start(
+            "coordinator", "coordinator", "--data-dir", str(self.tmp / "data"), *args, **env
+        )
+        self.wait_log("coordinator", "coordinator: ready")
+        return p
+
+    def worker(self, node: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        state = self.tmp / f"state-{node}"
+        p = self.start(
+            f"worker-{node}", "worker", "--node", node, "--state-dir", str(state), *args, **env
+        )
+        self.wait_log(f"worker-{node}", f"worker {node}: ready")
+        return p
+
+    def wait_log(self, name: str, text: str, timeout: float = 15) -> None:
+        path = self.tmp / f"{name}.log"
+        wait_until(
+            lambda: path.exists() and text in path.read_text(errors="replace"),
+            timeout,
+            f"{text!r} in {path}",
+        )
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text(errors="replace")
+
+    def cli(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "opsbay_mqtt", *args],
+            env=self.env(**env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def cli_json(self, *args: str, **env: str) -> Any:
+        out = self.cli(*args, "--json", **env)
+        assert out.stdout, f"no output from opsbay {args}: exit {out.returncode}, {out.stderr}"
+        return json.loads(out.stdout)
+
+    def watch(self, topic: str = "#") -> Watcher:
+        w = Watcher(self.broker.port, f"{self.prefix}/{topic}")
+        self.watchers.append(w)
+        return w
+
+    def stop(self) -> None:
+        for w in self.watchers:
+            w.close()
+        for p in reversed(self.procs):
+            stop_process(p)
+
+
+def stop_process(p: subprocess.Popen[bytes], grace: float = 10) -> None:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
