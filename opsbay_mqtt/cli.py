@@ -31,6 +31,7 @@ Broker = Annotated[
     str,
     typer.Option(
         "--broker",
+        metavar="URL",
         envvar="OPSBAY_BROKER",
         help="Broker URL: mqtt://[user:pass@]host[:port], or mqtts://... for TLS.",
     ),
@@ -39,6 +40,7 @@ Secret = Annotated[
     str | None,
     typer.Option(
         "--secret",
+        metavar="SECRET",
         envvar="OPSBAY_SECRET",
         show_envvar=True,
         help="Shared HMAC secret. Prefer OPSBAY_SECRET or --secret-file: a command line is "
@@ -47,16 +49,27 @@ Secret = Annotated[
 ]
 SecretFile = Annotated[
     Path | None,
-    typer.Option("--secret-file", envvar="OPSBAY_SECRET_FILE", help="File holding the secret."),
+    typer.Option(
+        "--secret-file",
+        metavar="FILE",
+        envvar="OPSBAY_SECRET_FILE",
+        help="File holding the secret.",
+    ),
 ]
 Prefix = Annotated[
-    str, typer.Option("--prefix", envvar="OPSBAY_PREFIX", help="Topic prefix of this bus.")
+    str,
+    typer.Option(
+        "--prefix", metavar="PREFIX", envvar="OPSBAY_PREFIX", help="Topic prefix of this bus."
+    ),
 ]
 CaFile = Annotated[
     Path | None,
-    typer.Option("--ca-file", envvar="OPSBAY_CA_FILE", help="CA bundle for mqtts:// brokers."),
+    typer.Option(
+        "--ca-file", metavar="FILE", envvar="OPSBAY_CA_FILE", help="CA bundle for mqtts:// brokers."
+    ),
 ]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens to stderr.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Log only warnings and errors.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -153,14 +166,20 @@ def _parse_duration(text: str, option: str) -> int:
 # -- submit, result, results, nodes
 @app.command()
 def submit(
-    target: Annotated[str, typer.Option("--target", "-t", help="Node to run the job on.")],
+    target: Annotated[
+        str, typer.Option("--target", "-t", metavar="NODE", help="Node to run the job on.")
+    ],
     command: Annotated[
-        str, typer.Option("--command", "-c", help="Shell command (run by /bin/sh -c).")
+        str,
+        typer.Option(
+            "--command", "-c", metavar="COMMAND", help="Shell command (run by /bin/sh -c)."
+        ),
     ],
     timeout: Annotated[
         str,
         typer.Option(
             "--timeout",
+            metavar="DURATION",
             help="Run timeout (30, 90s, 15m, 2h): the process group is killed when it is hit.",
         ),
     ] = "10m",
@@ -168,6 +187,7 @@ def submit(
         str,
         typer.Option(
             "--start-by",
+            metavar="DURATION",
             help="Start-by deadline: a job not started within this is expired, never run late.",
         ),
     ] = "10m",
@@ -180,13 +200,16 @@ def submit(
     wait_timeout: Annotated[
         str | None,
         typer.Option(
-            "--wait-timeout", help="Stop waiting after this long (exit 75); the job goes on."
+            "--wait-timeout",
+            metavar="DURATION",
+            help="Stop waiting after this long (exit 75); the job goes on.",
         ),
     ] = None,
     job_id: Annotated[
         str | None,
         typer.Option(
             "--job-id",
+            metavar="UUID",
             help="Choose the job id (a UUID): a retry with the same id never makes a second job.",
         ),
     ] = None,
@@ -198,8 +221,13 @@ def submit(
     ca_file: CaFile = None,
     verbose: Verbose = False,
 ) -> None:
-    """Submit a job. Prints the job id once the coordinator accepts it; with --wait, prints the
-    command's output and exits with its exit code (see the README for the other exit codes)."""
+    """Submit a job for one node.
+
+    Prints the job id once the coordinator has accepted it. With --wait, prints the command's
+    output and exits with the command's exit code, or: 124 timed out, 77 rejected, 68 expired
+    (not started by its start-by deadline), 70 lost, 80 cancelled, 75 gave up waiting (the job
+    goes on), 69 broker or coordinator unreachable, 78 bad setting, 2 bad usage.
+    """
     _logging(verbose)
     cfg = _run(lambda: _client_config(broker, secret, secret_file, prefix, ca_file))
     timeout_s = _run(lambda: _parse_duration(timeout, "--timeout"))
@@ -332,10 +360,14 @@ def result(
 @app.command()
 def results(
     node: Annotated[
-        str | None, typer.Option("--node", help="Only jobs that ran on this node.")
+        str | None, typer.Option("--node", metavar="NODE", help="Only jobs that ran on this node.")
     ] = None,
-    state: Annotated[str | None, typer.Option("--state", help="Only jobs in this state.")] = None,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="At most this many.")] = 20,
+    state: Annotated[
+        str | None, typer.Option("--state", metavar="STATE", help="Only jobs in this state.")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", metavar="N", min=1, max=1000, help="At most this many.")
+    ] = 20,
     json_out: JsonOut = False,
     broker: Broker = DEFAULT_BROKER,
     secret: Secret = None,
@@ -401,31 +433,42 @@ def nodes(
 def coordinator(
     data_dir: Annotated[
         Path,
-        typer.Option("--data-dir", envvar="OPSBAY_DATA_DIR", help="Where the SQLite record lives."),
+        typer.Option(
+            "--data-dir",
+            metavar="DIR",
+            envvar="OPSBAY_DATA_DIR",
+            help="Where the SQLite record lives.",
+        ),
     ] = Path("opsbay-data"),
     allow_node: Annotated[
         list[str] | None,
         typer.Option(
             "--allow-node",
+            metavar="NODE",
             envvar="OPSBAY_ALLOW_NODES",
             help="Only these nodes may be targeted (repeatable; the variable: comma-separated).",
         ),
     ] = None,
     window: Annotated[
         int,
-        typer.Option("--window", min=10, help="Freshness window for signed requests, in seconds."),
+        typer.Option(
+            "--window",
+            metavar="SECONDS",
+            min=10,
+            help="Freshness window for signed requests, in seconds.",
+        ),
     ] = 300,
     broker: Broker = DEFAULT_BROKER,
     secret: Secret = None,
     secret_file: SecretFile = None,
     prefix: Prefix = "opsbay",
     ca_file: CaFile = None,
-    verbose: Verbose = True,
+    quiet: Quiet = False,
 ) -> None:
     """Run the coordinator: validate, record and dispatch jobs; answer queries."""
     from opsbay_mqtt.daemons import run_coordinator
 
-    _logging(verbose, logging.INFO)
+    _logging(False, logging.WARNING if quiet else logging.INFO)
     common = _run(lambda: _common(broker, secret, secret_file, prefix, ca_file))
     allowed = None
     if allow_node:
@@ -438,35 +481,41 @@ def worker(
     node: Annotated[
         str | None,
         typer.Option(
-            "--node", envvar="OPSBAY_NODE", help="This node's name (default: the short host name)."
+            "--node",
+            metavar="NODE",
+            envvar="OPSBAY_NODE",
+            help="This node's name (default: the short host name).",
         ),
     ] = None,
     label: Annotated[
         list[str] | None,
-        typer.Option("--label", help="key=value label for this node (repeatable)."),
+        typer.Option(
+            "--label", metavar="KEY=VALUE", help="key=value label for this node (repeatable)."
+        ),
     ] = None,
     state_dir: Annotated[
         Path,
         typer.Option(
             "--state-dir",
+            metavar="DIR",
             envvar="OPSBAY_STATE_DIR",
             help="Where the worker keeps its ledger of jobs.",
         ),
     ] = Path("opsbay-state"),
     max_parallel: Annotated[
-        int, typer.Option("--max-parallel", min=1, max=256, help="Jobs run at once.")
+        int, typer.Option("--max-parallel", metavar="N", min=1, max=256, help="Jobs run at once.")
     ] = 8,
     broker: Broker = DEFAULT_BROKER,
     secret: Secret = None,
     secret_file: SecretFile = None,
     prefix: Prefix = "opsbay",
     ca_file: CaFile = None,
-    verbose: Verbose = True,
+    quiet: Quiet = False,
 ) -> None:
     """Run the worker agent for one node: receive its jobs, run them, report back."""
     from opsbay_mqtt.daemons import default_node_name, parse_labels, run_worker
 
-    _logging(verbose, logging.INFO)
+    _logging(False, logging.WARNING if quiet else logging.INFO)
     common = _run(lambda: _common(broker, secret, secret_file, prefix, ca_file))
     labels = _run(lambda: parse_labels(label or []))
     name = _run(lambda: default_node_name(node))
@@ -480,16 +529,21 @@ def worker(
 @app.command()
 def stack(
     port: Annotated[
-        int, typer.Option("--port", help="Port for the local Mosquitto (127.0.0.1 only).")
+        int,
+        typer.Option(
+            "--port", metavar="PORT", help="Port for the local Mosquitto (127.0.0.1 only)."
+        ),
     ] = 1884,
     directory: Annotated[
         Path,
         typer.Option(
-            "--dir", help="Where the stack keeps its broker data, record, ledger, logs and secret."
+            "--dir",
+            metavar="DIR",
+            help="Where the stack keeps its broker data, record, ledger, logs and secret.",
         ),
     ] = Path(".opsbay-stack"),
     node: Annotated[
-        str | None, typer.Option("--node", help="Name of the local worker's node.")
+        str | None, typer.Option("--node", metavar="NODE", help="Name of the local worker's node.")
     ] = None,
     once: Annotated[
         bool,
