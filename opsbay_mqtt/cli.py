@@ -187,6 +187,7 @@ def submit(
         str,
         typer.Option(
             "--start-by",
+            "--expires",
             metavar="DURATION",
             help="Start-by deadline: a job not started within this is expired, never run late.",
         ),
@@ -458,6 +459,47 @@ def coordinator(
             help="Freshness window for signed requests, in seconds.",
         ),
     ] = 300,
+    lost_grace: Annotated[
+        int,
+        typer.Option(
+            "--lost-grace",
+            metavar="SECONDS",
+            envvar="OPSBAY_LOST_GRACE",
+            min=1,
+            help="A running job with no result by start + timeout + this is marked lost.",
+        ),
+    ] = 30,
+    keep_days: Annotated[
+        int,
+        typer.Option(
+            "--keep-days",
+            metavar="DAYS",
+            envvar="OPSBAY_KEEP_DAYS",
+            min=1,
+            help="Delete finished jobs older than this.",
+        ),
+    ] = 30,
+    keep_jobs: Annotated[
+        int,
+        typer.Option(
+            "--keep-jobs",
+            metavar="N",
+            envvar="OPSBAY_KEEP_JOBS",
+            min=1,
+            help="Keep at most this many finished jobs (the newest).",
+        ),
+    ] = 100_000,
+    max_open: Annotated[
+        int,
+        typer.Option(
+            "--max-open-per-node",
+            metavar="N",
+            envvar="OPSBAY_MAX_OPEN_PER_NODE",
+            min=1,
+            help="Refuse (queue_full) a job for a node that already has this many pending or "
+            "running.",
+        ),
+    ] = 1000,
     broker: Broker = DEFAULT_BROKER,
     secret: Secret = None,
     secret_file: SecretFile = None,
@@ -473,7 +515,14 @@ def coordinator(
     allowed = None
     if allow_node:
         allowed = frozenset(n.strip() for item in allow_node for n in item.split(",") if n.strip())
-    _run(lambda: run_coordinator(*common, data_dir=data_dir, allow_nodes=allowed, window_s=window))
+    limits = {
+        "window_s": window,
+        "lost_grace_s": lost_grace,
+        "keep_days": keep_days,
+        "keep_jobs": keep_jobs,
+        "max_open_per_node": max_open,
+    }
+    _run(lambda: run_coordinator(*common, data_dir=data_dir, allow_nodes=allowed, limits=limits))
 
 
 @app.command()

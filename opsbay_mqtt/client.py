@@ -54,6 +54,7 @@ class Client:
             url=cfg.url, client_id=f"opsbay-cli-{self.reply_id}", ca_file=cfg.ca_file
         )
         self._reply_subscribed = False
+        self._unacknowledged: dict[str, Submit] = {}
 
     def __enter__(self) -> Client:
         self.conn.connect(self.cfg.connect_timeout_s)
@@ -98,9 +99,15 @@ class Client:
 
             raise Refused("invalid", describe_validation(e)) from e
         self.conn.subscribe([(self.cfg.topics.job_events(job_id), 1)])
+        self._unacknowledged[job_id] = msg
+        self._publish_submit(msg)
+        return job_id
+
+    def _publish_submit(self, msg: Submit) -> None:
+        # Signed afresh each time (new nonce); the coordinator knows the job id, so a retry
+        # never makes a second job.
         payload = encode(msg, self.cfg.keyring, int(self.clock()))
         self.conn.publish_wait(self.cfg.topics.submit, payload)
-        return job_id
 
     def _job_message(self, msg: Inbound, job_id: str) -> Job | Rejected | None:
         if msg.topic != self.cfg.topics.job_events(job_id):
@@ -132,8 +139,14 @@ class Client:
         last_heard = time.monotonic()
         while True:
             msg = self._next(deadline)
+            if msg is not None and msg.topic == CONNECTED and job_id in self._unacknowledged:
+                # The connection dropped before the coordinator acknowledged: submit again.
+                log.info("job %s: reconnected before an acknowledgement; submitting again", job_id)
+                self._publish_submit(self._unacknowledged[job_id])
             if msg is not None and msg.topic != CONNECTED:
                 got = self._job_message(msg, job_id)
+                if got is not None:
+                    self._unacknowledged.pop(job_id, None)
                 if isinstance(got, Rejected):
                     return got
                 if got is not None:

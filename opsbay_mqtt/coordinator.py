@@ -45,6 +45,10 @@ class CoordinatorConfig:
     allow_nodes: frozenset[str] | None = None
     window_s: int = 300
     lost_grace_s: int = 30
+    keep_days: int = 30
+    keep_jobs: int = 100_000
+    max_open_per_node: int = 1000
+    prune_every_s: float = 60.0
     tick_s: float = 0.25
     batch_max: int = 200
 
@@ -63,6 +67,7 @@ class Coordinator:
     store: Store
     clock: Callable[[], float] = time.time
     outbox: list[Outgoing] = field(default_factory=list)
+    next_prune: float = 0.0
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -122,6 +127,14 @@ class Coordinator:
         now = self._now_ms()
         if self.cfg.allow_nodes is not None and sub.target not in self.cfg.allow_nodes:
             refusal = Refused("target_not_allowed", f"node {sub.target!r} may not be targeted here")
+            self._store_rejected(sub, auth, now, refusal)
+            return
+        if self.store.open_count(sub.target) >= self.cfg.max_open_per_node:
+            refusal = Refused(
+                "queue_full",
+                f"node {sub.target!r} already has {self.cfg.max_open_per_node} jobs pending or "
+                "running; try again later",
+            )
             self._store_rejected(sub, auth, now, refusal)
             return
         expired = now > sub.start_by_ms
@@ -311,7 +324,18 @@ class Coordinator:
             job = self.store.get_job(job_id)
             assert job is not None
             self._update(job, ex.model_copy(update=update))
+        if self.clock() >= self.next_prune:
+            self.next_prune = self.clock() + self.cfg.prune_every_s
+            self.prune()
+
+    def prune(self) -> None:
+        """Bound the record: forget nonces older than the window, and finished jobs past the
+        retention age or beyond the retention count."""
         self.store.forget_nonces_before(int(self.clock()) - self.cfg.window_s - 1)
+        before_ms = self._now_ms() - self.cfg.keep_days * 86_400_000
+        deleted = self.store.prune(before_ms=before_ms, keep=self.cfg.keep_jobs)
+        if deleted:
+            log.info("retention: deleted %d finished jobs", deleted)
 
     def redispatch_pending(self) -> None:
         """On start: dispatch again every execution still pending (a crash may have lost the

@@ -71,7 +71,7 @@ def run_coordinator(
     *,
     data_dir: Path,
     allow_nodes: frozenset[str] | None,
-    window_s: int,
+    limits: dict[str, int],
 ) -> None:
     _make_dir(data_dir, "--data-dir / OPSBAY_DATA_DIR")
     for n in allow_nodes or ():
@@ -81,9 +81,7 @@ def run_coordinator(
             raise ConfigError(f"--allow-node / OPSBAY_ALLOW_NODES: {e.text}") from e
     stop = _stop_on_signals()
     store = Store(data_dir / "opsbay.db")
-    cfg = CoordinatorConfig(
-        topics=topics, keyring=keyring, allow_nodes=allow_nodes, window_s=window_s
-    )
+    cfg = CoordinatorConfig(topics=topics, keyring=keyring, allow_nodes=allow_nodes, **limits)
     conn = Connection(
         url=url,
         client_id=_client_id("coordinator", topics),

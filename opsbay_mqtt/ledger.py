@@ -22,7 +22,7 @@ class Ledger:
         )  # a start must be on disk before the command runs
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS ledger (job_id TEXT PRIMARY KEY, state TEXT NOT NULL, "
-            "result BLOB, updated_ms INTEGER NOT NULL)"
+            "result BLOB, updated_ms INTEGER NOT NULL, pid INTEGER, pid_started REAL)"
         )
         self.db.execute("CREATE INDEX IF NOT EXISTS ledger_by_time ON ledger (updated_ms)")
 
@@ -42,6 +42,14 @@ class Ledger:
             )
             return cur.rowcount == 1
 
+    def set_pid(self, job_id: str, pid: int, started_at: float) -> None:
+        """Remember the job's process group, so a restarted worker can end what is left of it."""
+        with self._lock:
+            self.db.execute(
+                "UPDATE ledger SET pid = ?, pid_started = ? WHERE job_id = ?",
+                (pid, started_at, job_id),
+            )
+
     def finish(self, job_id: str, state: str, result: bytes, now_ms: int) -> None:
         with self._lock:
             self.db.execute(
@@ -54,12 +62,13 @@ class Ledger:
                 self._finished_since_prune = 0
                 self._prune()
 
-    def interrupted(self) -> list[str]:
-        """Job ids that were running when the previous worker process ended."""
+    def interrupted(self) -> list[tuple[str, int | None, float | None]]:
+        """(job id, pid, pid start time) of jobs running when the previous worker ended."""
         with self._lock:
-            return [
-                r[0] for r in self.db.execute("SELECT job_id FROM ledger WHERE state='running'")
-            ]
+            rows = self.db.execute(
+                "SELECT job_id, pid, pid_started FROM ledger WHERE state = 'running'"
+            )
+            return [(r[0], r[1], r[2]) for r in rows]
 
     def _prune(self) -> None:
         self.db.execute(

@@ -112,6 +112,27 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def kill_leftover_group(pgid: int, started_at: float) -> bool:
+    """Kill what is left of a job's process group after the worker that ran it died.
+
+    The group is only touched when its leader is the very process we started (same pid and
+    start time), or when the leader is gone but the group lives on (a pid cannot become a new
+    group id while the old group still exists). Returns whether anything was signalled."""
+    try:
+        leader = psutil.Process(pgid)
+        if abs(leader.create_time() - started_at) > 1.0:
+            return False  # the pid was reused by an unrelated process
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.Error:
+        return False
+    if not _group_alive(pgid):
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    return True
+
+
 def _join_all(threads: list[threading.Thread], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     for t in threads:
@@ -141,6 +162,7 @@ def run(
     clock: Callable[[], float] = time.time,
     env: dict[str, str] | None = None,
     cwd: str | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Run `command` with /bin/sh in a new session; on timeout TERM, then KILL, the whole tree.
 
@@ -161,6 +183,8 @@ def run(
         cwd=cwd,
     )
     assert proc.stdout is not None and proc.stderr is not None
+    if on_start is not None:
+        on_start(proc.pid)
     readers = [
         threading.Thread(target=_pump, args=(proc.stdout.fileno(), out), daemon=True),
         threading.Thread(target=_pump, args=(proc.stderr.fileno(), err), daemon=True),

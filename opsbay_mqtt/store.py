@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS executions (
     PRIMARY KEY (job_id, node)
 );
 CREATE INDEX IF NOT EXISTS executions_by_node ON executions (node, job_id);
-CREATE INDEX IF NOT EXISTS executions_open ON executions (state)
+CREATE INDEX IF NOT EXISTS executions_open ON executions (node, state)
     WHERE state IN ('pending', 'running');
 CREATE TABLE IF NOT EXISTS nodes (
     node TEXT PRIMARY KEY,
@@ -190,6 +190,26 @@ class Store:
             "JOIN jobs j USING (job_id) WHERE e.state IN ('pending', 'running')"
         ).fetchall()
         return [(r[0], r[1], r[2], self._execution(r[3:])) for r in rows]
+
+    def open_count(self, node: str) -> int:
+        """Executions for `node` not yet in a terminal state."""
+        row = self.db.execute(
+            "SELECT count(*) FROM executions WHERE node = ? AND state IN ('pending', 'running')",
+            (node,),
+        ).fetchone()
+        return int(row[0])
+
+    def prune(self, *, before_ms: int, keep: int) -> int:
+        """Delete finished jobs submitted before `before_ms`, and beyond the newest `keep`
+        finished ones. Jobs with an execution still open are never deleted."""
+        open_jobs = "SELECT job_id FROM executions WHERE state IN ('pending', 'running')"
+        cur = self.db.execute(
+            f"DELETE FROM jobs WHERE job_id NOT IN ({open_jobs}) AND (submitted_ms < ? OR "
+            f"job_id IN (SELECT job_id FROM jobs WHERE job_id NOT IN ({open_jobs}) "
+            "ORDER BY submitted_ms DESC LIMIT -1 OFFSET ?))",
+            (before_ms, keep),
+        )
+        return cur.rowcount
 
     def count_terminal(self) -> int:
         marks = ", ".join("?" * len(TERMINAL))

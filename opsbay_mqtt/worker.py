@@ -10,6 +10,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import psutil
+
 from opsbay_mqtt import __version__, runner, sysinfo
 from opsbay_mqtt.errors import Refused
 from opsbay_mqtt.ledger import Ledger
@@ -115,8 +117,11 @@ class Worker:
 
     def report_interrupted(self) -> None:
         """Jobs that were running when a previous worker process died are `lost`, never re-run."""
-        for job_id in self.ledger.interrupted():
+        for job_id, pid, started_at in self.ledger.interrupted():
             log.warning("job %s was running when the worker stopped; reporting it lost", job_id)
+            reason = "the worker stopped while the job was running; it was not re-run"
+            if pid is not None and started_at and runner.kill_leftover_group(pid, started_at):
+                reason += "; what was left of it was killed"
             self._finish(
                 Result(
                     job_id=job_id,
@@ -124,7 +129,7 @@ class Worker:
                     state="lost",
                     session=self.session,
                     finished_ms=self._now_ms(),
-                    reason="the worker stopped while the job was running; it was not re-run",
+                    reason=reason,
                 ),
                 None,
             )
@@ -202,6 +207,7 @@ class Worker:
                 output_cap=self.cfg.output_cap,
                 kill_grace_s=self.cfg.kill_grace_s,
                 clock=self.clock,
+                on_start=lambda pid: self._started(d.job_id, pid),
             )
             result = Result(
                 job_id=d.job_id,
@@ -236,6 +242,13 @@ class Worker:
         finally:
             with self._lock:
                 self._active.discard(d.job_id)
+
+    def _started(self, job_id: str, pid: int) -> None:
+        try:
+            started_at = psutil.Process(pid).create_time()
+        except psutil.Error:
+            return  # already gone: nothing would be left to clean up
+        self.ledger.set_pid(job_id, pid, started_at)
 
     def _host_facts(self) -> dict[str, object]:
         f = sysinfo.facts()

@@ -8,6 +8,7 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -55,10 +56,13 @@ class Watcher:
             CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex}"
         )
         self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload, m.retain))
+        subscribed = threading.Event()
+        # Subscribe on every (re)connection: this client has no persistent session.
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: subscribed.set()
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
-        done = self.client.subscribe(topic, qos=1)
-        assert done[0] == mqtt.MQTT_ERR_SUCCESS
+        assert subscribed.wait(10), f"no SUBACK for {topic}"
 
     def _drain(self) -> None:
         while True:
@@ -99,6 +103,7 @@ class Bus:
     secret: str = field(default_factory=lambda: uuid.uuid4().hex)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     watchers: list[Watcher] = field(default_factory=list)
+    log_start: dict[str, int] = field(default_factory=dict)
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPSBAY_")}
@@ -112,7 +117,9 @@ class Bus:
         return env
 
     def start(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        path = self.tmp / f"{name}.log"
+        self.log_start[name] = path.stat().st_size if path.exists() else 0
+        log = open(path, "ab")  # noqa: SIM115 - owned by the child
         p = subprocess.Popen(
             [sys.executable, "-m", "opsbay_mqtt", *args],
             stdout=log,
@@ -140,15 +147,17 @@ class Bus:
         return p
 
     def wait_log(self, name: str, text: str, timeout: float = 15) -> None:
-        path = self.tmp / f"{name}.log"
-        wait_until(
-            lambda: path.exists() and text in path.read_text(errors="replace"),
-            timeout,
-            f"{text!r} in {path}",
-        )
+        """Wait for `text` in what the latest process of that name has logged."""
+        wait_until(lambda: text in self.log(name), timeout, f"{text!r} in {name}.log")
 
     def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
+        """What the latest process of that name has logged so far."""
+        path = self.tmp / f"{name}.log"
+        if not path.exists():
+            return ""
+        with open(path, "rb") as f:
+            f.seek(self.log_start.get(name, 0))
+            return f.read().decode(errors="replace")
 
     def cli(self, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
