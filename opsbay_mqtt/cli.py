@@ -466,7 +466,8 @@ def coordinator(
             metavar="SECONDS",
             envvar="OPSBAY_LOST_GRACE",
             min=1,
-            help="A running job with no result by start + timeout + this is marked lost.",
+            help="Grace after deadlines: a running job with no result by start + timeout + "
+            "grace is lost; a pending one not started by start-by + grace is expired.",
         ),
     ] = 30,
     keep_days: Annotated[

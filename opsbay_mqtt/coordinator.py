@@ -309,13 +309,15 @@ class Coordinator:
         past start + timeout + grace without a result."""
         now = self._now_ms()
         for job_id, timeout_s, start_by_ms, ex in self.store.open_executions():
-            if ex.state == "pending" and now > start_by_ms + 1000:  # the worker decides first
+            grace_ms = self.cfg.lost_grace_s * 1000
+            # The worker decides first; the grace covers its clock and a late "running".
+            if ex.state == "pending" and now > start_by_ms + grace_ms:
                 reason = "not started by its start-by deadline (node offline?)"
                 update = {"state": "expired", "finished_ms": now, "reason": reason}
             elif (
                 ex.state == "running"
                 and ex.started_ms is not None
-                and now > ex.started_ms + (timeout_s + self.cfg.lost_grace_s) * 1000
+                and now > ex.started_ms + timeout_s * 1000 + grace_ms
             ):
                 reason = "no result from the node by start + timeout + grace"
                 update = {"state": "lost", "finished_ms": now, "reason": reason}

@@ -69,7 +69,7 @@ def test_job_for_an_offline_node_runs_when_it_returns(bus: Bus) -> None:
 
 
 def test_job_past_its_start_by_deadline_expires_and_never_runs(bus: Bus, tmp_path: Path) -> None:
-    bus.coordinator()
+    bus.coordinator("--lost-grace", "1")
     stop_process(bus.worker("n1"))
     marker = tmp_path / "ran"
     out = bus.cli("submit", "-t", "n1", "-c", f"touch {marker}", "--start-by", "1s", "--wait")

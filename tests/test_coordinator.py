@@ -1,0 +1,146 @@
+"""The coordinator stepped by hand: messages in, store and outbox out, time passed in."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig
+from opsbay_mqtt.protocol import Result, Submit, encode
+from opsbay_mqtt.signing import Keyring
+from opsbay_mqtt.store import Store
+from opsbay_mqtt.topics import Topics
+from opsbay_mqtt.transport import Inbound
+
+KEYS = Keyring.shared("unit-test-secret")
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def coord(tmp_path: Path) -> Coordinator:
+    cfg = CoordinatorConfig(
+        topics=Topics("t"), keyring=KEYS, lost_grace_s=5, keep_days=1, keep_jobs=3,
+        max_open_per_node=2,
+    )  # fmt: skip
+    return Coordinator(cfg, Store(tmp_path / "db.sqlite"), clock=Clock())
+
+
+def clock(c: Coordinator) -> Clock:
+    assert isinstance(c.clock, Clock)
+    return c.clock
+
+
+def submit(c: Coordinator, node: str = "n1", start_by_s: int = 60, timeout_s: int = 10) -> str:
+    job_id = str(uuid.uuid4())
+    now = clock(c).now
+    msg = Submit(
+        job_id=job_id, target=node, command="true", timeout_s=timeout_s,
+        start_by_ms=int((now + start_by_s) * 1000),
+    )  # fmt: skip
+    c.handle(Inbound("t/submit", encode(msg, KEYS, int(now))))
+    return job_id
+
+
+def report(c: Coordinator, job_id: str, state: str, node: str = "n1", **fields: object) -> None:
+    res = Result(job_id=job_id, node=node, state=state, **fields)  # type: ignore[arg-type]
+    c.handle(Inbound(f"t/results/{node}/{job_id}", encode(res, KEYS, int(clock(c).now))))
+
+
+def sent(c: Coordinator, topic_part: str) -> list[dict[str, object]]:
+    return [json.loads(o.payload) for o in c.outbox if topic_part in o.topic]
+
+
+def state(c: Coordinator, job_id: str) -> str:
+    job = c.store.get_job(job_id)
+    assert job is not None
+    return job.state
+
+
+def test_accepted_submission_is_stored_announced_and_dispatched(coord: Coordinator) -> None:
+    job_id = submit(coord)
+    assert state(coord, job_id) == "pending"
+    (event,) = sent(coord, f"/jobs/{job_id}")
+    assert event["job"]["state"] == "pending"  # type: ignore[index]
+    (dispatch,) = sent(coord, "/nodes/n1/jobs")
+    assert dispatch["job_id"] == job_id and dispatch["command"] == "true"
+    assert [o.expiry_s for o in coord.outbox if "/nodes/" in o.topic] == [61]
+
+
+def test_results_move_the_execution_and_terminal_is_final(coord: Coordinator) -> None:
+    job_id = submit(coord)
+    report(coord, job_id, "running", started_ms=int(T0 * 1000))
+    assert state(coord, job_id) == "running"
+    report(coord, job_id, "failed", exit_code=3, started_ms=int(T0 * 1000))
+    assert state(coord, job_id) == "failed"
+    report(coord, job_id, "succeeded", exit_code=0)  # late or forged: ignored
+    job = coord.store.get_job(job_id)
+    assert job is not None and job.executions[0].exit_code == 3
+
+
+def test_result_from_another_node_is_ignored(coord: Coordinator) -> None:
+    job_id = submit(coord, node="web-01")
+    report(coord, job_id, "succeeded", node="web")
+    assert state(coord, job_id) == "pending"
+
+
+def test_pending_past_start_by_expires_and_running_past_deadline_is_lost(
+    coord: Coordinator,
+) -> None:
+    waiting = submit(coord, start_by_s=10)
+    running = submit(coord, timeout_s=10)
+    report(coord, running, "running", started_ms=int(T0 * 1000))
+    clock(coord).now += 14
+    coord.tick()
+    assert (state(coord, waiting), state(coord, running)) == ("pending", "running")
+    clock(coord).now += 2  # start-by + grace = 15 s; start + timeout + grace = 15 s
+    coord.tick()
+    assert (state(coord, waiting), state(coord, running)) == ("expired", "lost")
+
+
+def test_queue_limit_per_node(coord: Coordinator) -> None:
+    submit(coord)
+    submit(coord)
+    third = submit(coord)
+    assert state(coord, third) == "rejected"
+    job = coord.store.get_job(third)
+    assert job is not None and job.reason_code == "queue_full"
+    assert state(coord, submit(coord, node="n2")) == "pending"
+
+
+def test_retention_by_count_and_age_keeps_open_jobs(coord: Coordinator) -> None:
+    old_open = submit(coord, start_by_s=10 * 86400)
+    finished = []
+    for _ in range(5):
+        job_id = submit(coord, node="n2")
+        report(coord, job_id, "succeeded", node="n2", exit_code=0)
+        finished.append(job_id)
+        clock(coord).now += 1
+    coord.prune()
+    kept = {j.job_id for j in coord.store.list_jobs(limit=100)}
+    assert kept == {old_open, *finished[-3:]}
+    clock(coord).now += 2 * 86400
+    coord.prune()
+    assert {j.job_id for j in coord.store.list_jobs(limit=100)} == {old_open}
+
+
+def test_a_crash_inside_a_message_keeps_nothing_of_it(
+    coord: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*args: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(coord, "_send_dispatch", boom)
+    job_id = submit(coord)
+    assert coord.store.get_job(job_id) is None
+    assert coord.outbox == []
