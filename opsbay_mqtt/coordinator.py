@@ -299,7 +299,7 @@ class Coordinator:
         except Refused:
             return
         reply_to, corr = obj.get("reply_to"), obj.get("correlation")
-        if isinstance(reply_to, str) and REPLY_ID_RE.match(reply_to) and isinstance(corr, str):
+        if isinstance(reply_to, str) and REPLY_ID_RE.fullmatch(reply_to) and isinstance(corr, str):
             reply = Reply(correlation=corr[:64], ok=False, code=e.code, error=e.text[:1024])
             self._send(self.cfg.topics.rpc_reply(reply_to), reply)
 

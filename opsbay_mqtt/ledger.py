@@ -25,6 +25,10 @@ class Ledger:
             "result BLOB, updated_ms INTEGER NOT NULL, pid INTEGER, pid_started REAL)"
         )
         self.db.execute("CREATE INDEX IF NOT EXISTS ledger_by_time ON ledger (updated_ms)")
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(ledger)")}
+        for name, kind in (("pid", "INTEGER"), ("pid_started", "REAL")):  # ledgers from 0.1.0
+            if name not in columns:
+                self.db.execute(f"ALTER TABLE ledger ADD COLUMN {name} {kind}")
 
     def get(self, job_id: str) -> tuple[str, bytes | None] | None:
         with self._lock:

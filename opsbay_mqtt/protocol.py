@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from opsbay_mqtt import signing
 from opsbay_mqtt.errors import Refused
@@ -26,6 +26,16 @@ Millis = Annotated[int, Field(ge=0, lt=2**53)]
 Text = Annotated[str, Field(max_length=1024)]
 
 
+def _command_bytes(command: str) -> str:
+    size = len(command.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_COMMAND_BYTES:
+        raise ValueError(f"command is {size} bytes; at most {MAX_COMMAND_BYTES} are allowed")
+    return command
+
+
+Command = Annotated[str, Field(min_length=1), AfterValidator(_command_bytes)]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     v: Literal[1] = 1
@@ -37,7 +47,7 @@ class Submit(Message):
     type: Literal["submit"] = "submit"
     job_id: JobId
     target: NodeName
-    command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_BYTES)]
+    command: Command
     timeout_s: Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)]
     start_by_ms: Millis
 
@@ -48,7 +58,7 @@ class Dispatch(Message):
     type: Literal["dispatch"] = "dispatch"
     job_id: JobId
     node: NodeName
-    command: Annotated[str, Field(min_length=1, max_length=MAX_COMMAND_BYTES)]
+    command: Command
     timeout_s: Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)]
     start_by_ms: Millis
 
@@ -192,9 +202,11 @@ def decode(
     obj = signing.parse(payload)
     auth = signing.verify(obj, keyring)
     body = {k: v for k, v in obj.items() if k not in ("auth", "sig")}
-    if body.get("v") != PROTOCOL_VERSION:
-        raise Refused("bad_version", f"protocol version {body.get('v')!r} is not supported (1)")
-    cls = MESSAGE_TYPES.get(body.get("type"))  # type: ignore[arg-type]
+    version = body.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise Refused("bad_version", f"protocol version {version!r} is not supported (1)")
+    kind = body.get("type")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise Refused("bad_type", f"unknown message type {body.get('type')!r}")
     if expect is not None and cls not in expect:
@@ -221,4 +233,4 @@ def peek_job_id(payload: bytes) -> str | None:
     except Refused:
         return None
     job_id = obj.get("job_id")
-    return job_id if isinstance(job_id, str) and JOB_ID_RE.match(job_id) else None
+    return job_id if isinstance(job_id, str) and JOB_ID_RE.fullmatch(job_id) else None

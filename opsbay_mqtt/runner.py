@@ -9,9 +9,11 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import IO
 
 import psutil
 
@@ -26,7 +28,7 @@ class HeadTail:
     """Keeps the first `cap` and the last `cap` bytes written, and counts them all."""
 
     def __init__(self, cap: int) -> None:
-        self.cap = cap
+        self.cap = max(1, cap)
         self.head = bytearray()
         self.tail: deque[bytes] = deque()
         self.tail_len = 0
@@ -77,12 +79,27 @@ class RunResult:
     reason: str | None = None
 
 
-def _pump(stream: int, buf: HeadTail) -> None:
-    while True:
-        chunk = os.read(stream, _READ_SIZE)
-        if not chunk:
-            return
-        buf.write(chunk)
+def _pump(stream: IO[bytes], buf: HeadTail) -> None:
+    """Read one pipe to its end, then close it (the reader owns its pipe: it may outlive run())."""
+    fd = stream.fileno()
+    try:
+        while chunk := os.read(fd, _READ_SIZE):
+            buf.write(chunk)
+    finally:
+        stream.close()
+
+
+def _holding_run_id(run_id: str) -> list[psutil.Process]:
+    """Live processes whose environment carries this run's id: descendants that left the
+    process group (setsid) but still hold the job's pipes."""
+    marker = {"OPSBAY_RUN_ID": run_id}
+    found = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            env = p.environ()
+            if env.get("OPSBAY_RUN_ID") == marker["OPSBAY_RUN_ID"]:
+                found.append(p)
+    return found
 
 
 def _kill_tree(proc: subprocess.Popen[bytes], sig: int, known: set[psutil.Process]) -> None:
@@ -167,9 +184,14 @@ def run(
     """Run `command` with /bin/sh in a new session; on timeout TERM, then KILL, the whole tree.
 
     When the shell exits, anything it left behind in its process group is terminated too, so a
-    job never leaves processes running on the node after its result is reported.
+    job never leaves processes running on the node after its result is reported; so is anything
+    that left the group (setsid) but still holds the job's output pipes, found by the
+    OPSBAY_RUN_ID in its environment. A command that detaches completely on purpose (its own
+    session and its output redirected, as a daemon does) is left alone.
     """
     out, err = HeadTail(output_cap), HeadTail(output_cap)
+    run_id = uuid.uuid4().hex
+    env = {**(os.environ if env is None else env), "OPSBAY_RUN_ID": run_id}
     started = clock()
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -186,8 +208,8 @@ def run(
     if on_start is not None:
         on_start(proc.pid)
     readers = [
-        threading.Thread(target=_pump, args=(proc.stdout.fileno(), out), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr.fileno(), err), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, err), daemon=True),
     ]
     for r in readers:
         r.start()
@@ -208,10 +230,16 @@ def run(
     # Leftovers in the group (background jobs) would hold the pipes open or outlive the job.
     _join_all(readers, 0.2)
     _end_leftovers(proc, known, kill_grace_s)
-    _join_all(readers, kill_grace_s)
-    if not any(r.is_alive() for r in readers):  # a reader still blocked keeps its fd open
-        proc.stdout.close()
-        proc.stderr.close()
+    if not _join_all(readers, 0.2):
+        # Still held open: by something that left the group with setsid. Find it by the run id
+        # in its environment and end it too.
+        escaped = set(_holding_run_id(run_id))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in escaped:
+                with contextlib.suppress(psutil.Error):
+                    p.send_signal(sig)
+            if _join_all(readers, kill_grace_s):
+                break
     code = proc.returncode
     if code is not None and code < 0:  # report as a shell would: 128 + signal number
         reason = reason or f"killed by signal {-code}"

@@ -20,6 +20,7 @@ from typing import Any
 from opsbay_mqtt.errors import Refused
 
 MAX_PAYLOAD_BYTES = 1024 * 1024
+MAX_DEPTH = 32
 DEFAULT_WINDOW_S = 300
 NONCE_RE = re.compile(r"^[0-9a-f]{16,64}$")
 SIG_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -88,7 +89,12 @@ def parse(payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
         raise Refused("too_large", f"message of {len(payload)} bytes exceeds {max_bytes}")
     try:
         text = payload.decode("utf-8")
-        obj = json.loads(text, parse_float=_no_floats, object_pairs_hook=_no_duplicates)
+        obj = json.loads(
+            text,
+            parse_float=_no_floats,
+            parse_constant=_no_floats,
+            object_pairs_hook=_no_duplicates,
+        )
     except UnicodeDecodeError as e:
         raise Refused("bad_json", f"message is not UTF-8: {e.reason}") from e
     except RecursionError as e:
@@ -97,7 +103,21 @@ def parse(payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
         raise Refused("bad_json", f"message is not valid JSON: {e}") from e
     if not isinstance(obj, dict):
         raise Refused("bad_json", "message is not a JSON object")
+    _check_depth(obj)
     return obj
+
+
+def _check_depth(obj: Any) -> None:
+    """Refuse messages nested deeper than MAX_DEPTH (iteratively: no recursion to exhaust)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise Refused("bad_json", f"message is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
 
 
 @dataclass(frozen=True)
@@ -114,19 +134,23 @@ def verify(obj: Mapping[str, Any], keyring: Keyring) -> Auth:
     if not isinstance(auth, dict) or sig is None:
         raise Refused("unsigned", "message has no auth block or no sig")
     kid, ts, nonce = auth.get("kid"), auth.get("ts"), auth.get("nonce")
-    if not isinstance(kid, str) or not KID_RE.match(kid):
+    if not isinstance(kid, str) or not KID_RE.fullmatch(kid):
         raise Refused("bad_auth", "auth.kid must be a key id of 1-64 of A-Z a-z 0-9 . _ -")
     if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts < 2**40:
         raise Refused("bad_auth", "auth.ts must be an integer number of seconds since the epoch")
-    if not isinstance(nonce, str) or not NONCE_RE.match(nonce):
+    if not isinstance(nonce, str) or not NONCE_RE.fullmatch(nonce):
         raise Refused("bad_auth", "auth.nonce must be 16-64 lowercase hex characters")
     if set(auth) != {"kid", "ts", "nonce"}:
         raise Refused("bad_auth", "auth must hold exactly kid, ts and nonce")
-    if not isinstance(sig, str) or not SIG_RE.match(sig):
+    if not isinstance(sig, str) or not SIG_RE.fullmatch(sig):
         raise Refused("bad_signature", "sig must be 64 lowercase hex characters")
     secret = keyring.secret_for(kid)
     unsigned = {k: v for k, v in obj.items() if k != "sig"}
-    if not hmac.compare_digest(mac(secret, unsigned), sig):
+    try:
+        expected = mac(secret, unsigned)
+    except (UnicodeEncodeError, RecursionError, ValueError) as e:  # e.g. a lone surrogate
+        raise Refused("bad_json", f"message has no canonical form: {e}") from e
+    if not hmac.compare_digest(expected, sig):
         raise Refused("bad_signature", f"signature does not match key {kid!r}")
     return Auth(kid=kid, ts=ts, nonce=nonce)
 

@@ -17,7 +17,7 @@ REPLY_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def validate_node(name: str) -> str:
-    if not isinstance(name, str) or not NODE_NAME_RE.match(name):
+    if not isinstance(name, str) or not NODE_NAME_RE.fullmatch(name):
         raise Refused(
             "bad_node_name",
             f"invalid node name {name!r}: use 1-63 of A-Z a-z 0-9 . _ - (starting with a letter "
@@ -27,7 +27,7 @@ def validate_node(name: str) -> str:
 
 
 def validate_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
         raise Refused("bad_job_id", f"invalid job id {job_id!r}: expected a lowercase UUID")
     return job_id
 
@@ -43,7 +43,7 @@ class Topics:
     prefix: str = "opsbay"
 
     def __post_init__(self) -> None:
-        if not PREFIX_RE.match(self.prefix):
+        if not PREFIX_RE.fullmatch(self.prefix):
             raise Refused("bad_prefix", f"invalid topic prefix {self.prefix!r}")
 
     # -- built
@@ -60,7 +60,7 @@ class Topics:
         return f"{self.prefix}/rejected"
 
     def rpc_reply(self, reply_id: str) -> str:
-        if not REPLY_ID_RE.match(reply_id):
+        if not REPLY_ID_RE.fullmatch(reply_id):
             raise Refused("bad_reply_id", f"invalid reply id {reply_id!r}")
         return f"{self.prefix}/rpc/reply/{reply_id}"
 
@@ -107,7 +107,7 @@ class Topics:
                 return "submit", {}
             case ["rpc", "request"]:
                 return "rpc_request", {}
-            case ["rpc", "reply", reply_id] if REPLY_ID_RE.match(reply_id):
+            case ["rpc", "reply", reply_id] if REPLY_ID_RE.fullmatch(reply_id):
                 return "rpc_reply", {"reply_id": reply_id}
             case ["nodes", node, ("jobs" | "info" | "status") as kind]:
                 return f"node_{kind}", {"node": validate_node(node)}

@@ -1,0 +1,356 @@
+"""store: jobs and executions, listing with filters, node status ordering, nonces, atomic()."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from opsbay_mqtt.protocol import Execution, Job
+from opsbay_mqtt.store import Store
+
+MS = 1_700_000_000_000
+
+
+def jid(n: int) -> str:
+    return str(uuid.UUID(int=n))
+
+
+def make_job(
+    n: int, submitted_ms: int = MS, state: str = "pending", nodes: tuple[str, ...] = ("web",)
+) -> Job:
+    return Job(
+        job_id=jid(n),
+        state=state,  # type: ignore[arg-type]
+        target=nodes[0] if len(nodes) == 1 else "all",
+        command=f"echo {n}",
+        timeout_s=60,
+        start_by_ms=submitted_ms + 60_000,
+        submitted_ms=submitted_ms,
+        submitted_by="default",
+        executions=[Execution(node=node, state="pending") for node in nodes],
+    )
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "opsbay.db"
+
+
+@pytest.fixture
+def store(path: Path) -> Iterator[Store]:
+    s = Store(path)
+    yield s
+    s.close()
+
+
+def test_insert_and_get(store: Store) -> None:
+    j = make_job(1, nodes=("web-02", "web-01")).model_copy(
+        update={"reason_code": "x", "reason": "why"}
+    )
+    store.insert_job(j)
+    got = store.get_job(j.job_id)
+    assert got is not None
+    # executions come back ordered by node
+    assert got == j.model_copy(update={"executions": sorted(j.executions, key=lambda e: e.node)})
+    assert store.get_job(jid(2)) is None
+
+
+def test_execution_round_trip_and_upsert(store: Store) -> None:
+    store.insert_job(make_job(1))
+    ex = Execution(
+        node="web",
+        state="failed",
+        exit_code=3,
+        stdout="out \u00e9",
+        stderr="err",
+        stdout_bytes=7,
+        stderr_bytes=3,
+        truncated=True,
+        dispatched_ms=MS,
+        started_ms=MS + 1,
+        finished_ms=MS + 2,
+        duration_ms=1,
+        reason="exit 3",
+        host={"hostname": "web", "load_x100": [1, 2, 3]},
+    )
+    store.upsert_execution(jid(1), ex)
+    store.set_job_state(jid(1), "failed")
+    got = store.get_job(jid(1))
+    assert got is not None
+    assert got.state == "failed"
+    assert got.executions == [ex]
+
+
+def test_rows_survive_a_reopen(path: Path) -> None:
+    s = Store(path)
+    s.insert_job(make_job(1))
+    s.commit()
+    s.insert_job(make_job(2))
+    s.close()
+    s = Store(path)
+    try:
+        assert [j.job_id for j in s.list_jobs()] == [jid(1), jid(2)]
+    finally:
+        s.close()
+
+
+def test_list_newest_first_with_limit(store: Store) -> None:
+    for n, at in [(1, MS + 10), (2, MS + 30), (3, MS + 20), (4, MS + 40)]:
+        store.insert_job(make_job(n, submitted_ms=at))
+    assert [j.job_id for j in store.list_jobs()] == [jid(4), jid(2), jid(3), jid(1)]
+    assert [j.job_id for j in store.list_jobs(limit=2)] == [jid(4), jid(2)]
+    assert [j.job_id for j in store.list_jobs(limit=1)] == [jid(4)]
+
+
+def test_list_ties_are_ordered_by_job_id(store: Store) -> None:
+    for n in (3, 1, 2):
+        store.insert_job(make_job(n, submitted_ms=MS))
+    assert [j.job_id for j in store.list_jobs()] == [jid(1), jid(2), jid(3)]
+
+
+@pytest.mark.parametrize(
+    ("node", "state", "expected"),
+    [
+        (None, None, [5, 4, 3, 2, 1]),
+        ("web", None, [5, 3, 1]),
+        ("db", None, [5, 4, 2]),
+        ("web-01", None, []),
+        ("we", None, []),
+        (None, "failed", [4, 1]),
+        (None, "succeeded", [5, 2]),
+        ("web", "failed", [1]),
+        ("db", "succeeded", [5, 2]),
+        ("db", "pending", []),
+        (None, "running", [3]),
+    ],
+)
+def test_list_filters(
+    store: Store, node: str | None, state: str | None, expected: list[int]
+) -> None:
+    rows = [
+        (1, "failed", ("web",)),
+        (2, "succeeded", ("db",)),
+        (3, "running", ("web",)),
+        (4, "failed", ("db",)),
+        (5, "succeeded", ("web", "db")),
+    ]
+    for n, st, nodes in rows:
+        store.insert_job(make_job(n, submitted_ms=MS + n, state=st, nodes=nodes))
+    got = store.list_jobs(node=node, state=state)
+    assert [j.job_id for j in got] == [jid(n) for n in expected]
+    assert [j.job_id for j in store.list_jobs(node=node, state=state, limit=1)] == [
+        jid(n) for n in expected[:1]
+    ]
+
+
+def test_open_executions(store: Store) -> None:
+    store.insert_job(make_job(1, nodes=("a", "b")))
+    store.upsert_execution(jid(1), Execution(node="b", state="succeeded", exit_code=0))
+    store.insert_job(make_job(2, nodes=("c",)))
+    store.upsert_execution(jid(2), Execution(node="c", state="running"))
+    open_ = sorted(store.open_executions(), key=lambda r: r[3].node)
+    assert [(r[0], r[1], r[3].node, r[3].state) for r in open_] == [
+        (jid(1), 60, "a", "pending"),
+        (jid(2), 60, "c", "running"),
+    ]
+    assert store.count_terminal() == 1
+
+
+def node(store: Store, name: str = "web") -> dict[str, object]:
+    [row] = [n for n in store.list_nodes() if n["node"] == name]
+    return row
+
+
+@pytest.mark.parametrize(
+    ("updates", "expected"),
+    [
+        # (state, session, seq) in arrival order
+        ([("online", 2000, 0), ("offline", 1000, 9)], ("online", 2000, 0)),  # a late Will
+        ([("online", 2000, 5), ("offline", 2000, 4)], ("online", 2000, 5)),
+        ([("online", 2000, 5), ("offline", 2000, 6)], ("offline", 2000, 6)),
+        ([("online", 1000, 5), ("offline", 2000, 0)], ("offline", 2000, 0)),
+        ([("offline", 1000, 3), ("online", 2000, 0)], ("online", 2000, 0)),
+        ([("online", 2000, 1), ("offline", 1000, 0), ("offline", 1999, 99)], ("online", 2000, 1)),
+        ([("offline", 2000, 1), ("online", 2000, 0)], ("offline", 2000, 1)),
+        ([("online", 2000, 1), ("online", 3000, 0), ("offline", 2000, 2)], ("online", 3000, 0)),
+    ],
+)
+def test_node_status_ordering(
+    store: Store, updates: list[tuple[str, int, int]], expected: tuple[str, int, int]
+) -> None:
+    for i, (state, session, seq) in enumerate(updates):
+        store.node_seen("web", MS + i, state=state, session=session, seq=seq)
+    row = node(store)
+    assert (row["state"], row["session"], row["seq"]) == expected
+
+
+def test_node_seen_without_status(store: Store) -> None:
+    store.node_seen("web", MS)
+    assert node(store) == {
+        "node": "web",
+        "state": "unknown",
+        "session": 0,
+        "seq": 0,
+        "last_seen_ms": MS,
+    }
+    store.node_seen("web", MS + 5, state="online")  # no session: the status is not applied
+    assert node(store)["state"] == "unknown"
+    assert node(store)["last_seen_ms"] == MS + 5
+
+
+def test_node_last_seen_never_goes_back(store: Store) -> None:
+    store.node_seen("web", MS + 100)
+    store.node_seen("web", MS)
+    assert node(store)["last_seen_ms"] == MS + 100
+
+
+def test_node_info_and_listing(store: Store) -> None:
+    info = {"labels": {"role": "db"}, "agent_version": "0.1.0", "facts": {"cpu_count": 2}}
+    store.node_seen("db", MS, info=info)
+    store.node_seen("web", MS, state="online", session=5, seq=1)
+    rows = store.list_nodes()
+    assert [r["node"] for r in rows] == ["db", "web"]
+    assert rows[0] == {
+        "node": "db",
+        "state": "unknown",
+        "session": 0,
+        "seq": 0,
+        "last_seen_ms": MS,
+        **info,
+    }
+    assert rows[1]["state"] == "online"
+
+
+def test_remember_nonce(store: Store) -> None:
+    assert store.remember_nonce("default", "a" * 32, MS) is True
+    assert store.remember_nonce("default", "a" * 32, MS) is False
+    assert store.remember_nonce("default", "a" * 32, MS + 1) is False
+    assert store.remember_nonce("other", "a" * 32, MS) is True
+    assert store.remember_nonce("default", "b" * 32, MS) is True
+
+
+def test_remember_nonce_after_reopening(path: Path) -> None:
+    s = Store(path)
+    assert s.remember_nonce("default", "a" * 32, MS) is True
+    s.commit()
+    assert s.remember_nonce("default", "b" * 32, MS) is True
+    s.close()
+    s = Store(path)
+    try:
+        assert s.remember_nonce("default", "a" * 32, MS) is False
+        assert s.remember_nonce("default", "b" * 32, MS) is False
+        assert s.remember_nonce("default", "c" * 32, MS) is True
+    finally:
+        s.close()
+
+
+def test_forget_nonces_before(store: Store) -> None:
+    store.remember_nonce("k", "old", 100)
+    store.remember_nonce("k", "edge", 200)
+    store.forget_nonces_before(200)
+    assert store.remember_nonce("k", "old", 100) is True
+    assert store.remember_nonce("k", "edge", 200) is False
+
+
+def test_atomic_rolls_back_on_exception(store: Store) -> None:
+    store.insert_job(make_job(1))
+    with pytest.raises(RuntimeError, match="boom"), store.atomic():
+        store.insert_job(make_job(2))
+        store.set_job_state(jid(1), "failed")
+        store.remember_nonce("k", "n" * 16, MS)
+        store.node_seen("web", MS)
+        raise RuntimeError("boom")
+    assert store.get_job(jid(2)) is None
+    job1 = store.get_job(jid(1))
+    assert job1 is not None and job1.state == "pending"
+    assert store.remember_nonce("k", "n" * 16, MS) is True
+    assert store.list_nodes() == []
+    # the batch goes on: later writes commit and survive
+    with store.atomic():
+        store.insert_job(make_job(3))
+    store.commit()
+    assert store.get_job(jid(3)) is not None
+
+
+def test_atomic_keeps_writes_without_exception(path: Path) -> None:
+    s = Store(path)
+    with s.atomic():
+        s.insert_job(make_job(1))
+    s.close()
+    s = Store(path)
+    try:
+        assert s.get_job(jid(1)) is not None
+    finally:
+        s.close()
+
+
+def test_atomic_failure_after_reopen_leaves_nothing(path: Path) -> None:
+    s = Store(path)
+    with pytest.raises(ValueError), s.atomic():
+        s.insert_job(make_job(1))
+        raise ValueError
+    s.close()
+    s = Store(path)
+    try:
+        assert s.get_job(jid(1)) is None
+    finally:
+        s.close()
+
+
+def test_nested_atomic_rolls_back_only_the_inner_block(store: Store) -> None:
+    with store.atomic():
+        store.insert_job(make_job(1))
+        with pytest.raises(KeyError), store.atomic():
+            store.insert_job(make_job(2))
+            raise KeyError
+    assert store.get_job(jid(1)) is not None
+    assert store.get_job(jid(2)) is None
+
+
+def test_duplicate_job_id_is_an_error_and_atomic_undoes_it(store: Store) -> None:
+    store.insert_job(make_job(1))
+    with pytest.raises(Exception, match="UNIQUE"), store.atomic():
+        store.insert_job(make_job(2))
+        store.insert_job(make_job(1))
+    assert store.get_job(jid(2)) is None
+
+
+def seed_for_pruning(store: Store) -> None:
+    """Jobs 1-6, submitted in that order; 3 is running, 5 pending, the rest finished."""
+    for n in range(1, 7):
+        store.insert_job(make_job(n, submitted_ms=MS + n, state="succeeded"))
+        store.upsert_execution(jid(n), Execution(node="web", state="succeeded", exit_code=0))
+    store.upsert_execution(jid(3), Execution(node="web", state="running"))
+    store.upsert_execution(jid(5), Execution(node="web", state="pending"))
+
+
+def test_open_count(store: Store) -> None:
+    seed_for_pruning(store)
+    store.insert_job(make_job(7, nodes=("db",)))
+    assert store.open_count("web") == 2
+    assert store.open_count("db") == 1
+    assert store.open_count("nope") == 0
+
+
+@pytest.mark.parametrize(
+    ("before", "keep", "deleted", "left"),
+    [
+        (MS, 1000, 0, [6, 5, 4, 3, 2, 1]),
+        (MS + 2, 1000, 1, [6, 5, 4, 3, 2]),
+        (MS, 2, 2, [6, 5, 4, 3]),
+        (MS + 2, 2, 2, [6, 5, 4, 3]),
+        (MS, 0, 4, [5, 3]),
+        (MS + 100, 1000, 4, [5, 3]),
+        (MS + 100, 0, 4, [5, 3]),
+    ],
+)
+def test_prune(store: Store, before: int, keep: int, deleted: int, left: list[int]) -> None:
+    seed_for_pruning(store)
+    assert store.prune(before_ms=before, keep=keep) == deleted
+    assert [j.job_id for j in store.list_jobs(limit=100)] == [jid(n) for n in left]
+    # executions go with their job
+    assert store.count_terminal() == len([n for n in left if n not in (3, 5)])
+    assert sorted(r[0] for r in store.open_executions()) == [jid(3), jid(5)]
