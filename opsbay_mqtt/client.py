@@ -7,7 +7,7 @@ import queue
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -17,7 +17,7 @@ from opsbay_mqtt.errors import BrokerError, OpsbayError, Refused
 from opsbay_mqtt.protocol import Job, JobEvent, Query, Rejected, Reply, Submit, decode, encode
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics, new_job_id, validate_job_id, validate_node
-from opsbay_mqtt.transport import CONNECTED, BrokerURL, Connection, Inbound
+from opsbay_mqtt.transport import CONNECTED, BrokerURL, Connection, Inbound, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ClientConfig:
     url: BrokerURL
     topics: Topics
     keyring: Keyring
-    ca_file: str | None = None
+    tls: TlsFiles = field(default_factory=TlsFiles)
     connect_timeout_s: float = 10.0
 
 
@@ -50,11 +50,11 @@ class Client:
         self.cfg = cfg
         self.clock = clock
         self.reply_id = "c" + secrets.token_hex(8)
-        self.conn = Connection(
-            url=cfg.url, client_id=f"opsbay-cli-{self.reply_id}", ca_file=cfg.ca_file
-        )
+        self.conn = Connection(url=cfg.url, client_id=f"opsbay-cli-{self.reply_id}", tls=cfg.tls)
         self._reply_subscribed = False
         self._unacknowledged: dict[str, Submit] = {}
+        self._submitted: dict[str, Submit] = {}
+        self._nonces: dict[str, set[str]] = {}
 
     def __enter__(self) -> Client:
         self.conn.connect(self.cfg.connect_timeout_s)
@@ -98,34 +98,61 @@ class Client:
             from opsbay_mqtt.protocol import describe_validation
 
             raise Refused("invalid", describe_validation(e)) from e
-        self.conn.subscribe([(self.cfg.topics.job_events(job_id), 1)])
+        self.conn.subscribe(
+            [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
+        )
         self._unacknowledged[job_id] = msg
+        self._submitted[job_id] = msg
         self._publish_submit(msg)
         return job_id
 
     def _publish_submit(self, msg: Submit) -> None:
         # Signed afresh each time (new nonce); the coordinator knows the job id, so a retry
         # never makes a second job.
-        payload = encode(msg, self.cfg.keyring, int(self.clock()))
+        nonce = secrets.token_hex(16)
+        self._nonces.setdefault(msg.job_id, set()).add(nonce)
+        payload = signing.sign(
+            msg.model_dump(mode="json"), self.cfg.keyring, int(self.clock()), nonce
+        )
         self.conn.publish_wait(self.cfg.topics.submit, payload)
 
     def _job_message(self, msg: Inbound, job_id: str) -> Job | Rejected | None:
-        if msg.topic != self.cfg.topics.job_events(job_id):
+        if msg.topic not in (self.cfg.topics.job_events(job_id), self.cfg.topics.rejected):
             return None
         try:
             decoded, _ = decode(msg.payload, self.cfg.keyring, expect=(JobEvent, Rejected))
         except Refused as e:
-            # A refusal of a badly signed submission cannot be signed with a key we share.
-            # Taking it unverified can only make us report failure, never success.
+            # A refusal of a badly signed submission cannot be signed with a key we share. It is
+            # taken unverified only when it names one of our own submissions (by its nonce); it
+            # can only make us report failure, never success.
             rejected = _unverified_rejection(msg.payload)
-            if rejected is not None:
+            if (
+                rejected is not None
+                and rejected.job_id == job_id
+                and rejected.nonce in self._nonces.get(job_id, ())
+            ):
                 return rejected
-            log.warning("ignored an unverifiable message about job %s: %s", job_id, e)
+            if msg.topic != self.cfg.topics.rejected:  # that one carries everyone's refusals
+                log.warning("ignored an unverifiable message about job %s: %s", job_id, e)
             return None
-        if isinstance(decoded, JobEvent):
-            return decoded.job if decoded.job.job_id == job_id else None
-        assert isinstance(decoded, Rejected)
-        return decoded
+        if isinstance(decoded, Rejected):
+            return decoded if decoded.job_id == job_id else None
+        assert isinstance(decoded, JobEvent)
+        job = decoded.job
+        if job.job_id != job_id:
+            return None
+        return self._check_mine(job)
+
+    def _check_mine(self, job: Job) -> Job | Rejected:
+        """A job we submitted must be what we submitted (not another under the same id)."""
+        mine = self._submitted.get(job.job_id)
+        if mine is not None and (mine.target, mine.command) != (job.target, job.command):
+            return Rejected(
+                job_id=job.job_id,
+                code="job_id_conflict",
+                reason=f"job {job.job_id} exists with different content",
+            )
+        return job
 
     def wait(
         self,
@@ -169,8 +196,9 @@ class Client:
                     continue
                 except BrokerError:
                     continue
-                if until(job):
-                    return job
+                checked = self._check_mine(job)
+                if isinstance(checked, Rejected) or until(checked):
+                    return checked
 
     # -- queries
     def query(self, query: str, timeout_s: float = 10.0, **params: Any) -> Any:

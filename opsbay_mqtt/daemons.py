@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import pwd
 import signal
 import socket
 import threading
@@ -12,10 +14,11 @@ from types import FrameType
 from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig, serve
 from opsbay_mqtt.errors import ConfigError, Refused
 from opsbay_mqtt.ledger import Ledger
-from opsbay_mqtt.signing import Keyring
+from opsbay_mqtt.policy import WorkerPolicy
+from opsbay_mqtt.settings import Settings
 from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import Topics, validate_node
-from opsbay_mqtt.transport import BrokerURL, Connection
+from opsbay_mqtt.transport import Connection
 from opsbay_mqtt.worker import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,17 @@ def parse_labels(items: list[str]) -> dict[str, str]:
     return labels
 
 
+def check_run_as(user: str | None) -> None:
+    if user is None:
+        return
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"--run-as: no such user {user!r}") from None
+    if os.geteuid() != 0:
+        raise ConfigError("--run-as needs the worker to run as root")
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
@@ -51,9 +65,9 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _client_id(role: str, topics: Topics, name: str = "") -> str:
-    prefix = topics.prefix.replace("/", "_")
-    return f"opsbay-{role}-{prefix}" + (f"-{name}" if name else "")
+def client_id(role: str, topics: Topics, name: str = "") -> str:
+    # ':' appears in neither prefixes nor node names, so two buses never share an id.
+    return f"opsbay-{role}:{topics.prefix}" + (f":{name}" if name else "")
 
 
 def _make_dir(path: Path, setting: str) -> None:
@@ -64,10 +78,7 @@ def _make_dir(path: Path, setting: str) -> None:
 
 
 def run_coordinator(
-    url: BrokerURL,
-    keyring: Keyring,
-    topics: Topics,
-    ca_file: str | None,
+    settings: Settings,
     *,
     data_dir: Path,
     allow_nodes: frozenset[str] | None,
@@ -81,15 +92,28 @@ def run_coordinator(
             raise ConfigError(f"--allow-node / OPSBAY_ALLOW_NODES: {e.text}") from e
     stop = _stop_on_signals()
     store = Store(data_dir / "opsbay.db")
-    cfg = CoordinatorConfig(topics=topics, keyring=keyring, allow_nodes=allow_nodes, **limits)
+    cfg = CoordinatorConfig(
+        topics=settings.topics,
+        keyring=settings.keyring,
+        allow_nodes=allow_nodes,
+        clients=settings.clients,
+        window_s=limits["window_s"],
+        lost_grace_s=limits["lost_grace_s"],
+        keep_days=limits["keep_days"],
+        keep_jobs=limits["keep_jobs"],
+        max_open_per_node=limits["max_open_per_node"],
+    )
+    topics = settings.topics
     conn = Connection(
-        url=url,
-        client_id=_client_id("coordinator", topics),
+        url=settings.url,
+        client_id=client_id("coordinator", topics),
         persistent=True,
         manual_ack=True,
-        ca_file=ca_file,
+        tls=settings.tls,
     )
-    log.info("coordinator: connecting to %s (prefix %s, data %s)", url, topics.prefix, data_dir)
+    log.info(
+        "coordinator: connecting to %s (prefix %s, data %s)", settings.url, topics.prefix, data_dir
+    )
     conn.connect(retry=True)
     conn.subscribe(
         [
@@ -110,34 +134,42 @@ def run_coordinator(
 
 
 def run_worker(
-    url: BrokerURL,
-    keyring: Keyring,
-    topics: Topics,
-    ca_file: str | None,
+    settings: Settings,
     *,
     node: str,
     labels: dict[str, str],
     state_dir: Path,
     max_parallel: int,
+    policy: WorkerPolicy,
+    run_as: str | None,
+    clean_env: bool,
 ) -> None:
     _make_dir(state_dir, "--state-dir / OPSBAY_STATE_DIR")
+    check_run_as(run_as)
     stop = _stop_on_signals()
     ledger = Ledger(state_dir / "ledger.db")
     cfg = WorkerConfig(
-        node=node, topics=topics, keyring=keyring, labels=labels, max_parallel=max_parallel
+        node=node,
+        topics=settings.topics,
+        keyring=settings.keyring,
+        labels=labels,
+        max_parallel=max_parallel,
+        policy=policy,
+        run_as=run_as,
+        clean_env=clean_env,
     )
     w = Worker(cfg, ledger)
     conn = Connection(
-        url=url,
-        client_id=_client_id("worker", topics, node),
+        url=settings.url,
+        client_id=client_id("worker", settings.topics, node),
         persistent=True,
         manual_ack=True,
         will=w.will,
-        ca_file=ca_file,
+        tls=settings.tls,
     )
-    log.info("worker %s: connecting to %s (prefix %s)", node, url, topics.prefix)
+    log.info("worker %s: connecting to %s (prefix %s)", node, settings.url, settings.topics.prefix)
     conn.connect(retry=True)
-    conn.subscribe([(topics.node_jobs(node), 1)])
+    conn.subscribe([(settings.topics.node_jobs(node), 1)])
     log.info("worker %s: ready", node)
     try:
         w.serve(conn, stop)

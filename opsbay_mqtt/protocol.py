@@ -116,6 +116,7 @@ class Job(BaseModel):
     start_by_ms: Millis
     submitted_ms: Millis
     submitted_by: str
+    submitted_kid: str = ""
     reason_code: str | None = None
     reason: str | None = None
     executions: list[Execution] = Field(default_factory=list)
@@ -134,6 +135,7 @@ class Rejected(Message):
 
     type: Literal["rejected"] = "rejected"
     job_id: str | None = None
+    nonce: str | None = None  # of the refused message, so its sender knows it is the one
     code: Text
     reason: Text
 
@@ -191,8 +193,13 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 }
 
 
-def encode(msg: Message, keyring: Keyring, now_s: int) -> bytes:
-    return signing.sign(msg.model_dump(mode="json"), keyring, now_s)
+def encode(msg: Message, keyring: Keyring, now_s: int, kid: str | None = None) -> bytes:
+    return signing.sign(msg.model_dump(mode="json"), keyring, now_s, kid=kid)
+
+
+def encode_unsigned(msg: Message) -> bytes:
+    """For refusals the sender cannot sign for its reader (an unknown or wrong key)."""
+    return signing.canonical(msg.model_dump(mode="json"))
 
 
 def decode(
@@ -226,11 +233,16 @@ def describe_validation(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def peek_job_id(payload: bytes) -> str | None:
-    """Best-effort job id of a payload we refuse, so the refusal can reach its submitter."""
+def peek(payload: bytes) -> tuple[str | None, str | None]:
+    """Best-effort job id and nonce of a payload we refuse, so the refusal can reach (and be
+    recognised by) its sender."""
     try:
         obj = signing.parse(payload)
     except Refused:
-        return None
-    job_id = obj.get("job_id")
-    return job_id if isinstance(job_id, str) and JOB_ID_RE.fullmatch(job_id) else None
+        return None, None
+    job_id, auth = obj.get("job_id"), obj.get("auth")
+    nonce = auth.get("nonce") if isinstance(auth, dict) else None
+    return (
+        job_id if isinstance(job_id, str) and JOB_ID_RE.fullmatch(job_id) else None,
+        nonce if isinstance(nonce, str) and signing.NONCE_RE.fullmatch(nonce) else None,
+    )

@@ -45,7 +45,7 @@ def exit_code(job: Job) -> int:
 def iso(ms: int | None) -> str | None:
     if ms is None:
         return None
-    t = dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
+    t = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
     return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import threading
@@ -180,6 +181,7 @@ def run(
     env: dict[str, str] | None = None,
     cwd: str | None = None,
     on_start: Callable[[int], None] | None = None,
+    user: str | None = None,
 ) -> RunResult:
     """Run `command` with /bin/sh in a new session; on timeout TERM, then KILL, the whole tree.
 
@@ -203,6 +205,9 @@ def run(
         close_fds=True,
         env=env,
         cwd=cwd,
+        user=user,
+        group=pwd.getpwnam(user).pw_gid if user else None,
+        extra_groups=[] if user else None,
     )
     assert proc.stdout is not None and proc.stderr is not None
     if on_start is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from opsbay_mqtt.errors import Refused
 
-MAX_PAYLOAD_BYTES = 1024 * 1024
+MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 32
 DEFAULT_WINDOW_S = 300
 NONCE_RE = re.compile(r"^[0-9a-f]{16,64}$")
@@ -37,12 +37,34 @@ def mac(secret: bytes, obj: Mapping[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
-class Keyring:
-    """Secrets by key id, and the key id this party signs with."""
+class Identity:
+    """Who holds a key: a client or a node, by name."""
 
-    keys: Mapping[str, bytes]
+    kind: str  # "client" or "node"
+    name: str
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """Secrets by key id, the key id this party signs with, and whose each key is.
+
+    A key id missing from `identities` is a shared key: it speaks for anyone (the simple mode).
+    """
+
+    keys: Mapping[str, bytes] = field(repr=False)
     signing_kid: str
-    extra: Mapping[str, str] = field(default_factory=dict)
+    identities: Mapping[str, Identity] = field(default_factory=dict)
+
+    def identity(self, kid: str) -> Identity | None:
+        return self.identities.get(kid)
+
+    def kids_of(self, who: Identity) -> list[str]:
+        """Key ids of one identity, in the order they were listed."""
+        return [kid for kid, i in self.identities.items() if i == who]
+
+    @property
+    def shared_kid(self) -> str | None:
+        return next((kid for kid in self.keys if kid not in self.identities), None)
 
     @classmethod
     def shared(cls, secret: str | bytes, kid: str = "default") -> Keyring:
@@ -58,15 +80,19 @@ class Keyring:
             raise Refused("unknown_key", f"unknown key id {kid!r}") from None
 
 
-def sign(body: Mapping[str, Any], keyring: Keyring, now: int, nonce: str | None = None) -> bytes:
-    """Return the wire bytes of `body` with `auth` and `sig` added."""
+def sign(
+    body: Mapping[str, Any],
+    keyring: Keyring,
+    now: int,
+    nonce: str | None = None,
+    kid: str | None = None,
+) -> bytes:
+    """Return the wire bytes of `body` with `auth` and `sig` added, signed with `kid` (default:
+    the keyring's own signing key)."""
+    kid = kid or keyring.signing_kid
     msg = dict(body)
-    msg["auth"] = {
-        "kid": keyring.signing_kid,
-        "ts": int(now),
-        "nonce": nonce or secrets.token_hex(16),
-    }
-    msg["sig"] = mac(keyring.secret_for(keyring.signing_kid), msg)
+    msg["auth"] = {"kid": kid, "ts": int(now), "nonce": nonce or secrets.token_hex(16)}
+    msg["sig"] = mac(keyring.secret_for(kid), msg)
     return canonical(msg)
 
 
@@ -125,6 +151,7 @@ class Auth:
     kid: str
     ts: int
     nonce: str
+    identity: Identity | None = None  # None: a shared key
 
 
 def verify(obj: Mapping[str, Any], keyring: Keyring) -> Auth:
@@ -152,7 +179,7 @@ def verify(obj: Mapping[str, Any], keyring: Keyring) -> Auth:
         raise Refused("bad_json", f"message has no canonical form: {e}") from e
     if not hmac.compare_digest(expected, sig):
         raise Refused("bad_signature", f"signature does not match key {kid!r}")
-    return Auth(kid=kid, ts=ts, nonce=nonce)
+    return Auth(kid=kid, ts=ts, nonce=nonce, identity=keyring.identity(kid))
 
 
 def check_fresh(auth: Auth, now: int, window_s: int = DEFAULT_WINDOW_S) -> None:

@@ -6,7 +6,15 @@ from collections.abc import Iterable
 from typing import Literal, get_args
 
 ExecState = Literal[
-    "pending", "running", "succeeded", "failed", "timed_out", "expired", "cancelled", "lost"
+    "pending",
+    "running",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "expired",
+    "cancelled",
+    "lost",
+    "rejected",
 ]
 JobState = Literal[
     "pending",
@@ -27,12 +35,12 @@ TERMINAL: frozenset[str] = frozenset(
 )
 
 _ALLOWED: dict[str, frozenset[str]] = {
-    "pending": frozenset({"running", *TERMINAL} - {"rejected"}),
+    "pending": frozenset({"running", *TERMINAL}),
     "running": frozenset(TERMINAL - {"expired", "rejected"}),
 }
 
 # When executions end differently, the job shows the worst: this order decides.
-_SEVERITY = ("succeeded", "cancelled", "expired", "failed", "timed_out", "lost")
+_SEVERITY = ("succeeded", "cancelled", "expired", "failed", "timed_out", "lost", "rejected")
 
 
 def is_terminal(state: str) -> bool:

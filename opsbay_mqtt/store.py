@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     start_by_ms INTEGER NOT NULL,
     submitted_ms INTEGER NOT NULL,
     submitted_by TEXT NOT NULL,
+    submitted_kid TEXT NOT NULL DEFAULT '',
     reason_code TEXT,
     reason TEXT
 );
@@ -52,6 +53,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     state TEXT NOT NULL DEFAULT 'unknown',
     session INTEGER NOT NULL DEFAULT 0,
     seq INTEGER NOT NULL DEFAULT 0,
+    kid TEXT NOT NULL DEFAULT '',
     last_seen_ms INTEGER NOT NULL DEFAULT 0,
     info TEXT NOT NULL DEFAULT '{}'
 );
@@ -70,7 +72,7 @@ _EXEC_COLS = (
 )  # fmt: skip
 _JOB_COLS = (
     "job_id", "state", "target", "command", "timeout_s", "start_by_ms", "submitted_ms",
-    "submitted_by", "reason_code", "reason",
+    "submitted_by", "submitted_kid", "reason_code", "reason",
 )  # fmt: skip
 
 
@@ -84,7 +86,21 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
+        self._add_missing_columns(
+            {
+                "jobs": {"submitted_kid": "TEXT NOT NULL DEFAULT ''"},
+                "nodes": {"kid": "TEXT NOT NULL DEFAULT ''"},
+            }
+        )
         self.db.execute("BEGIN")
+
+    def _add_missing_columns(self, wanted: dict[str, dict[str, str]]) -> None:
+        """Records made by 0.1.0 lack columns added since."""
+        for table, columns in wanted.items():
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns.items():
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
 
     @contextmanager
     def atomic(self) -> Iterator[None]:
@@ -229,6 +245,7 @@ class Store:
         session: int | None = None,
         seq: int = 0,
         info: dict[str, Any] | None = None,
+        kid: str | None = None,
     ) -> None:
         self.db.execute(
             "INSERT INTO nodes (node, last_seen_ms) VALUES (?, ?) ON CONFLICT (node) DO UPDATE "
@@ -246,6 +263,18 @@ class Store:
             self.db.execute(
                 "UPDATE nodes SET info = ? WHERE node = ?", (json.dumps(info, sort_keys=True), node)
             )
+        if kid is not None:
+            self.db.execute("UPDATE nodes SET kid = ? WHERE node = ?", (kid, node))
+
+    def node_kid(self, node: str) -> str | None:
+        """The key id the node last signed with."""
+        row = self.db.execute("SELECT kid FROM nodes WHERE node = ?", (node,)).fetchone()
+        return row[0] if row and row[0] else None
+
+    def node_labels(self, node: str) -> dict[str, str]:
+        row = self.db.execute("SELECT info FROM nodes WHERE node = ?", (node,)).fetchone()
+        labels = json.loads(row[0]).get("labels", {}) if row else {}
+        return dict(labels) if isinstance(labels, dict) else {}
 
     def list_nodes(self) -> list[dict[str, Any]]:
         rows = self.db.execute(

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -37,6 +37,7 @@ class BrokerURL:
     tls: bool
     username: str | None = None
     password: str | None = None
+    mqtt5: bool = True
 
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
@@ -55,17 +56,34 @@ class BrokerURL:
             raise ConfigError(f"--broker / OPSBAY_BROKER: no host in {url!r}")
         if parts.path not in ("", "/"):
             raise ConfigError(f"--broker / OPSBAY_BROKER: unexpected path in {url!r}")
+        query = parse_qs(parts.query, keep_blank_values=True)
+        version = query.pop("version", ["5"])[-1]
+        if version not in ("5", "3.1.1") or query:
+            raise ConfigError(
+                f"--broker / OPSBAY_BROKER: {url!r}: the only option is ?version=5 or 3.1.1"
+            )
         return cls(
             host=parts.hostname,
             port=port,
             tls=tls,
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
+            mqtt5=version == "5",
         )
 
     def __str__(self) -> str:  # never shows the password
         user = f"{self.username}@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+        version = "" if self.mqtt5 else "?version=3.1.1"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}{version}"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """CA bundle (default: the system's) and an optional client certificate for mqtts://."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +119,7 @@ class Connection:
         persistent: bool = False,
         will: Callable[[], Will] | None = None,
         manual_ack: bool = False,
-        ca_file: str | None = None,
+        tls: TlsFiles | None = None,
         keepalive_s: int = 30,
     ) -> None:
         self.url = url
@@ -117,16 +135,33 @@ class Connection:
         self._acked_mids: set[int] = set()
         self.keepalive_s = keepalive_s
         self.reconnects = 0
-        c = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
-        )
+        if url.mqtt5:
+            c = mqtt.Client(
+                callback_api_version=CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                protocol=MQTTProtocolVersion.MQTTv5,
+            )
+        else:  # MQTT 3.1.1: no properties, so no session expiry, will delay or message expiry
+            c = mqtt.Client(
+                callback_api_version=CallbackAPIVersion.VERSION2,
+                client_id=client_id,
+                protocol=MQTTProtocolVersion.MQTTv311,
+                clean_session=not persistent,
+            )
         c.reconnect_delay_set(min_delay=1, max_delay=30)
         if url.username:
             c.username_pw_set(url.username, url.password)
         if url.tls:
-            c.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+            t = tls or TlsFiles()
+            try:
+                c.tls_set(
+                    ca_certs=t.ca_file,
+                    certfile=t.cert_file,
+                    keyfile=t.key_file,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"TLS files: {e}") from e
         self._will = will
         self.manual_ack = manual_ack
         c.manual_ack_set(manual_ack)
@@ -145,7 +180,7 @@ class Connection:
             return
         will = self._will()
         props = None
-        if will.delay_s:
+        if will.delay_s and self.url.mqtt5:
             props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
             props.WillDelayInterval = will.delay_s
         client.will_set(will.topic, will.payload, qos=1, retain=True, properties=props)
@@ -190,17 +225,16 @@ class Connection:
 
     def connect(self, timeout_s: float = 10.0, retry: bool = False) -> None:
         """Connect and wait for the broker's CONNACK. With `retry`, keep trying with backoff."""
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = SESSION_EXPIRY_S if self.persistent else 0
+        options: dict[str, Any] = {}
+        if self.url.mqtt5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = SESSION_EXPIRY_S if self.persistent else 0
+            options = {"clean_start": not self.persistent, "properties": props}
         delay = 0.5
         while True:
             try:
                 self._client.connect(
-                    self.url.host,
-                    self.url.port,
-                    keepalive=self.keepalive_s,
-                    clean_start=not self.persistent,
-                    properties=props,
+                    self.url.host, self.url.port, keepalive=self.keepalive_s, **options
                 )
                 break
             except (OSError, ssl.SSLError) as e:
@@ -244,7 +278,7 @@ class Connection:
         expiry_s: int | None = None,
     ) -> mqtt.MQTTMessageInfo:
         props = None
-        if expiry_s is not None:
+        if expiry_s is not None and self.url.mqtt5:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.MessageExpiryInterval = max(1, int(expiry_s))
         return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)

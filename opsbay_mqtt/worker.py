@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
+import pwd
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
 from opsbay_mqtt import __version__, runner, sysinfo
 from opsbay_mqtt.errors import Refused
 from opsbay_mqtt.ledger import Ledger
+from opsbay_mqtt.policy import WorkerPolicy
 from opsbay_mqtt.protocol import Dispatch, NodeInfo, NodeStatus, Result, decode, encode
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics
@@ -23,6 +27,7 @@ from opsbay_mqtt.transport import CONNECTED, Connection, Inbound, Will
 log = logging.getLogger(__name__)
 
 WILL_DELAY_S = 3
+CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,25 @@ class WorkerConfig:
     output_cap: int = runner.DEFAULT_OUTPUT_CAP
     kill_grace_s: float = runner.DEFAULT_KILL_GRACE_S
     info_interval_s: float = 60.0
+    policy: WorkerPolicy = field(default_factory=WorkerPolicy)
+    run_as: str | None = None
+    clean_env: bool = False
+
+
+def job_env(job_id: str, node: str, *, clean: bool, run_as: str | None) -> dict[str, str]:
+    """The environment a job runs with: the worker's own minus every OPSBAY_* setting (secrets,
+    broker credentials), or with `clean` only a minimal one; plus the job's id and node."""
+    if clean:
+        env = {"PATH": CLEAN_PATH, "LANG": "C.UTF-8", "SHELL": "/bin/sh"}
+        user = pwd.getpwuid(os.geteuid())
+        env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+    else:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OPSBAY_")}
+    if run_as is not None:
+        user = pwd.getpwnam(run_as)
+        env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+    env.update(OPSBAY_JOB_ID=job_id, OPSBAY_NODE=node)
+    return env
 
 
 class Worker:
@@ -54,13 +78,21 @@ class Worker:
         self._pool = ThreadPoolExecutor(config.max_parallel, thread_name_prefix="job")
         self.conn: Connection | None = None
 
-    # -- messages about this node
     def _now_s(self) -> int:
         return int(self.clock())
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        assert self.conn is not None
+        self.conn.publish(topic, payload, retain=retain)
+
+    def _ack(self, msg: Inbound | None) -> None:
+        if msg is not None and self.conn is not None:
+            self.conn.ack(msg)
+
+    # -- messages about this node
     def _status(self, state: str) -> bytes:
         msg = NodeStatus(
             node=self.cfg.node,
@@ -74,9 +106,8 @@ class Worker:
     def will(self) -> Will:
         """Called before every connection attempt: the offline status of that connection."""
         self.seq += 1
-        return Will(
-            self.cfg.topics.node_status(self.cfg.node), self._status("offline"), WILL_DELAY_S
-        )
+        topic = self.cfg.topics.node_status(self.cfg.node)
+        return Will(topic, self._status("offline"), WILL_DELAY_S)
 
     def info_payload(self) -> bytes:
         msg = NodeInfo(
@@ -90,10 +121,9 @@ class Worker:
         return encode(msg, self.cfg.keyring, self._now_s())
 
     def publish_birth(self) -> None:
-        assert self.conn is not None
         t = self.cfg.topics
-        self.conn.publish(t.node_info(self.cfg.node), self.info_payload(), retain=True)
-        self.conn.publish(t.node_status(self.cfg.node), self._status("online"), retain=True)
+        self._publish(t.node_info(self.cfg.node), self.info_payload(), retain=True)
+        self._publish(t.node_status(self.cfg.node), self._status("online"), retain=True)
 
     def publish_offline(self) -> None:
         assert self.conn is not None
@@ -101,19 +131,15 @@ class Worker:
         self.conn.publish_wait(topic, self._status("offline"), retain=True, timeout_s=5)
 
     # -- results
-    def _send_result(self, result: Result) -> bytes:
-        assert self.conn is not None
-        payload = encode(result, self.cfg.keyring, self._now_s())
-        self.conn.publish(self.cfg.topics.result(result.node, result.job_id), payload)
-        return payload
+    def _result(self, d_job: str, state: str, **fields: Any) -> Result:
+        return Result(job_id=d_job, node=self.cfg.node, state=state, session=self.session, **fields)  # type: ignore[arg-type]
 
     def _finish(self, result: Result, msg: Inbound | None) -> None:
+        """Record the outcome in the ledger, publish it, then acknowledge the dispatch."""
         payload = encode(result, self.cfg.keyring, self._now_s())
         self.ledger.finish(result.job_id, result.state, payload, self._now_ms())
-        assert self.conn is not None
-        self.conn.publish(self.cfg.topics.result(result.node, result.job_id), payload)
-        if msg is not None:
-            self.conn.ack(msg)
+        self._publish(self.cfg.topics.result(result.node, result.job_id), payload)
+        self._ack(msg)
 
     def report_interrupted(self) -> None:
         """Jobs that were running when a previous worker process died are `lost`, never re-run."""
@@ -123,97 +149,100 @@ class Worker:
             if pid is not None and started_at and runner.kill_leftover_group(pid, started_at):
                 reason += "; what was left of it was killed"
             self._finish(
-                Result(
-                    job_id=job_id,
-                    node=self.cfg.node,
-                    state="lost",
-                    session=self.session,
-                    finished_ms=self._now_ms(),
-                    reason=reason,
-                ),
-                None,
+                self._result(job_id, "lost", finished_ms=self._now_ms(), reason=reason), None
             )
 
     # -- dispatches
     def handle(self, msg: Inbound) -> None:
-        assert self.conn is not None
         if msg.topic == CONNECTED:
             self.publish_birth()
             return
+        node = self.cfg.node
         try:
-            dispatch, _ = decode(msg.payload, self.cfg.keyring, expect=(Dispatch,))
+            dispatch, auth = decode(msg.payload, self.cfg.keyring, expect=(Dispatch,))
             assert isinstance(dispatch, Dispatch)
             kind, fields = self.cfg.topics.parse(msg.topic)
-            if kind != "node_jobs" or fields["node"] != self.cfg.node:
+            if kind != "node_jobs" or fields["node"] != node:
                 raise Refused("wrong_topic", f"message on {msg.topic!r} is not for this node")
-            if dispatch.node != self.cfg.node:
-                raise Refused(
-                    "wrong_node", f"dispatch for node {dispatch.node!r} reached {self.cfg.node!r}"
-                )
+            if dispatch.node != node:
+                raise Refused("wrong_node", f"dispatch for node {dispatch.node!r} reached {node!r}")
+            who = auth.identity
+            if who is not None and (who.kind, who.name) != ("node", node):
+                raise Refused("wrong_identity", f"dispatch signed with a key not for {node!r}")
         except Refused as e:
             log.warning("refused a message on %s: %s", msg.topic, e)
-            self.conn.ack(msg)
+            self._ack(msg)
             return
         self.accept(dispatch, msg)
 
-    def accept(self, d: Dispatch, msg: Inbound) -> None:
+    def accept(self, d: Dispatch, msg: Inbound | None) -> None:
+        """Queue a dispatch to run, unless this node has seen its job id before."""
         with self._lock:
             if d.job_id in self._active:
-                log.info("job %s: duplicate dispatch while running; ignored", d.job_id)
-                self.conn.ack(msg)  # type: ignore[union-attr]
+                log.info("job %s: duplicate dispatch while queued or running; ignored", d.job_id)
+                self._ack(msg)
                 return
             seen = self.ledger.get(d.job_id)
             if seen is not None:
                 state, stored = seen
                 log.info("job %s: already %s here; re-sending its result", d.job_id, state)
                 if stored is not None:
-                    self.conn.publish(self.cfg.topics.result(d.node, d.job_id), stored)  # type: ignore[union-attr]
-                self.conn.ack(msg)  # type: ignore[union-attr]
+                    self._publish(self.cfg.topics.result(d.node, d.job_id), stored)
+                self._ack(msg)
                 return
-            if self._now_ms() > d.start_by_ms:
-                log.warning("job %s: arrived after its start-by deadline; not run", d.job_id)
-                self.ledger.start(d.job_id, self._now_ms())
-                self._finish(
-                    Result(
-                        job_id=d.job_id,
-                        node=d.node,
-                        state="expired",
-                        session=self.session,
-                        finished_ms=self._now_ms(),
-                        reason="not started by its start-by deadline",
-                    ),
-                    msg,
-                )
-                return
-            self.ledger.start(d.job_id, self._now_ms())
             self._active.add(d.job_id)
-        self._send_result(
-            Result(
-                job_id=d.job_id,
-                node=d.node,
-                state="running",
-                session=self.session,
-                started_ms=self._now_ms(),
-            )
-        )
         self._pool.submit(self._run, d, msg)
 
-    def _run(self, d: Dispatch, msg: Inbound) -> None:
+    def _run(self, d: Dispatch, msg: Inbound | None) -> None:
+        """Run one job once a slot is free: the start-by deadline and policy are checked now."""
+        try:
+            self._run_once(d, msg)
+        except Exception:
+            log.exception("job %s: could not be handled", d.job_id)
+        finally:
+            with self._lock:
+                self._active.discard(d.job_id)
+
+    def _run_once(self, d: Dispatch, msg: Inbound | None) -> None:
+        if self._now_ms() > d.start_by_ms:
+            log.warning("job %s: not started by its start-by deadline; not run", d.job_id)
+            reason = "not started by its start-by deadline"
+            self._finish(
+                self._result(d.job_id, "expired", finished_ms=self._now_ms(), reason=reason), msg
+            )
+            return
+        try:
+            command = self.cfg.policy.resolve(d.command)
+        except Refused as e:
+            log.warning("job %s: refused by this node's policy: %s", d.job_id, e)
+            reason = f"{e.code}: {e.text}"
+            self._finish(
+                self._result(d.job_id, "rejected", finished_ms=self._now_ms(), reason=reason), msg
+            )
+            return
+        if not self.ledger.start(d.job_id, self._now_ms()):
+            return  # another dispatch of it got here first
+        started = self._now_ms()
+        running = self._result(d.job_id, "running", started_ms=started)
+        self._publish(
+            self.cfg.topics.result(d.node, d.job_id),
+            encode(running, self.cfg.keyring, self._now_s()),
+        )
         log.info("job %s: running (timeout %d s)", d.job_id, d.timeout_s)
         try:
             r = runner.run(
-                d.command,
+                command,
                 timeout_s=d.timeout_s,
                 output_cap=self.cfg.output_cap,
                 kill_grace_s=self.cfg.kill_grace_s,
                 clock=self.clock,
+                env=job_env(d.job_id, d.node, clean=self.cfg.clean_env, run_as=self.cfg.run_as),
+                user=self.cfg.run_as,
                 on_start=lambda pid: self._started(d.job_id, pid),
             )
-            result = Result(
-                job_id=d.job_id,
-                node=d.node,
-                state=r.state,  # type: ignore[arg-type]
-                session=self.session,
+            result = self._result(
+                d.job_id,
+                r.state,
                 exit_code=r.exit_code,
                 stdout=r.stdout,
                 stderr=r.stderr,
@@ -228,20 +257,12 @@ class Worker:
             )
         except Exception as e:  # the command could not even be started: report, never die
             log.exception("job %s: could not run", d.job_id)
-            result = Result(
-                job_id=d.job_id,
-                node=d.node,
-                state="failed",
-                session=self.session,
-                finished_ms=self._now_ms(),
-                reason=f"could not run the command: {e}"[:1000],
+            reason = f"could not run the command: {e}"[:1000]
+            result = self._result(
+                d.job_id, "failed", started_ms=started, finished_ms=self._now_ms(), reason=reason
             )
         log.info("job %s: %s (exit %s)", d.job_id, result.state, result.exit_code)
-        try:
-            self._finish(result, msg)
-        finally:
-            with self._lock:
-                self._active.discard(d.job_id)
+        self._finish(result, msg)
 
     def _started(self, job_id: str, pid: int) -> None:
         try:
@@ -250,7 +271,8 @@ class Worker:
             return  # already gone: nothing would be left to clean up
         self.ledger.set_pid(job_id, pid, started_at)
 
-    def _host_facts(self) -> dict[str, object]:
+    @staticmethod
+    def _host_facts() -> dict[str, object]:
         f = sysinfo.facts()
         keep = ("hostname", "uptime_s", "load_x100", "memory_available", "disk_free")
         return {k: f[k] for k in keep}
@@ -271,14 +293,11 @@ class Worker:
                 try:
                     self.handle(msg)
                 except Exception:
-                    log.exception(
-                        "worker %s: error handling a message on %s", self.cfg.node, msg.topic
-                    )
+                    log.exception("error handling a message on %s", msg.topic)
             if time.monotonic() >= next_info:
                 next_info = time.monotonic() + self.cfg.info_interval_s
-                conn.publish(
-                    self.cfg.topics.node_info(self.cfg.node), self.info_payload(), retain=True
-                )
+                topic = self.cfg.topics.node_info(self.cfg.node)
+                self._publish(topic, self.info_payload(), retain=True)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)

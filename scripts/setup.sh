@@ -13,8 +13,8 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
-if ! "$python" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-  echo "opsbay: need Python 3.10 or newer with venv (Debian: apt-get install python3-venv)" >&2
+if ! "$python" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "opsbay: need Python 3.11 or newer with venv (Debian: apt-get install python3-venv)" >&2
   exit 1
 fi
 

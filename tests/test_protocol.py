@@ -30,7 +30,7 @@ from opsbay_mqtt.protocol import (
     Submit,
     decode,
     encode,
-    peek_job_id,
+    peek,
 )
 from opsbay_mqtt.signing import Keyring
 
@@ -222,7 +222,6 @@ def test_decode_refuses_a_type_not_expected(
 @pytest.mark.parametrize(
     ("model", "changes"),
     [
-        (Result, {"state": "rejected"}),
         (Result, {"state": "done"}),
         (Result, {"node": "a/b"}),
         (Result, {"stdout_bytes": -1}),
@@ -283,7 +282,7 @@ def test_refused_text_names_the_field() -> None:
     ],
 )
 def test_peek_job_id(payload: bytes, expected: str | None) -> None:
-    assert peek_job_id(payload) == expected
+    assert peek(payload)[0] == expected
 
 
 # -- properties: decode only ever raises Refused

@@ -20,7 +20,7 @@ ENDINGS = ["succeeded", "failed", "timed_out", "expired", "cancelled", "lost"]
         ("pending", "cancelled", True),
         ("pending", "lost", True),
         ("pending", "pending", False),
-        ("pending", "rejected", False),
+        ("pending", "rejected", True),  # refused by the worker's policy
         ("running", "succeeded", True),
         ("running", "failed", True),
         ("running", "timed_out", True),
@@ -46,8 +46,8 @@ def test_terminal_states_never_move(current: str, new: str) -> None:
 
 def test_terminal_set() -> None:
     assert set(TERMINAL) == {*ENDINGS, "rejected"}
-    assert set(EXEC_STATES) == {"pending", "running", *ENDINGS}
-    assert set(JOB_STATES) == {*EXEC_STATES, "rejected"}
+    assert set(EXEC_STATES) == {"pending", "running", *ENDINGS, "rejected"}
+    assert set(JOB_STATES) == set(EXEC_STATES)
     assert [s for s in JOB_STATES if is_terminal(s)] == [s for s in JOB_STATES if s in TERMINAL]
     assert not is_terminal("pending") and not is_terminal("running")
 

@@ -1,0 +1,260 @@
+"""`opsbay coordinator`, `worker`, `stack` and `keys`: running and setting up the bus."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from opsbay_mqtt.cli import Quiet, app, bus_options, run, settings, setup_logging
+
+if TYPE_CHECKING:
+    from opsbay_mqtt.settings import BusOptions
+
+
+def _int_option(name: str, env: str, text: str) -> typer.models.OptionInfo:
+    option: typer.models.OptionInfo = typer.Option(name, metavar="N", envvar=env, min=1, help=text)
+    return option
+
+
+@app.command()
+@bus_options
+def coordinator(
+    bus: BusOptions,
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            "--data-dir",
+            metavar="DIR",
+            envvar="OPSBAY_DATA_DIR",
+            help="Where the SQLite record lives.",
+        ),
+    ] = Path("opsbay-data"),
+    allow_node: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-node",
+            metavar="NODE",
+            envvar="OPSBAY_ALLOW_NODES",
+            help="Only these nodes may be targeted (repeatable; the variable: comma-separated).",
+        ),
+    ] = None,
+    window: Annotated[
+        int,
+        typer.Option(
+            "--window",
+            metavar="SECONDS",
+            min=10,
+            help="Freshness window for signed requests: older or replayed ones are refused.",
+        ),
+    ] = 300,
+    lost_grace: Annotated[
+        int,
+        typer.Option(
+            "--lost-grace",
+            metavar="SECONDS",
+            envvar="OPSBAY_LOST_GRACE",
+            min=1,
+            help="Grace after deadlines: a running job with no result by start + timeout + "
+            "grace is lost; a pending one not started by start-by + grace is expired.",
+        ),
+    ] = 30,
+    keep_days: Annotated[
+        int, _int_option("--keep-days", "OPSBAY_KEEP_DAYS", "Delete finished jobs older than this.")
+    ] = 30,
+    keep_jobs: Annotated[
+        int,
+        _int_option("--keep-jobs", "OPSBAY_KEEP_JOBS", "Keep at most this many finished jobs."),
+    ] = 100_000,
+    max_open: Annotated[
+        int,
+        _int_option(
+            "--max-open-per-node",
+            "OPSBAY_MAX_OPEN_PER_NODE",
+            "Refuse (queue_full) a job for a node that has this many pending or running.",
+        ),
+    ] = 1000,
+    quiet: Quiet = False,
+) -> None:
+    """Run the coordinator: validate, record and dispatch jobs; answer queries."""
+    from opsbay_mqtt.daemons import run_coordinator
+
+    setup_logging(logging.WARNING if quiet else logging.INFO)
+    s = settings(bus, "coordinator")
+    allowed = None
+    if allow_node:
+        allowed = frozenset(n.strip() for item in allow_node for n in item.split(",") if n.strip())
+    limits = {
+        "window_s": window,
+        "lost_grace_s": lost_grace,
+        "keep_days": keep_days,
+        "keep_jobs": keep_jobs,
+        "max_open_per_node": max_open,
+    }
+    run(lambda: run_coordinator(s, data_dir=data_dir, allow_nodes=allowed, limits=limits))
+
+
+@app.command()
+@bus_options
+def worker(
+    bus: BusOptions,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            "--node",
+            metavar="NODE",
+            envvar="OPSBAY_NODE",
+            help="This node's name (default: the short host name).",
+        ),
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", metavar="KEY=VALUE", help="A label for this node (repeatable)."),
+    ] = None,
+    state_dir: Annotated[
+        Path,
+        typer.Option(
+            "--state-dir",
+            metavar="DIR",
+            envvar="OPSBAY_STATE_DIR",
+            help="Where the worker keeps its ledger of jobs.",
+        ),
+    ] = Path("opsbay-state"),
+    max_parallel: Annotated[
+        int, typer.Option("--max-parallel", metavar="N", min=1, max=256, help="Jobs run at once.")
+    ] = 8,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            metavar="PATTERN",
+            help="Run only commands matching a pattern (repeatable): exact text, where * and ? "
+            "stand for text without spaces or shell metacharacters ('systemctl restart *').",
+        ),
+    ] = None,
+    define: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--define",
+            metavar="NAME=COMMAND",
+            help="A named command, run by submitting @NAME (repeatable); always allowed.",
+        ),
+    ] = None,
+    named_only: Annotated[
+        bool, typer.Option("--named-only", help="Run only named commands (@NAME).")
+    ] = False,
+    run_as: Annotated[
+        str | None,
+        typer.Option(
+            "--run-as", metavar="USER", help="Run jobs as this user (the worker must be root)."
+        ),
+    ] = None,
+    clean_env: Annotated[
+        bool,
+        typer.Option(
+            "--clean-env",
+            help="Run jobs with a minimal environment (PATH, HOME, USER, LANG) instead of the "
+            "worker's (which never includes OPSBAY_* settings).",
+        ),
+    ] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Run the worker agent for one node: receive its jobs, run them, report back."""
+    from opsbay_mqtt.daemons import default_node_name, parse_labels, run_worker
+    from opsbay_mqtt.policy import WorkerPolicy, parse_named
+
+    setup_logging(logging.WARNING if quiet else logging.INFO)
+    name = run(lambda: default_node_name(node))
+    s = settings(bus, "node", name)
+    labels = run(lambda: parse_labels(label or []))
+    named = run(lambda: parse_named(define or []))
+    policy = WorkerPolicy(allow=tuple(allow or ()), named=named, named_only=named_only)
+    run(
+        lambda: run_worker(
+            s,
+            node=name,
+            labels=labels,
+            state_dir=state_dir,
+            max_parallel=max_parallel,
+            policy=policy,
+            run_as=run_as,
+            clean_env=clean_env,
+        )
+    )
+
+
+@app.command()
+def stack(
+    port: Annotated[
+        int,
+        typer.Option("--port", metavar="PORT", help="Port for the local Mosquitto (127.0.0.1)."),
+    ] = 1884,
+    directory: Annotated[
+        Path,
+        typer.Option(
+            "--dir",
+            metavar="DIR",
+            help="Where the stack keeps its broker data, record, ledger, logs and secret.",
+        ),
+    ] = Path(".opsbay-stack"),
+    node: Annotated[
+        str | None, typer.Option("--node", metavar="NODE", help="Name of the local worker's node.")
+    ] = None,
+    once: Annotated[
+        bool,
+        typer.Option(
+            "--once", help="Run the demo job, then stop everything and exit with its code."
+        ),
+    ] = False,
+) -> None:
+    """Bring up a whole bus on this machine (Mosquitto, coordinator, one worker), run a demo job,
+    and keep it up until Ctrl-C."""
+    from opsbay_mqtt.daemons import default_node_name
+    from opsbay_mqtt.stack import run_stack
+
+    setup_logging(logging.INFO)
+    name = run(lambda: default_node_name(node))
+    raise typer.Exit(run(lambda: run_stack(port=port, directory=directory, node=name, once=once)))
+
+
+@app.command()
+def keys(
+    kind: Annotated[str, typer.Argument(metavar="client|node", help="Whose key: client or node.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The client's or node's name.")],
+    append: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--append",
+            metavar="FILE",
+            help="Also append the key to this key file (created with mode 600; repeatable).",
+        ),
+    ] = None,
+    prefix: Annotated[
+        str, typer.Option("--prefix", metavar="PREFIX", envvar="OPSBAY_PREFIX")
+    ] = "opsbay",
+) -> None:
+    """Make a new key for a client or a node, and print what to add on each side: the
+    coordinator's key file, the client's or node's own key file, and the broker's password
+    file and ACL. Add a second key to an identity to rotate (see docs/security.md)."""
+    from opsbay_mqtt.keys import new_key_instructions
+
+    text, entry = run(lambda: new_key_instructions(kind, name, prefix))
+    for path in append or []:
+        run(functools.partial(_append_key, path, entry))
+    typer.echo(text)
+
+
+def _append_key(path: Path, entry: str) -> None:
+    import os
+
+    from opsbay_mqtt.errors import ConfigError
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write("\n" + entry)
+    except OSError as e:
+        raise ConfigError(f"--append: cannot write {path}: {e.strerror}") from e
