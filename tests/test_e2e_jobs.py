@@ -172,3 +172,19 @@ def test_wait_gives_up_with_its_own_exit_code(running: Bus) -> None:
     out = running.cli("submit", "-t", "n1", "-c", "sleep 5", "--wait", "--wait-timeout", "1")
     assert out.returncode == 75
     assert "gave up waiting" in out.stderr
+
+
+def test_the_bus_runs_over_mqtt_3_1_1(bus: Bus) -> None:
+    url = f"{bus.broker.url}?version=3.1.1"
+    bus.coordinator(OPSBAY_BROKER=url)
+    bus.worker("n1", OPSBAY_BROKER=url)
+    out = bus.cli("submit", "-t", "n1", "-c", "echo old protocol", "--wait", OPSBAY_BROKER=url)
+    assert (out.returncode, out.stdout) == (0, "old protocol\n"), out.stderr
+    nodes = bus.cli_json("nodes", OPSBAY_BROKER=url)
+    assert [(n["node"], n["state"]) for n in nodes] == [("n1", "online")]
+    # Mosquitto logs the protocol of each connection: p2 is 3.1.1 (p5 would be MQTT 5).
+    log = bus.broker.log.read_text()
+    assert f"as opsbay-worker:{bus.prefix}:n1 (p2, c0," in log
+    assert f"as opsbay-coordinator:{bus.prefix} (p2, c0," in log
+    bad = bus.cli("nodes", OPSBAY_BROKER=f"{bus.broker.url}?version=4")
+    assert bad.returncode == 78 and "version" in bad.stderr
