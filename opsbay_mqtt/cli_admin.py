@@ -163,8 +163,8 @@ def worker(
     quiet: Quiet = False,
 ) -> None:
     """Run the worker agent for one node: receive its jobs, run them, report back."""
-    from opsbay_mqtt.daemons import default_node_name, parse_labels, run_worker
-    from opsbay_mqtt.policy import WorkerPolicy, parse_named
+    from opsbay_mqtt.daemons import default_node_name, run_worker
+    from opsbay_mqtt.policy import WorkerPolicy, parse_labels, parse_named
 
     setup_logging(logging.WARNING if quiet else logging.INFO)
     name = run(lambda: default_node_name(node))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -22,7 +24,7 @@ from opsbay_mqtt.cli import (
 )
 
 if TYPE_CHECKING:
-    from opsbay_mqtt.client import ClientConfig
+    from opsbay_mqtt.client import Client, ClientConfig
     from opsbay_mqtt.protocol import Job, Rejected
     from opsbay_mqtt.settings import BusOptions
 
@@ -39,13 +41,32 @@ def _client_config(bus: BusOptions, verbose: bool) -> ClientConfig:
     return ClientConfig(url=s.url, topics=s.topics, keyring=s.keyring, tls=s.tls)
 
 
+@dataclass(frozen=True)
+class SubmitArgs:
+    target: str
+    where: dict[str, str]
+    command: str
+    timeout_s: int
+    start_by_s: int
+    batch: str | None
+    max_failures: str | None
+    job_id: str | None
+
+
+Where = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--where",
+        metavar="KEY=VALUE",
+        help="Only nodes with this label (repeatable: all must match).",
+    ),
+]
+
+
 @app.command()
 @bus_options
 def submit(
     bus: BusOptions,
-    target: Annotated[
-        str, typer.Option("--target", "-t", metavar="NODE", help="Node to run the job on.")
-    ],
     command: Annotated[
         str,
         typer.Option(
@@ -55,6 +76,17 @@ def submit(
             help="Shell command (run by /bin/sh -c), or @NAME for a command the node defines.",
         ),
     ],
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            "-t",
+            metavar="NODES",
+            help="A node, a comma-separated list, or a glob (web-*). With --where only, every "
+            "known node with those labels.",
+        ),
+    ] = "",
+    where: Where = None,
     timeout: Annotated[
         str,
         typer.Option(
@@ -69,9 +101,25 @@ def submit(
             "--start-by",
             "--expires",
             metavar="DURATION",
-            help="Start-by deadline: a job not started within this is expired, never run late.",
+            help="Start-by deadline: a job not started within this (from when it is sent to "
+            "its node) is expired, never run late.",
         ),
     ] = "10m",
+    batch: Annotated[
+        str | None,
+        typer.Option(
+            "--batch", metavar="N|N%", help="Run at most this many nodes (or share) at once."
+        ),
+    ] = None,
+    max_failures: Annotated[
+        str | None,
+        typer.Option(
+            "--max-failures",
+            metavar="N|N%",
+            help="Stop starting nodes once more than this many (or share) have not succeeded; "
+            "the rest end cancelled.",
+        ),
+    ] = None,
     wait: Annotated[
         bool,
         typer.Option("--wait", "-w", help="Wait for the outcome; exit with the command's code."),
@@ -84,6 +132,20 @@ def submit(
             help="Stop waiting after this long (exit 75); the job goes on.",
         ),
     ] = None,
+    follow: Annotated[
+        bool | None,
+        typer.Option(
+            "--follow/--no-follow",
+            help="With --wait, show output live as the command writes it (default: on a terminal).",
+        ),
+    ] = None,
+    cancel_on_interrupt: Annotated[
+        bool,
+        typer.Option(
+            "--cancel-on-interrupt",
+            help="Ctrl-C during --wait cancels the job (otherwise it asks, on a terminal).",
+        ),
+    ] = False,
     job_id: Annotated[
         str | None,
         typer.Option(
@@ -95,44 +157,61 @@ def submit(
     json_out: JsonOut = False,
     verbose: Verbose = False,
 ) -> None:
-    """Submit a job for one node.
+    """Submit a job for one node or many.
 
-    Prints the job id once the coordinator has accepted it. With --wait, prints the command's
-    output and exits with the command's exit code, or: 124 timed out, 77 rejected, 68 expired
-    (not started by its start-by deadline), 70 lost, 80 cancelled, 75 gave up waiting (the job
-    goes on), 69 broker or coordinator unreachable, 78 bad setting, 2 bad usage.
+    Prints the job id once the coordinator has accepted it. With --wait, prints the output and
+    exits 0 if every node succeeded; one node that failed: the command's exit code; otherwise
+    124 timed out, 77 rejected, 68 expired (not started by its start-by deadline), 70 lost,
+    80 cancelled, 1 failed on several nodes; 75 gave up waiting (the job goes on), 69 broker or
+    coordinator unreachable, 78 bad setting, 2 bad usage.
     """
+    from opsbay_mqtt.policy import parse_labels
+
     cfg = _client_config(bus, verbose)
-    timeout_s = run(lambda: parse_duration(timeout, "--timeout"))
-    start_by_s = run(lambda: parse_duration(start_by, "--start-by"))
-    wait_s = run(lambda: parse_duration(wait_timeout, "--wait-timeout")) if wait_timeout else None
-    run(
-        lambda: _submit(cfg, target, command, timeout_s, start_by_s, wait, wait_s, job_id, json_out)
+    args = SubmitArgs(
+        target=target,
+        where=run(lambda: parse_labels(where or [], "--where")),
+        command=command,
+        timeout_s=run(lambda: parse_duration(timeout, "--timeout")),
+        start_by_s=run(lambda: parse_duration(start_by, "--start-by")),
+        batch=batch,
+        max_failures=max_failures,
+        job_id=job_id,
     )
+    for name, value in (("--batch", batch), ("--max-failures", max_failures)):
+        if value is not None and not re.fullmatch(r"[0-9]{1,6}%?", value):
+            fail(2, f"{name}: {value!r} is not a count (10) or a share (25%)")
+    wait_s = run(lambda: parse_duration(wait_timeout, "--wait-timeout")) if wait_timeout else None
+    if follow is None:
+        follow = wait and not json_out and sys.stdout.isatty()
+    run(lambda: _submit(cfg, args, wait, wait_s, bool(follow), cancel_on_interrupt, json_out))
 
 
 def _submit(
     cfg: ClientConfig,
-    target: str,
-    command: str,
-    timeout_s: int,
-    start_by_s: int,
+    args: SubmitArgs,
     wait: bool,
     wait_s: int | None,
-    job_id: str | None,
+    follow: bool,
+    cancel_on_interrupt: bool,
     json_out: bool,
 ) -> None:
     from opsbay_mqtt import render
     from opsbay_mqtt.client import Client, WaitTimeout
     from opsbay_mqtt.protocol import Rejected
+    from opsbay_mqtt.waiting import WaitView
 
     with Client(cfg) as client:
         jid = client.submit(
-            target=target,
-            command=command,
-            timeout_s=timeout_s,
-            start_by_s=start_by_s,
-            job_id=job_id,
+            target=args.target,
+            where=args.where,
+            command=args.command,
+            timeout_s=args.timeout_s,
+            start_by_s=args.start_by_s,
+            batch=args.batch,
+            max_failures=args.max_failures,
+            job_id=args.job_id,
+            follow=follow and wait,
         )
         if not wait:
             try:
@@ -148,10 +227,47 @@ def _submit(
                 _rejected(got)
             typer.echo(json.dumps(render.public_job(got), indent=2) if json_out else jid)
             return
-        got = client.wait(jid, wait_s)
+        view = WaitView()
+        labelled = (
+            "," in args.target or "*" in args.target or "?" in args.target or bool(args.where)
+        )
+        try:
+            got = client.wait(
+                jid,
+                wait_s,
+                on_update=None if json_out else view.update,
+                on_output=(lambda chunk: view.output(chunk, labelled)) if follow else None,
+            )
+        except KeyboardInterrupt:
+            got = _interrupted(client, jid, cancel_on_interrupt)
     if isinstance(got, Rejected):
         _rejected(got)
-    _show_outcome(got, json_out)
+    if json_out:
+        typer.echo(json.dumps(render.public_job(got), indent=2))
+    else:
+        view.finish(got)
+        if got.state == "rejected" and got.reason_code:
+            typer.echo(f"opsbay: job {jid} rejected: {got.reason_code}: {got.reason}", err=True)
+    raise typer.Exit(render.exit_code(got))
+
+
+def _interrupted(client: Client, job_id: str, cancel: bool) -> Job | Rejected:
+    """Ctrl-C while waiting: cancel the job (asked, on a terminal) or leave it running."""
+    from opsbay_mqtt import render
+
+    if not cancel and sys.stdin.isatty() and sys.stderr.isatty():
+        try:
+            cancel = typer.confirm(f"\nCancel job {job_id}?", default=False, err=True)
+        except (KeyboardInterrupt, typer.Abort):
+            cancel = False
+    if not cancel:
+        fail(130, f"job {job_id} goes on; see `opsbay result {job_id}`")
+    typer.echo(f"opsbay: cancelling job {job_id}", err=True)
+    client.cancel(job_id)
+    try:
+        return client.wait(job_id, 60)
+    except KeyboardInterrupt:
+        fail(render.EXIT_CANCELLED, f"job {job_id}: cancel sent; see `opsbay result {job_id}`")
 
 
 def _rejected(r: Rejected) -> NoReturn:
@@ -160,33 +276,42 @@ def _rejected(r: Rejected) -> NoReturn:
     fail(render.EXIT_REJECTED, f"job {r.job_id or '?'} rejected: {r.code}: {r.reason}")
 
 
-def _show_outcome(job: Job, json_out: bool) -> NoReturn:
-    from opsbay_mqtt import render
+@app.command()
+@bus_options
+def cancel(
+    bus: BusOptions,
+    job_id: Annotated[str, typer.Argument(help="The job to cancel.")],
+    json_out: JsonOut = False,
+    verbose: Verbose = False,
+) -> None:
+    """Cancel a job: executions not yet started never start; running ones are killed (their
+    whole process group, TERM then KILL). Prints the job once cancelled; exits 0 when nothing
+    of it is left running, 75 if some node has not confirmed within 30 s."""
+    from opsbay_mqtt import render, states
+    from opsbay_mqtt.client import Client, WaitTimeout
+    from opsbay_mqtt.protocol import Rejected
 
-    if json_out:
-        typer.echo(json.dumps(render.public_job(job), indent=2))
-    else:
-        for ex in job.executions:
-            sys.stdout.write(ex.stdout)
-            sys.stdout.flush()
-            sys.stderr.write(ex.stderr)
-            if ex.state != "succeeded":
-                why = f": {ex.reason}" if ex.reason else ""
-                code = f" (exit {ex.exit_code})" if ex.exit_code is not None else ""
-                typer.echo(
-                    f"opsbay: job {job.job_id} on {ex.node}: {ex.state}{code}{why}", err=True
+    cfg = _client_config(bus, verbose)
+
+    def do() -> Job:
+        with Client(cfg) as c:
+            got = c.cancel(job_id)
+            if isinstance(got, Rejected):
+                _rejected(got)
+            try:
+                done = c.wait(job_id, 30, until=lambda j: states.is_terminal(j.state))
+            except WaitTimeout:
+                fail(
+                    render.EXIT_WAIT_GAVE_UP, f"job {job_id}: cancel sent; not all nodes confirmed"
                 )
-            if ex.truncated:
-                typer.echo(
-                    f"opsbay: output truncated: {ex.stdout_bytes} bytes of stdout, "
-                    f"{ex.stderr_bytes} of stderr (head and tail kept)",
-                    err=True,
-                )
-        if job.state == "rejected" and job.reason_code:
-            typer.echo(
-                f"opsbay: job {job.job_id} rejected: {job.reason_code}: {job.reason}", err=True
-            )
-    raise typer.Exit(render.exit_code(job))
+            if isinstance(done, Rejected):
+                _rejected(done)
+            return done
+
+    job = run(do)
+    typer.echo(
+        json.dumps(render.public_job(job), indent=2) if json_out else render.job_summary(job)
+    )
 
 
 @app.command()
@@ -257,16 +382,30 @@ def results(
 
 @app.command()
 @bus_options
-def nodes(bus: BusOptions, json_out: JsonOut = False, verbose: Verbose = False) -> None:
-    """List known nodes: online/offline, last seen, and the facts they report."""
+def nodes(
+    bus: BusOptions,
+    where: Where = None,
+    state: Annotated[
+        str | None,
+        typer.Option("--state", metavar="STATE", help="online, offline or unknown."),
+    ] = None,
+    json_out: JsonOut = False,
+    verbose: Verbose = False,
+) -> None:
+    """List known nodes: online/offline, last seen, and the facts they report (OS, arch,
+    kernel, uptime, load, CPUs, memory, disk, labels)."""
     from opsbay_mqtt import render
     from opsbay_mqtt.client import Client
+    from opsbay_mqtt.policy import parse_labels
 
+    if state is not None and state not in ("online", "offline", "unknown"):
+        fail(render.EXIT_USAGE, f"--state: {state!r} is not online, offline or unknown")
+    labels = run(lambda: parse_labels(where or [], "--where"))
     cfg = _client_config(bus, verbose)
 
     def fetch() -> list[dict[str, Any]]:
         with Client(cfg) as c:
-            return c.nodes()
+            return c.nodes(where=labels, node_state=state)
 
     found = run(fetch)
     now_ms = int(time.time() * 1000)

@@ -14,7 +14,20 @@ from pydantic import ValidationError
 
 from opsbay_mqtt import signing, states
 from opsbay_mqtt.errors import BrokerError, OpsbayError, Refused
-from opsbay_mqtt.protocol import Job, JobEvent, Query, Rejected, Reply, Submit, decode, encode
+from opsbay_mqtt.protocol import (
+    Cancel,
+    Execution,
+    Job,
+    JobEvent,
+    Output,
+    Query,
+    Rejected,
+    Reply,
+    Submit,
+    decode,
+    describe_validation,
+    encode,
+)
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics, new_job_id, validate_job_id, validate_node
 from opsbay_mqtt.transport import CONNECTED, BrokerURL, Connection, Inbound, TlsFiles
@@ -55,6 +68,8 @@ class Client:
         self._unacknowledged: dict[str, Submit] = {}
         self._submitted: dict[str, Submit] = {}
         self._nonces: dict[str, set[str]] = {}
+        self._views: dict[str, dict[str, Execution]] = {}
+        self._totals: dict[str, int] = {}
 
     def __enter__(self) -> Client:
         self.conn.connect(self.cfg.connect_timeout_s)
@@ -81,26 +96,37 @@ class Client:
         timeout_s: int,
         start_by_s: int,
         job_id: str | None = None,
+        where: dict[str, str] | None = None,
+        batch: str | None = None,
+        max_failures: str | None = None,
+        follow: bool = False,
     ) -> str:
-        """Publish a submission (after subscribing to its events); return the job id."""
+        """Publish a submission (after subscribing to its events, and with `follow` to its
+        live output); return the job id."""
         job_id = validate_job_id(job_id) if job_id else new_job_id()
-        validate_node(target)
+        if not target and not where:
+            raise Refused("bad_target", "give a target (--target), labels (--where), or both")
+        for item in target.split(",") if target else []:
+            if "*" not in item and "?" not in item:
+                validate_node(item)
         start_by_ms = int(self.clock() * 1000) + start_by_s * 1000
         try:
             msg = Submit(
                 job_id=job_id,
                 target=target,
+                where=where or {},
                 command=command,
                 timeout_s=timeout_s,
                 start_by_ms=start_by_ms,
+                batch=batch,
+                max_failures=max_failures,
             )
         except ValidationError as e:
-            from opsbay_mqtt.protocol import describe_validation
-
             raise Refused("invalid", describe_validation(e)) from e
-        self.conn.subscribe(
-            [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
-        )
+        topics = [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
+        if follow:
+            topics.append((self.cfg.topics.job_output(job_id), 0))
+        self.conn.subscribe(topics)
         self._unacknowledged[job_id] = msg
         self._submitted[job_id] = msg
         self._publish_submit(msg)
@@ -136,12 +162,40 @@ class Client:
                 log.warning("ignored an unverifiable message about job %s: %s", job_id, e)
             return None
         if isinstance(decoded, Rejected):
-            return decoded if decoded.job_id == job_id else None
+            # Ours only if it names one of our submissions (another party may share our key).
+            mine = decoded.nonce is None or decoded.nonce in self._nonces.get(job_id, ())
+            return decoded if decoded.job_id == job_id and mine else None
         assert isinstance(decoded, JobEvent)
-        job = decoded.job
-        if job.job_id != job_id:
+        if decoded.job.job_id != job_id:
             return None
-        return self._check_mine(job)
+        return self._check_mine(self._merge(decoded))
+
+    def _merge(self, event: JobEvent) -> Job:
+        """Events carry only the executions that changed: keep the whole picture."""
+        known = self._views.setdefault(event.job.job_id, {})
+        for ex in event.job.executions:
+            known[ex.node] = ex
+        self._totals[event.job.job_id] = event.total
+        return event.job.model_copy(update={"executions": sorted(known.values(), key=_by_node)})
+
+    def _complete(self, job: Job) -> Job:
+        """The job with every execution: asks the coordinator when events were missed."""
+        if len(job.executions) >= self._totals.get(job.job_id, 0):
+            return job
+        return self.result(job.job_id)
+
+    def cancel(self, job_id: str, timeout_s: float = 10.0) -> Job | Rejected:
+        """Ask the coordinator to cancel a job; return the job as it stands once it answers."""
+        validate_job_id(job_id)
+        self.conn.subscribe(
+            [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
+        )
+        nonce = secrets.token_hex(16)
+        self._nonces.setdefault(job_id, set()).add(nonce)
+        body = Cancel(job_id=job_id).model_dump(mode="json")
+        payload = signing.sign(body, self.cfg.keyring, int(self.clock()), nonce)
+        self.conn.publish_wait(self.cfg.topics.submit, payload)
+        return self.wait(job_id, timeout_s, until=lambda j: True)
 
     def _check_mine(self, job: Job) -> Job | Rejected:
         """A job we submitted must be what we submitted (not another under the same id)."""
@@ -160,8 +214,10 @@ class Client:
         timeout_s: float | None,
         until: Callable[[Job], bool] = lambda j: states.is_terminal(j.state),
         on_update: Callable[[Job], None] | None = None,
+        on_output: Callable[[Output], None] | None = None,
     ) -> Job | Rejected:
-        """Wait until the job satisfies `until` (default: terminal) or is rejected."""
+        """Wait until the job satisfies `until` (default: terminal) or is rejected. With
+        `on_output`, live output chunks (submit with follow=True) are passed on as they come."""
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else float("inf"))
         last_heard = time.monotonic()
         while True:
@@ -170,6 +226,11 @@ class Client:
                 # The connection dropped before the coordinator acknowledged: submit again.
                 log.info("job %s: reconnected before an acknowledgement; submitting again", job_id)
                 self._publish_submit(self._unacknowledged[job_id])
+            if msg is not None and on_output is not None and "/output/" in msg.topic:
+                chunk = self._output(msg, job_id)
+                if chunk is not None:
+                    on_output(chunk)
+                continue
             if msg is not None and msg.topic != CONNECTED:
                 got = self._job_message(msg, job_id)
                 if got is not None:
@@ -181,7 +242,7 @@ class Client:
                     if on_update is not None:
                         on_update(got)
                     if until(got):
-                        return got
+                        return self._complete(got) if states.is_terminal(got.state) else got
                 continue
             if time.monotonic() >= deadline:
                 raise WaitTimeout(f"job {job_id}: gave up waiting after {timeout_s:g} s")
@@ -199,6 +260,18 @@ class Client:
                 checked = self._check_mine(job)
                 if isinstance(checked, Rejected) or until(checked):
                     return checked
+
+    def _output(self, msg: Inbound, job_id: str) -> Output | None:
+        try:
+            kind, fields = self.cfg.topics.parse(msg.topic)
+            chunk, _ = decode(msg.payload, self.cfg.keyring, expect=(Output,))
+        except Refused as e:
+            log.debug("ignored an output chunk on %s: %s", msg.topic, e)
+            return None
+        assert isinstance(chunk, Output)
+        if kind != "output" or (chunk.job_id, chunk.node) != (job_id, fields["node"]):
+            return None
+        return chunk
 
     # -- queries
     def query(self, query: str, timeout_s: float = 10.0, **params: Any) -> Any:
@@ -256,8 +329,12 @@ class Client:
         data = self.query("results", timeout_s, **filters)
         return [Job.model_validate(j) for j in data]
 
-    def nodes(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
-        return list(self.query("nodes", timeout_s))
+    def nodes(self, timeout_s: float = 10.0, **filters: Any) -> list[dict[str, Any]]:
+        return list(self.query("nodes", timeout_s, **filters))
+
+
+def _by_node(ex: Execution) -> str:
+    return ex.node
 
 
 def _body(obj: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""The coordinator: validates and records every job, dispatches it, tracks it to a terminal state,
-and answers queries. The only writer of job state."""
+"""The coordinator: validates and records every job, fans it out to its nodes, dispatches it,
+tracks every execution to a terminal state, and answers queries. The only writer of job state."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from opsbay_mqtt import queries, states
+from opsbay_mqtt import authz, queries, rollout, states
 from opsbay_mqtt.errors import Refused
 from opsbay_mqtt.policy import ClientPolicy
 from opsbay_mqtt.protocol import (
+    Cancel,
     Dispatch,
     Execution,
     Job,
@@ -32,7 +33,7 @@ from opsbay_mqtt.protocol import (
     encode_unsigned,
     peek,
 )
-from opsbay_mqtt.signing import Auth, Identity, Keyring, check_fresh
+from opsbay_mqtt.signing import Auth, Keyring, check_fresh
 from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import Topics
 from opsbay_mqtt.transport import CONNECTED, Connection, Inbound
@@ -116,142 +117,94 @@ class Coordinator:
         elif kind in ("node_info", "node_status"):
             self.on_node(msg.payload, fields["node"])
 
-    # -- who may say what
     def _fresh_once(self, auth: Auth) -> None:
         check_fresh(auth, int(self.clock()), self.cfg.window_s)
         if not self.store.remember_nonce(auth.kid, auth.nonce, auth.ts):
             raise Refused("replay", "this message (key id and nonce) was already received")
 
-    @staticmethod
-    def _client(auth: Auth) -> str:
-        """The requesting identity's name ("shared" for the shared key); node keys are refused."""
-        if auth.identity is None:
-            return "shared"
-        if auth.identity.kind != "client":
-            raise Refused(
-                "wrong_identity",
-                f"key {auth.kid!r} belongs to node {auth.identity.name!r}; "
-                "a node key cannot submit or query",
-            )
-        return auth.identity.name
-
-    @staticmethod
-    def _require_node(auth: Auth, node: str) -> None:
-        who = auth.identity
-        if who is not None and (who.kind, who.name) != ("node", node):
-            raise Refused(
-                "wrong_identity",
-                f"key {auth.kid!r} of {who.kind} {who.name!r} cannot speak for node {node!r}",
-            )
-
     def _node_kid(self, node: str) -> str:
-        """The key to sign a dispatch for `node` with: the one it last used, else its newest,
-        else the shared key."""
-        kids = self.cfg.keyring.kids_of(Identity("node", node))
-        if kids:
-            last_used = self.store.node_kid(node)
-            return last_used if last_used in kids else kids[-1]
-        shared = self.cfg.keyring.shared_kid
-        if shared is None:
-            raise Refused("unknown_node", f"there is no key for node {node!r}")
-        return shared
+        return authz.node_kid(self.cfg.keyring, node, self.store.node_kid(node))
 
-    def _authorize(self, sub: Submit, client: str) -> None:
-        if self.cfg.allow_nodes is not None and sub.target not in self.cfg.allow_nodes:
-            raise Refused("target_not_allowed", f"node {sub.target!r} may not be targeted here")
-        client_policy = self.cfg.clients.get(client)
-        if client_policy is not None:
-            labels = self.store.node_labels(sub.target)
-            client_policy.check(client, sub.target, labels, sub.command)
-        self._node_kid(sub.target)
-
-    # -- submissions
+    # -- submissions and cancels (both arrive on <prefix>/submit)
     def on_submit(self, payload: bytes) -> None:
         auth: Auth | None = None
         try:
-            sub, auth = decode(payload, self.cfg.keyring, expect=(Submit,))
-            assert isinstance(sub, Submit)
-            client = self._client(auth)
+            msg, auth = decode(payload, self.cfg.keyring, expect=(Submit, Cancel))
+            client = authz.client_name(auth)
+            if isinstance(msg, Cancel):
+                self._fresh_once(auth)
+                self.on_cancel(msg, client, auth)
+                return
+            assert isinstance(msg, Submit)
+            sub = msg
             existing = self.store.get_job(sub.job_id)
             if existing is not None:
-                self._resubmitted(sub, client, auth, existing)
+                self._resubmitted(sub, client, existing)
                 return
             self._fresh_once(auth)
             now = self._now_ms()
-            self._check_deadline(sub, now)
-            if self.store.open_count(sub.target) >= self.cfg.max_open_per_node:
-                raise Refused(
-                    "queue_full",
-                    f"node {sub.target!r} already has {self.cfg.max_open_per_node} jobs pending "
-                    "or running; try again later",
-                )
+            if sub.start_by_ms > now + MAX_EXPIRY_S // 2 * 1000:
+                raise Refused("invalid", "start_by_ms is too far ahead (milliseconds expected)")
+            nodes = rollout.resolve(sub.target, sub.where, self.store.node_labels_all())
+            for node in nodes:
+                if self.store.open_count(node) >= self.cfg.max_open_per_node:
+                    raise Refused(
+                        "queue_full",
+                        f"node {node!r} already has {self.cfg.max_open_per_node} jobs pending "
+                        "or running; try again later",
+                    )
         except Refused as e:  # not stored: the same job id may be submitted again
             self._reject(payload, e, auth)
             return
         try:
-            self._authorize(sub, client)
+            self._authorize(sub, client, nodes)
         except Refused as e:  # stored: the same submission would be refused again
             self._store_rejected(sub, client, auth, now, e)
             self._reject(payload, e, auth)
             return
-        expired = now > sub.start_by_ms
-        ex = Execution(
-            node=sub.target,
-            state="expired" if expired else "pending",
-            dispatched_ms=None if expired else now,
-            finished_ms=now if expired else None,
-            reason="its start-by deadline had passed when it arrived" if expired else None,
-        )
-        job = self._job(sub, client, auth, now, executions=[ex])
+        execs = [Execution(node=n, state="pending") for n in nodes]
+        job = self._job(sub, client, auth, now, executions=execs)
         self.store.insert_job(job)
-        log.info("job %s: accepted from %s for %s", job.job_id, client, sub.target)
-        self._send_event(job)
-        if not expired:
-            self._send_dispatch(job, sub.target)
+        log.info("job %s: accepted from %s for %d node(s)", job.job_id, client, len(nodes))
+        self._update(job, [], announce=True)
 
-    def _check_deadline(self, sub: Submit, now_ms: int) -> None:
-        if sub.start_by_ms > now_ms + MAX_EXPIRY_S // 2 * 1000:
-            raise Refused("invalid", "start_by_ms is too far ahead (milliseconds expected)")
+    def _authorize(self, sub: Submit, client: str, nodes: list[str]) -> None:
+        policy = self.cfg.clients.get(client)
+        for node in nodes:
+            if self.cfg.allow_nodes is not None and node not in self.cfg.allow_nodes:
+                raise Refused("target_not_allowed", f"node {node!r} may not be targeted here")
+            if policy is not None:
+                policy.check(client, node, self.store.node_labels(node), sub.command)
+            self._node_kid(node)
 
     @staticmethod
     def _job(sub: Submit, client: str, auth: Auth, now: int, **extra: Any) -> Job:
-        return Job(
-            job_id=sub.job_id,
-            target=sub.target,
-            command=sub.command,
-            timeout_s=sub.timeout_s,
-            start_by_ms=sub.start_by_ms,
-            submitted_ms=now,
-            submitted_by=client,
-            submitted_kid=auth.kid,
-            **{"state": states.job_state(x.state for x in extra.get("executions", [])), **extra},
-        )
+        fields: dict[str, Any] = {
+            "job_id": sub.job_id,
+            "target": sub.target,
+            "where": sub.where,
+            "command": sub.command,
+            "timeout_s": sub.timeout_s,
+            "start_by_ms": sub.start_by_ms,
+            "batch": sub.batch,
+            "max_failures": sub.max_failures,
+            "submitted_ms": now,
+            "submitted_by": client,
+            "submitted_kid": auth.kid,
+            "state": "pending",
+        }
+        fields.update(extra)
+        return Job.model_validate(fields)
 
-    def _send_dispatch(self, job: Job, node: str) -> None:
-        d = Dispatch(
-            job_id=job.job_id,
-            node=node,
-            command=job.command,
-            timeout_s=job.timeout_s,
-            start_by_ms=job.start_by_ms,
-        )
-        expiry = min(MAX_EXPIRY_S, max(1, (job.start_by_ms - self._now_ms()) // 1000 + 1))
-        self._send(self.cfg.topics.node_jobs(node), d, kid=self._node_kid(node), expiry_s=expiry)
-
-    def _send_event(self, job: Job) -> None:
-        """The job as it stands, to its submitter (signed with the submitter's key) and watchers."""
-        kid = job.submitted_kid if job.submitted_kid in self.cfg.keyring.keys else None
-        self._send(self.cfg.topics.job_events(job.job_id), JobEvent(job=job), kid=kid)
-
-    def _resubmitted(self, sub: Submit, client: str, auth: Auth, job: Job) -> None:
+    def _resubmitted(self, sub: Submit, client: str, job: Job) -> None:
         """A retried or redelivered submission: answer with the job as it stands."""
         # Not the start-by deadline: a retry from another process computes its own.
-        mine = (sub.target, sub.command, sub.timeout_s, client)
-        theirs = (job.target, job.command, job.timeout_s, job.submitted_by)
+        mine = (sub.target, sub.where, sub.command, sub.timeout_s, client)
+        theirs = (job.target, job.where, job.command, job.timeout_s, job.submitted_by)
         if mine != theirs:
             raise Refused("job_id_conflict", f"job {job.job_id} exists with different content")
         log.info("job %s: submitted again; answering with its current state", job.job_id)
-        self._send_event(job)
+        self._send_event(job, job.executions)
 
     def _store_rejected(self, sub: Submit, client: str, auth: Auth, now: int, e: Refused) -> None:
         job = self._job(sub, client, auth, now, state="rejected", reason_code=e.code, reason=e.text)
@@ -261,20 +214,43 @@ class Coordinator:
         """Tell the submitter why. Signed with its key when it proved one; otherwise unsigned,
         and never on the topic of a job that exists (it would mislead that job's waiter)."""
         job_id, nonce = peek(payload)
-        log.warning("rejected a submission (job %s): %s", job_id or "?", e)
+        log.warning("refused a request (job %s): %s", job_id or "?", e)
         msg = Rejected(job_id=job_id, nonce=nonce, code=e.code, reason=e.text[:1024])
-        kid = auth.kid if auth is not None else None
+        kid = auth.kid if auth is not None else e.kid
         exists = job_id is not None and self.store.get_job(job_id) is not None
-        if job_id is not None and (not exists or (kid is not None and e.code != "job_id_conflict")):
+        authenticated = kid is not None and e.code not in ("job_id_conflict", "not_yours")
+        if job_id is not None and (not exists or authenticated):
             self._send(self.cfg.topics.job_events(job_id), msg, kid=kid)
         self._send(self.cfg.topics.rejected, msg, kid=kid)
+
+    def on_cancel(self, cancel: Cancel, client: str, auth: Auth) -> None:
+        job = self.store.get_job(cancel.job_id)
+        if job is None:
+            raise Refused("not_found", f"no job {cancel.job_id!r}")
+        if client not in (job.submitted_by, "shared"):
+            raise Refused("not_yours", f"job {job.job_id} was submitted by {job.submitted_by!r}")
+        now = self._now_ms()
+        reason = f"cancelled by {client}"
+        changed = []
+        for ex in job.executions:
+            if ex.state == "pending" and ex.dispatched_ms is None:
+                changed.append(
+                    ex.model_copy(
+                        update={"state": "cancelled", "finished_ms": now, "reason": reason}
+                    )
+                )
+            elif not states.is_terminal(ex.state):  # the node decides: it may be running already
+                msg = Cancel(job_id=job.job_id, node=ex.node)
+                self._send(self.cfg.topics.node_jobs(ex.node), msg, kid=self._node_kid(ex.node))
+        log.info("job %s: cancel requested by %s", job.job_id, client)
+        self._update(job, changed, announce=True)
 
     # -- results from workers
     def on_result(self, payload: bytes, topic_node: str, topic_job: str) -> None:
         try:
             res, auth = decode(payload, self.cfg.keyring, expect=(Result,))
             assert isinstance(res, Result)
-            self._require_node(auth, topic_node)
+            authz.require_node(auth, topic_node)
             if (res.node, res.job_id) != (topic_node, topic_job):
                 raise Refused("wrong_topic", "result names another node or job than its topic")
         except Refused as e:
@@ -295,23 +271,74 @@ class Coordinator:
         else:
             fields.update(res.model_dump(exclude={"v", "type", "job_id", "node", "session"}))
             fields["started_ms"] = res.started_ms or ex.started_ms
-        self._update(job, ex.model_copy(update=fields))
+        self._update(job, [ex.model_copy(update=fields)])
 
-    def _update(self, job: Job, ex: Execution) -> None:
-        self.store.upsert_execution(job.job_id, ex)
-        execs = [ex if x.node == ex.node else x for x in job.executions]
-        new_state = states.job_state(x.state for x in execs)
+    def _update(self, job: Job, changed: Iterable[Execution], announce: bool = False) -> None:
+        """Record changed executions, take the rollout's next step, and tell the submitter."""
+        by_node = {x.node: x for x in job.executions}
+        touched = {x.node: x for x in changed}
+        by_node.update(touched)
+        step = rollout.next_step(by_node.values(), job.batch, job.max_failures)
+        now = self._now_ms()
+        start_by_after = max(0, job.start_by_ms - job.submitted_ms)
+        for node in step.dispatch:
+            ex = by_node[node].model_copy(
+                update={"dispatched_ms": now, "start_by_ms": now + start_by_after}
+            )
+            by_node[node] = touched[node] = ex
+        for node in step.cancel:
+            reason = f"not started: more than {job.max_failures} executions failed"
+            ex = by_node[node].model_copy(
+                update={"state": "cancelled", "finished_ms": now, "reason": reason}
+            )
+            by_node[node] = touched[node] = ex
+        for ex in touched.values():
+            self.store.upsert_execution(job.job_id, ex)
+        new_state = states.job_state(x.state for x in by_node.values())
         if new_state != job.state:
             self.store.set_job_state(job.job_id, new_state)
-        log.info("job %s on %s: %s", job.job_id, ex.node, ex.state)
-        self._send_event(job.model_copy(update={"executions": execs, "state": new_state}))
+        job = job.model_copy(update={"executions": list(by_node.values()), "state": new_state})
+        for node in step.dispatch:
+            self._send_dispatch(job, by_node[node])
+        if touched or announce:
+            for ex in touched.values():
+                log.info("job %s on %s: %s", job.job_id, ex.node, ex.state)
+            self._send_event(job, touched.values() if not announce else by_node.values())
+
+    def _send_dispatch(self, job: Job, ex: Execution) -> None:
+        assert ex.start_by_ms is not None
+        d = Dispatch(
+            job_id=job.job_id,
+            node=ex.node,
+            command=job.command,
+            timeout_s=job.timeout_s,
+            start_by_ms=ex.start_by_ms,
+        )
+        expiry = min(MAX_EXPIRY_S, max(1, (ex.start_by_ms - self._now_ms()) // 1000 + 1))
+        self._send(
+            self.cfg.topics.node_jobs(ex.node), d, kid=self._node_kid(ex.node), expiry_s=expiry
+        )
+
+    def _send_event(self, job: Job, changed: Iterable[Execution]) -> None:
+        """The job's state, the executions that changed, and the count in each state: to its
+        submitter (signed with the submitter's key) and to watchers."""
+        counts: dict[str, int] = {}
+        for ex in job.executions:
+            counts[ex.state] = counts.get(ex.state, 0) + 1
+        event = JobEvent(
+            job=job.model_copy(update={"executions": list(changed)}),
+            counts=counts,
+            total=len(job.executions),
+        )
+        kid = job.submitted_kid if job.submitted_kid in self.cfg.keyring.keys else None
+        self._send(self.cfg.topics.job_events(job.job_id), event, kid=kid)
 
     # -- node info and status (retained: no freshness check, ordered by session)
     def on_node(self, payload: bytes, topic_node: str) -> None:
         try:
             msg, auth = decode(payload, self.cfg.keyring, expect=(NodeInfo, NodeStatus))
             assert isinstance(msg, NodeInfo | NodeStatus)
-            self._require_node(auth, topic_node)
+            authz.require_node(auth, topic_node)
             if msg.node != topic_node:
                 raise Refused("wrong_topic", "node message names another node than its topic")
         except Refused as e:
@@ -332,14 +359,14 @@ class Coordinator:
         try:
             q, auth = decode(payload, self.cfg.keyring, expect=(Query,))
             assert isinstance(q, Query)
-            self._client(auth)
+            authz.client_name(auth)
             self._fresh_once(auth)
         except Refused as e:
             log.warning("refused a query: %s", e)
             reply_to, correlation = queries.peek_reply(payload)
             if reply_to is not None:
                 refused = Reply(correlation=correlation, ok=False, code=e.code, error=e.text[:1024])
-                kid = auth.kid if auth is not None else None
+                kid = auth.kid if auth is not None else e.kid
                 self._send(self.cfg.topics.rpc_reply(reply_to), refused, kid=kid)
             return
         reply = queries.answer(q, self.store)
@@ -351,23 +378,17 @@ class Coordinator:
         start + timeout + grace without a result; now and then, prune the record."""
         now = self._now_ms()
         grace_ms = self.cfg.lost_grace_s * 1000
-        for job_id, timeout_s, start_by_ms, ex in self.store.open_executions():
-            # The worker decides first; the grace covers its clock and a late "running".
-            if ex.state == "pending" and now > start_by_ms + grace_ms:
-                reason = "not started by its start-by deadline (node offline?)"
-                update = {"state": "expired", "finished_ms": now, "reason": reason}
-            elif (
-                ex.state == "running"
-                and ex.started_ms is not None
-                and now > ex.started_ms + timeout_s * 1000 + grace_ms
-            ):
-                reason = "no result from the node by start + timeout + grace"
-                update = {"state": "lost", "finished_ms": now, "reason": reason}
-            else:
-                continue
+        for job_id, node in self.store.overdue(now, grace_ms):
             job = self.store.get_job(job_id)
             assert job is not None
-            self._update(job, ex.model_copy(update=update))
+            ex = next(x for x in job.executions if x.node == node)
+            if ex.state == "pending":  # the worker decides first; the grace covers its clock
+                reason = "not started by its start-by deadline (node offline?)"
+                update = {"state": "expired", "finished_ms": now, "reason": reason}
+            else:
+                reason = "no result from the node by start + timeout + grace"
+                update = {"state": "lost", "finished_ms": now, "reason": reason}
+            self._update(job, [ex.model_copy(update=update)])
         if self.clock() >= self.next_prune:
             self.next_prune = self.clock() + self.cfg.prune_every_s
             self.prune()
@@ -382,17 +403,17 @@ class Coordinator:
             log.info("retention: deleted %d finished jobs", deleted)
 
     def redispatch_pending(self) -> None:
-        """On start: dispatch again every execution still pending (a crash may have lost the
-        first dispatch). Workers keep a ledger, so a duplicate never runs twice."""
+        """On start: dispatch again every execution sent but not started (a crash may have lost
+        the first dispatch). Workers keep a ledger, so a duplicate never runs twice."""
         now = self._now_ms()
-        for job_id, _, start_by_ms, ex in self.store.open_executions():
-            if ex.state == "pending" and start_by_ms > now:
-                job = self.store.get_job(job_id)
-                assert job is not None
-                try:
-                    self._send_dispatch(job, ex.node)
-                except Refused as e:  # e.g. the node's key was removed since
-                    log.warning("job %s: cannot dispatch to %s again: %s", job_id, ex.node, e)
+        for job_id, node in self.store.dispatched_pending(now):
+            job = self.store.get_job(job_id)
+            assert job is not None
+            ex = next(x for x in job.executions if x.node == node)
+            try:
+                self._send_dispatch(job, ex)
+            except Refused as e:  # e.g. the node's key was removed since
+                log.warning("job %s: cannot dispatch to %s again: %s", job_id, node, e)
 
 
 def serve(coord: Coordinator, conn: Connection, stop: threading.Event) -> None:

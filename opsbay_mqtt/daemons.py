@@ -32,16 +32,6 @@ def default_node_name(node: str | None) -> str:
         raise ConfigError(f"--node / OPSBAY_NODE: {e.text}") from e
 
 
-def parse_labels(items: list[str]) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--label: {item!r} is not key=value")
-        labels[key.strip()] = value.strip()
-    return labels
-
-
 def check_run_as(user: str | None) -> None:
     if user is None:
         return

@@ -18,10 +18,11 @@ class BrokerError(OpsbayError):
 class Refused(OpsbayError):
     """A message was refused. `code` is a stable reason code, `str()` the text for a person."""
 
-    def __init__(self, code: str, text: str) -> None:
+    def __init__(self, code: str, text: str, kid: str | None = None) -> None:
         super().__init__(text)
         self.code = code
         self.text = text
+        self.kid = kid  # the key that signed the refused message, when it verified
 
     def __str__(self) -> str:
         return f"{self.code}: {self.text}"

@@ -102,6 +102,8 @@ def _key(path: Path, i: int, entry: Any, seen: set[str]) -> tuple[str, Identity,
     name = entry[kind]
     if not isinstance(name, str) or not NODE_NAME_RE.fullmatch(name):
         raise _fail(path, f"{where} ({kid}): {kind} name {name!r} is not a valid name")
+    if kind == "client" and name == "shared":
+        raise _fail(path, f"{where} ({kid}): 'shared' names the shared secret; pick another")
     if not isinstance(secret, str) or not SECRET_RE.fullmatch(secret):
         raise _fail(path, f"{where} ({kid}): secret must be 64 lowercase hex characters")
     return kid, Identity(kind, name), bytes.fromhex(secret)
@@ -142,7 +144,8 @@ def new_key_instructions(kind: str, name: str, prefix: str = "opsbay") -> tuple[
     if kind == "client":
         acl = (
             f"user {name}\n"
-            f"topic write {prefix}/submit\n"
+            + "".join(f"topic deny {prefix}/{t}/{name}/#\n" for t in ("nodes", "results", "output"))
+            + f"topic write {prefix}/submit\n"
             f"topic write {prefix}/rpc/request\n"
             + "".join(
                 f"topic read {prefix}/{t}\n"

@@ -88,3 +88,13 @@ def parse_named(items: Iterable[str]) -> dict[str, str]:
             raise ConfigError(f"--define: {item!r} is not NAME=COMMAND")
         named[name] = command
     return named
+
+
+def parse_labels(items: list[str], option: str = "--label") -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9._/-]{1,64}", key.strip()):
+            raise ConfigError(f"{option}: {item!r} is not key=value (key: A-Z a-z 0-9 . _ / -)")
+        labels[key.strip()] = value.strip()
+    return labels

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from opsbay_mqtt import signing
 from opsbay_mqtt.errors import Refused
@@ -34,6 +41,14 @@ def _command_bytes(command: str) -> str:
 
 
 Command = Annotated[str, Field(min_length=1), AfterValidator(_command_bytes)]
+# A target: node names and globs (`*`, `?`), comma-separated; never `/`, `+` or `#`.
+TARGET_PATTERN = r"^[A-Za-z0-9._*?-]{1,64}(,[A-Za-z0-9._*?-]{1,64}){0,999}$"
+Target = Annotated[str, Field(pattern=TARGET_PATTERN)]
+LabelKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,64}$")]
+LabelValue = Annotated[str, Field(max_length=256)]
+# A rollout limit: a count ("10") or a share of the executions ("25%").
+Limit = Annotated[str, Field(pattern=r"^[0-9]{1,6}%?$")]
+MAX_EXECUTIONS = 10_000
 
 
 class Message(BaseModel):
@@ -46,10 +61,44 @@ class Submit(Message):
 
     type: Literal["submit"] = "submit"
     job_id: JobId
-    target: NodeName
+    target: Target | Literal[""] = ""
+    where: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
     command: Command
     timeout_s: Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)]
     start_by_ms: Millis
+    batch: Limit | None = None
+    max_failures: Limit | None = None
+
+    @model_validator(mode="after")
+    def _some_target(self) -> Submit:
+        if not self.target and not self.where:
+            raise ValueError("give a target, labels (where), or both")
+        if self.batch in ("0", "0%"):
+            raise ValueError("batch must be at least 1")
+        return self
+
+
+class Cancel(Message):
+    """client -> coordinator on `<prefix>/submit` (no `node`), and coordinator -> worker on
+    `<prefix>/nodes/<node>/jobs` (with `node`): stop a job."""
+
+    type: Literal["cancel"] = "cancel"
+    job_id: JobId
+    node: NodeName | None = None
+
+
+class Output(Message):
+    """worker -> watchers on `<prefix>/output/<node>/<job>` (QoS 0): live output, in order
+    of `seq`; `dropped` bytes were left out before this chunk (rate limit). Never relied on:
+    the final result holds the output."""
+
+    type: Literal["output"] = "output"
+    job_id: JobId
+    node: NodeName
+    seq: Annotated[int, Field(ge=0, lt=2**31)]
+    stream: Literal["stdout", "stderr"]
+    data: Annotated[str, Field(max_length=65536)]
+    dropped: Annotated[int, Field(ge=0)] = 0
 
 
 class Dispatch(Message):
@@ -97,6 +146,7 @@ class Execution(BaseModel):
     stderr_bytes: int = 0
     truncated: bool = False
     dispatched_ms: Millis | None = None
+    start_by_ms: Millis | None = None
     started_ms: Millis | None = None
     finished_ms: Millis | None = None
     duration_ms: Millis | None = None
@@ -111,9 +161,12 @@ class Job(BaseModel):
     job_id: JobId
     state: JobState
     target: str
+    where: dict[str, str] = Field(default_factory=dict)
     command: str
     timeout_s: int
     start_by_ms: Millis
+    batch: str | None = None
+    max_failures: str | None = None
     submitted_ms: Millis
     submitted_by: str
     submitted_kid: str = ""
@@ -126,7 +179,9 @@ class JobEvent(Message):
     """coordinator -> client and watchers on `<prefix>/jobs/<job>`: the job as it now stands."""
 
     type: Literal["job"] = "job"
-    job: Job
+    job: Job  # its `executions` are only those that changed (all of them when first announced)
+    counts: dict[str, int] = Field(default_factory=dict)  # executions in each state
+    total: Annotated[int, Field(ge=0)] = 0  # executions in all
 
 
 class Rejected(Message):
@@ -151,6 +206,8 @@ class Query(Message):
     node: NodeName | None = None
     state: JobState | None = None
     limit: Annotated[int, Field(ge=1, le=1000)] = 20
+    where: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
+    node_state: Literal["online", "offline", "unknown"] | None = None
 
 
 class Reply(Message):
@@ -189,7 +246,19 @@ class NodeStatus(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.model_fields["type"].default: cls
-    for cls in (Submit, Dispatch, Result, JobEvent, Rejected, Query, Reply, NodeInfo, NodeStatus)
+    for cls in (
+        Submit,
+        Cancel,
+        Dispatch,
+        Result,
+        Output,
+        JobEvent,
+        Rejected,
+        Query,
+        Reply,
+        NodeInfo,
+        NodeStatus,
+    )
 }
 
 
@@ -210,19 +279,20 @@ def decode(
     auth = signing.verify(obj, keyring)
     body = {k: v for k, v in obj.items() if k not in ("auth", "sig")}
     version = body.get("v")
+    kid = auth.kid  # verified: a refusal from here on can be signed for its sender
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise Refused("bad_version", f"protocol version {version!r} is not supported (1)")
+        raise Refused("bad_version", f"protocol version {version!r} is not supported (1)", kid)
     kind = body.get("type")
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise Refused("bad_type", f"unknown message type {body.get('type')!r}")
+        raise Refused("bad_type", f"unknown message type {body.get('type')!r}", kid)
     if expect is not None and cls not in expect:
         names = ", ".join(c.model_fields["type"].default for c in expect)
-        raise Refused("bad_type", f"message type {body['type']!r} not expected here ({names})")
+        raise Refused("bad_type", f"message type {kind!r} not expected here ({names})", kid)
     try:
         return cls.model_validate(body), auth
     except ValidationError as e:
-        raise Refused("invalid", describe_validation(e)) from e
+        raise Refused("invalid", describe_validation(e), kid) from e
 
 
 def describe_validation(e: ValidationError) -> str:

@@ -27,12 +27,19 @@ def answer(q: Query, store: Store) -> Reply:
         jobs = store.list_jobs(node=q.node, state=q.state, limit=q.limit)
         data = [_listed(j) for j in jobs]
     else:
-        data = store.list_nodes()
+        data = [
+            n
+            for n in store.list_nodes()
+            if (q.node_state is None or n["state"] == q.node_state)
+            and all((n.get("labels") or {}).get(k) == v for k, v in q.where.items())
+        ]
     return Reply(correlation=q.correlation, ok=True, data=data)
 
 
 def _listed(job: Job) -> dict[str, Any]:
     d = job.model_dump(mode="json")
+    if len(d["command"]) > LISTING_OUTPUT_CHARS:
+        d["command"] = d["command"][:LISTING_OUTPUT_CHARS] + "..."
     for ex in d["executions"]:
         for stream in ("stdout", "stderr"):
             if len(ex[stream]) > LISTING_OUTPUT_CHARS:

@@ -32,13 +32,16 @@ _STATE_EXIT = {
 
 
 def exit_code(job: Job) -> int:
-    """The command's own exit code when every execution ran to completion, otherwise the code
-    of the job's state."""
-    if job.state in ("succeeded", "failed"):
-        codes = [x.exit_code for x in job.executions if x.state == "failed"]
-        if job.state == "succeeded":
-            return 0
-        return next((c for c in codes if c is not None and 0 < c < 256), 1)
+    """0 when every execution succeeded. One execution that failed: the command's own exit
+    code. Several executions: 1 when the worst outcome is a failure; otherwise the code of the
+    job's state (its worst outcome), as for one execution."""
+    if job.state == "succeeded":
+        return 0
+    if job.state == "failed":
+        if len(job.executions) != 1:
+            return 1
+        code = job.executions[0].exit_code
+        return code if code is not None and 0 < code < 256 else 1
     return _STATE_EXIT[job.state]
 
 

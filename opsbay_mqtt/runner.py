@@ -80,14 +80,59 @@ class RunResult:
     reason: str | None = None
 
 
-def _pump(stream: IO[bytes], buf: HeadTail) -> None:
+OutputSink = Callable[[str, bytes], None]
+
+
+def _pump(stream: IO[bytes], buf: HeadTail, name: str, sink: OutputSink | None) -> None:
     """Read one pipe to its end, then close it (the reader owns its pipe: it may outlive run())."""
     fd = stream.fileno()
     try:
         while chunk := os.read(fd, _READ_SIZE):
             buf.write(chunk)
+            if sink is not None:
+                sink(name, chunk)
     finally:
         stream.close()
+
+
+class RunControl:
+    """Lets another thread cancel a running command: TERM to its process group, KILL after the
+    grace. A cancel that arrives before the command starts takes effect when it does."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._known: set[psutil.Process] = set()
+        self._grace_s = DEFAULT_KILL_GRACE_S
+        self.cancelled: str | None = None  # why, once cancelled
+
+    def attach(
+        self, proc: subprocess.Popen[bytes], known: set[psutil.Process], grace_s: float
+    ) -> None:
+        with self._lock:
+            self._proc, self._known, self._grace_s = proc, known, grace_s
+            if self.cancelled is not None:
+                self._terminate()
+
+    def cancel(self, why: str) -> None:
+        with self._lock:
+            if self.cancelled is None:
+                self.cancelled = why
+                if self._proc is not None:
+                    self._terminate()
+
+    def _terminate(self) -> None:
+        proc, known = self._proc, self._known
+        assert proc is not None
+        _kill_tree(proc, signal.SIGTERM, known)
+
+        def kill() -> None:
+            if proc.poll() is None:
+                _kill_tree(proc, signal.SIGKILL, known)
+
+        timer = threading.Timer(self._grace_s, kill)
+        timer.daemon = True
+        timer.start()
 
 
 def _holding_run_id(run_id: str) -> list[psutil.Process]:
@@ -182,6 +227,8 @@ def run(
     cwd: str | None = None,
     on_start: Callable[[int], None] | None = None,
     user: str | None = None,
+    control: RunControl | None = None,
+    on_output: OutputSink | None = None,
 ) -> RunResult:
     """Run `command` with /bin/sh in a new session; on timeout TERM, then KILL, the whole tree.
 
@@ -213,13 +260,15 @@ def run(
     if on_start is not None:
         on_start(proc.pid)
     readers = [
-        threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, err), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stdout, out, "stdout", on_output), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, err, "stderr", on_output), daemon=True),
     ]
     for r in readers:
         r.start()
     state, reason = "", None
     known: set[psutil.Process] = set()
+    if control is not None:
+        control.attach(proc, known, kill_grace_s)
     try:
         proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -249,6 +298,8 @@ def run(
     if code is not None and code < 0:  # report as a shell would: 128 + signal number
         reason = reason or f"killed by signal {-code}"
         code = 128 - code
+    if not state and control is not None and control.cancelled is not None:
+        state, reason = "cancelled", control.cancelled
     if not state:
         state = "succeeded" if code == 0 else "failed"
     return RunResult(

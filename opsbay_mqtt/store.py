@@ -24,7 +24,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     submitted_by TEXT NOT NULL,
     submitted_kid TEXT NOT NULL DEFAULT '',
     reason_code TEXT,
-    reason TEXT
+    reason TEXT,
+    where_labels TEXT NOT NULL DEFAULT '{}',
+    batch TEXT,
+    max_failures TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (submitted_ms DESC);
 CREATE TABLE IF NOT EXISTS executions (
@@ -38,6 +41,7 @@ CREATE TABLE IF NOT EXISTS executions (
     stderr_bytes INTEGER NOT NULL DEFAULT 0,
     truncated INTEGER NOT NULL DEFAULT 0,
     dispatched_ms INTEGER,
+    start_by_ms INTEGER,
     started_ms INTEGER,
     finished_ms INTEGER,
     duration_ms INTEGER,
@@ -46,6 +50,7 @@ CREATE TABLE IF NOT EXISTS executions (
     PRIMARY KEY (job_id, node)
 );
 CREATE INDEX IF NOT EXISTS executions_by_node ON executions (node, job_id);
+CREATE INDEX IF NOT EXISTS executions_by_state ON executions (state);
 CREATE INDEX IF NOT EXISTS executions_open ON executions (node, state)
     WHERE state IN ('pending', 'running');
 CREATE TABLE IF NOT EXISTS nodes (
@@ -68,11 +73,12 @@ CREATE INDEX IF NOT EXISTS nonces_by_ts ON nonces (ts);
 
 _EXEC_COLS = (
     "node", "state", "exit_code", "stdout", "stderr", "stdout_bytes", "stderr_bytes", "truncated",
-    "dispatched_ms", "started_ms", "finished_ms", "duration_ms", "reason", "host",
+    "dispatched_ms", "start_by_ms", "started_ms", "finished_ms", "duration_ms", "reason", "host",
 )  # fmt: skip
 _JOB_COLS = (
     "job_id", "state", "target", "command", "timeout_s", "start_by_ms", "submitted_ms",
-    "submitted_by", "submitted_kid", "reason_code", "reason",
+    "submitted_by", "submitted_kid", "reason_code", "reason", "where_labels", "batch",
+    "max_failures",
 )  # fmt: skip
 
 
@@ -88,7 +94,13 @@ class Store:
         self.db.executescript(SCHEMA)
         self._add_missing_columns(
             {
-                "jobs": {"submitted_kid": "TEXT NOT NULL DEFAULT ''"},
+                "jobs": {
+                    "submitted_kid": "TEXT NOT NULL DEFAULT ''",
+                    "where_labels": "TEXT NOT NULL DEFAULT '{}'",
+                    "batch": "TEXT",
+                    "max_failures": "TEXT",
+                },
+                "executions": {"start_by_ms": "INTEGER"},
                 "nodes": {"kid": "TEXT NOT NULL DEFAULT ''"},
             }
         )
@@ -135,7 +147,8 @@ class Store:
 
     # -- jobs
     def insert_job(self, job: Job) -> None:
-        row = job.model_dump(include=set(_JOB_COLS))
+        row = job.model_dump()
+        row["where_labels"] = json.dumps(row.pop("where"), sort_keys=True)
         self.db.execute(
             f"INSERT INTO jobs ({', '.join(_JOB_COLS)}) VALUES ({', '.join('?' * len(_JOB_COLS))})",
             [row[c] for c in _JOB_COLS],
@@ -167,6 +180,7 @@ class Store:
 
     def _job(self, row: tuple[Any, ...]) -> Job:
         fields = dict(zip(_JOB_COLS, row, strict=True))
+        fields["where"] = json.loads(fields.pop("where_labels"))
         ex_rows = self.db.execute(
             f"SELECT {', '.join(_EXEC_COLS)} FROM executions WHERE job_id = ? ORDER BY node",
             (fields["job_id"],),
@@ -198,14 +212,23 @@ class Store:
         rows = self.db.execute(sql, [*args, limit]).fetchall()
         return [self._job(r) for r in rows]
 
-    def open_executions(self) -> list[tuple[str, int, int, Execution]]:
-        """(job_id, timeout_s, start_by_ms, execution) for every non-terminal execution."""
-        cols = ", ".join(f"e.{c}" for c in _EXEC_COLS)
-        rows = self.db.execute(
-            f"SELECT e.job_id, j.timeout_s, j.start_by_ms, {cols} FROM executions e "
-            "JOIN jobs j USING (job_id) WHERE e.state IN ('pending', 'running')"
+    def overdue(self, now_ms: int, grace_ms: int) -> list[tuple[str, str]]:
+        """(job id, node) of executions past a deadline: sent but not started by start-by +
+        grace, or running past start + timeout + grace."""
+        return self.db.execute(
+            "SELECT e.job_id, e.node FROM executions e JOIN jobs j USING (job_id) "
+            "WHERE (e.state = 'pending' AND e.start_by_ms + ? < ?) "
+            "OR (e.state = 'running' AND e.started_ms + j.timeout_s * 1000 + ? < ?)",
+            (grace_ms, now_ms, grace_ms, now_ms),
         ).fetchall()
-        return [(r[0], r[1], r[2], self._execution(r[3:])) for r in rows]
+
+    def dispatched_pending(self, now_ms: int) -> list[tuple[str, str]]:
+        """(job id, node) of executions sent to their node and still within start-by."""
+        return self.db.execute(
+            "SELECT job_id, node FROM executions WHERE state = 'pending' "
+            "AND dispatched_ms IS NOT NULL AND start_by_ms > ?",
+            (now_ms,),
+        ).fetchall()
 
     def open_count(self, node: str) -> int:
         """Executions for `node` not yet in a terminal state."""
@@ -270,6 +293,14 @@ class Store:
         """The key id the node last signed with."""
         row = self.db.execute("SELECT kid FROM nodes WHERE node = ?", (node,)).fetchone()
         return row[0] if row and row[0] else None
+
+    def node_labels_all(self) -> dict[str, dict[str, str]]:
+        """Every known node and its labels."""
+        out = {}
+        for node, info in self.db.execute("SELECT node, info FROM nodes"):
+            labels = json.loads(info).get("labels", {})
+            out[node] = dict(labels) if isinstance(labels, dict) else {}
+        return out
 
     def node_labels(self, node: str) -> dict[str, str]:
         row = self.db.execute("SELECT info FROM nodes WHERE node = ?", (node,)).fetchone()

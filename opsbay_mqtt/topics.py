@@ -83,6 +83,10 @@ class Topics:
         return f"{self.prefix}/jobs/{validate_job_id(job_id)}"
 
     # -- subscriptions
+    def job_output(self, job_id: str) -> str:
+        """Live output of a job from every node."""
+        return f"{self.prefix}/output/+/{validate_job_id(job_id)}"
+
     @property
     def all_results(self) -> str:
         return f"{self.prefix}/results/+/+"

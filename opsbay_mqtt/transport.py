@@ -192,8 +192,8 @@ class Connection:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
-            self._connect_error = f"broker refused the connection: {rc}"
-            log.warning("%s: %s", self.client_id, self._connect_error)
+            self._connect_error = f"broker {self.url} refused the connection: {rc}"
+            log.info("%s: %s", self.client_id, self._connect_error)
             return
         if self._subscriptions:
             client.subscribe(self._subscriptions)
@@ -205,6 +205,13 @@ class Connection:
         self._ever_connected = True
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if not self._ever_connected and not self._closing and self._connect_error is None:
+            # Closed before the broker accepted us: with TLS 1.3 this is how a listener that
+            # requires a client certificate says no.
+            self._connect_error = (
+                f"broker {self.url} closed the connection before accepting it ({rc}); "
+                "does it require a client certificate (--client-cert, --client-key)?"
+            )
         if self._connected.is_set() and not self._closing:
             self.reconnects += 1
             log.warning("%s: disconnected from %s (%s)", self.client_id, self.url, rc)
@@ -245,10 +252,14 @@ class Connection:
                 delay = min(delay * 2, 30.0)
         self._client.loop_start()
         deadline = time.monotonic() + timeout_s
+        warned = 0.0
         while not self._connected.wait(0.05):
             if self._connect_error and not retry:
                 self.close()
                 raise BrokerError(self._connect_error)
+            if self._connect_error and time.monotonic() - warned > 30:
+                warned = time.monotonic()
+                log.warning("%s: %s; retrying", self.client_id, self._connect_error)
             if time.monotonic() > deadline and not retry:
                 self.close()
                 raise BrokerError(f"no answer from broker {self.url} within {timeout_s:g} s")

@@ -18,8 +18,18 @@ import psutil
 from opsbay_mqtt import __version__, runner, sysinfo
 from opsbay_mqtt.errors import Refused
 from opsbay_mqtt.ledger import Ledger
+from opsbay_mqtt.livelog import FLUSH_EVERY_S, LiveOutput
 from opsbay_mqtt.policy import WorkerPolicy
-from opsbay_mqtt.protocol import Dispatch, NodeInfo, NodeStatus, Result, decode, encode
+from opsbay_mqtt.protocol import (
+    Cancel,
+    Dispatch,
+    NodeInfo,
+    NodeStatus,
+    Output,
+    Result,
+    decode,
+    encode,
+)
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics
 from opsbay_mqtt.transport import CONNECTED, Connection, Inbound, Will
@@ -73,7 +83,8 @@ class Worker:
         self.clock = clock
         self.session = int(clock() * 1000)
         self.seq = 0  # connections made in this session
-        self._active: set[str] = set()
+        self._active: dict[str, runner.RunControl] = {}  # queued or running, by job id
+        self._live: dict[str, LiveOutput] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(config.max_parallel, thread_name_prefix="job")
         self.conn: Connection | None = None
@@ -132,6 +143,8 @@ class Worker:
 
     # -- results
     def _result(self, d_job: str, state: str, **fields: Any) -> Result:
+        if fields.get("reason"):
+            fields["reason"] = fields["reason"][:1024]
         return Result(job_id=d_job, node=self.cfg.node, state=state, session=self.session, **fields)  # type: ignore[arg-type]
 
     def _finish(self, result: Result, msg: Inbound | None) -> None:
@@ -159,13 +172,13 @@ class Worker:
             return
         node = self.cfg.node
         try:
-            dispatch, auth = decode(msg.payload, self.cfg.keyring, expect=(Dispatch,))
-            assert isinstance(dispatch, Dispatch)
+            dispatch, auth = decode(msg.payload, self.cfg.keyring, expect=(Dispatch, Cancel))
+            assert isinstance(dispatch, Dispatch | Cancel)
             kind, fields = self.cfg.topics.parse(msg.topic)
             if kind != "node_jobs" or fields["node"] != node:
                 raise Refused("wrong_topic", f"message on {msg.topic!r} is not for this node")
             if dispatch.node != node:
-                raise Refused("wrong_node", f"dispatch for node {dispatch.node!r} reached {node!r}")
+                raise Refused("wrong_node", f"message for node {dispatch.node!r} reached {node!r}")
             who = auth.identity
             if who is not None and (who.kind, who.name) != ("node", node):
                 raise Refused("wrong_identity", f"dispatch signed with a key not for {node!r}")
@@ -173,7 +186,32 @@ class Worker:
             log.warning("refused a message on %s: %s", msg.topic, e)
             self._ack(msg)
             return
-        self.accept(dispatch, msg)
+        if isinstance(dispatch, Cancel):
+            self.cancel(dispatch.job_id)
+            self._ack(msg)
+        else:
+            self.accept(dispatch, msg)
+
+    def cancel(self, job_id: str) -> None:
+        """Stop a job: before it starts, it never will; while it runs, its group is killed."""
+        with self._lock:
+            control = self._active.get(job_id)
+            if control is not None:
+                log.info("job %s: cancelled", job_id)
+                control.cancel("cancelled on request")
+                return
+            seen = self.ledger.get(job_id)
+            # Not here yet (or expired on the way): make sure it never runs.
+            if seen is None and not self.ledger.start(job_id, self._now_ms()):
+                return
+        if seen is not None:
+            if seen[1] is not None:
+                self._publish(self.cfg.topics.result(self.cfg.node, job_id), seen[1])
+            return
+        reason = "cancelled before it arrived"
+        self._finish(
+            self._result(job_id, "cancelled", finished_ms=self._now_ms(), reason=reason), None
+        )
 
     def accept(self, d: Dispatch, msg: Inbound | None) -> None:
         """Queue a dispatch to run, unless this node has seen its job id before."""
@@ -190,7 +228,7 @@ class Worker:
                     self._publish(self.cfg.topics.result(d.node, d.job_id), stored)
                 self._ack(msg)
                 return
-            self._active.add(d.job_id)
+            self._active[d.job_id] = runner.RunControl()
         self._pool.submit(self._run, d, msg)
 
     def _run(self, d: Dispatch, msg: Inbound | None) -> None:
@@ -201,9 +239,17 @@ class Worker:
             log.exception("job %s: could not be handled", d.job_id)
         finally:
             with self._lock:
-                self._active.discard(d.job_id)
+                self._active.pop(d.job_id, None)
+                self._live.pop(d.job_id, None)
 
     def _run_once(self, d: Dispatch, msg: Inbound | None) -> None:
+        control = self._active[d.job_id]
+        if control.cancelled is not None:
+            reason = "cancelled before it started"
+            self._finish(
+                self._result(d.job_id, "cancelled", finished_ms=self._now_ms(), reason=reason), msg
+            )
+            return
         if self._now_ms() > d.start_by_ms:
             log.warning("job %s: not started by its start-by deadline; not run", d.job_id)
             reason = "not started by its start-by deadline"
@@ -229,6 +275,9 @@ class Worker:
             encode(running, self.cfg.keyring, self._now_s()),
         )
         log.info("job %s: running (timeout %d s)", d.job_id, d.timeout_s)
+        live = LiveOutput(d.job_id, d.node, self._send_output)
+        with self._lock:
+            self._live[d.job_id] = live
         try:
             r = runner.run(
                 command,
@@ -239,7 +288,10 @@ class Worker:
                 env=job_env(d.job_id, d.node, clean=self.cfg.clean_env, run_as=self.cfg.run_as),
                 user=self.cfg.run_as,
                 on_start=lambda pid: self._started(d.job_id, pid),
+                control=control,
+                on_output=live.write,
             )
+            live.flush(final=True)
             result = self._result(
                 d.job_id,
                 r.state,
@@ -264,6 +316,17 @@ class Worker:
         log.info("job %s: %s (exit %s)", d.job_id, result.state, result.exit_code)
         self._finish(result, msg)
 
+    def _send_output(self, chunk: Output) -> None:
+        payload = encode(chunk, self.cfg.keyring, self._now_s())
+        assert self.conn is not None
+        self.conn.publish(self.cfg.topics.output(chunk.node, chunk.job_id), payload, qos=0)
+
+    def flush_live_output(self) -> None:
+        with self._lock:
+            live = list(self._live.values())
+        for out in live:
+            out.flush()
+
     def _started(self, job_id: str, pid: int) -> None:
         try:
             started_at = psutil.Process(pid).create_time()
@@ -286,7 +349,7 @@ class Worker:
         next_info = time.monotonic() + self.cfg.info_interval_s
         while not stop.is_set():
             try:
-                msg = conn.inbox.get(timeout=0.5)
+                msg = conn.inbox.get(timeout=FLUSH_EVERY_S)
             except queue.Empty:
                 msg = None
             if msg is not None:
@@ -294,6 +357,7 @@ class Worker:
                     self.handle(msg)
                 except Exception:
                     log.exception("error handling a message on %s", msg.topic)
+            self.flush_live_output()
             if time.monotonic() >= next_info:
                 next_info = time.monotonic() + self.cfg.info_interval_s
                 topic = self.cfg.topics.node_info(self.cfg.node)
