@@ -281,29 +281,42 @@ def _rejected(r: Rejected) -> NoReturn:
 def cancel(
     bus: BusOptions,
     job_id: Annotated[str, typer.Argument(help="The job to cancel.")],
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", "-w", help="Wait until every node has answered; exit as `result` would."
+        ),
+    ] = False,
+    wait_timeout: Annotated[
+        str | None,
+        typer.Option("--wait-timeout", metavar="DURATION", help="Stop waiting after this long."),
+    ] = None,
     json_out: JsonOut = False,
     verbose: Verbose = False,
 ) -> None:
     """Cancel a job: executions not yet started never start; running ones are killed (their
-    whole process group, TERM then KILL). Prints the job once cancelled; exits 0 when nothing
-    of it is left running, 75 if some node has not confirmed within 30 s."""
+    whole process group, TERM then KILL); a node that is offline gets the cancel before the
+    job when it returns. Prints the job as it stands once the coordinator has taken the
+    cancel (exit 0); with --wait, once every node has answered."""
     from opsbay_mqtt import render, states
     from opsbay_mqtt.client import Client, WaitTimeout
     from opsbay_mqtt.protocol import Rejected
 
     cfg = _client_config(bus, verbose)
 
+    wait_s = run(lambda: parse_duration(wait_timeout, "--wait-timeout")) if wait_timeout else None
+
     def do() -> Job:
         with Client(cfg) as c:
             got = c.cancel(job_id)
             if isinstance(got, Rejected):
                 _rejected(got)
+            if not wait:
+                return c.result(job_id)
             try:
-                done = c.wait(job_id, 30, until=lambda j: states.is_terminal(j.state))
+                done = c.wait(job_id, wait_s, until=lambda j: states.is_terminal(j.state))
             except WaitTimeout:
-                fail(
-                    render.EXIT_WAIT_GAVE_UP, f"job {job_id}: cancel sent; not all nodes confirmed"
-                )
+                fail(render.EXIT_WAIT_GAVE_UP, f"job {job_id}: cancel sent; not all nodes answered")
             if isinstance(done, Rejected):
                 _rejected(done)
             return done
@@ -312,6 +325,8 @@ def cancel(
     typer.echo(
         json.dumps(render.public_job(job), indent=2) if json_out else render.job_summary(job)
     )
+    if wait:
+        raise typer.Exit(render.exit_code(job))
 
 
 @app.command()

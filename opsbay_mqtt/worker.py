@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pwd
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,9 +168,38 @@ class Worker:
 
     # -- dispatches
     def handle(self, msg: Inbound) -> None:
+        self.handle_batch([msg])
+
+    def handle_batch(self, msgs: list[Inbound]) -> None:
+        """Handle messages received together, cancels first: a node back from offline gets its
+        queued dispatches and their cancels in one burst, and a cancelled job must not start."""
+        checked = []
+        for m in msgs:
+            with self._logged(m):
+                checked.append((m, self._check(m)))
+        for m, got in checked:
+            if isinstance(got, Cancel):
+                with self._logged(m):
+                    self.cancel(got.job_id)
+                    self._ack(m)
+        for m, got in checked:
+            if isinstance(got, Dispatch):
+                with self._logged(m):
+                    self.accept(got, m)
+
+    @contextlib.contextmanager
+    def _logged(self, msg: Inbound) -> Iterator[None]:
+        """One message's failure is logged and never stops the others."""
+        try:
+            yield
+        except Exception:
+            log.exception("error handling a message on %s", msg.topic)
+
+    def _check(self, msg: Inbound) -> Dispatch | Cancel | None:
+        """Decode and verify one message for this node; None (acknowledged) if refused."""
         if msg.topic == CONNECTED:
             self.publish_birth()
-            return
+            return None
         node = self.cfg.node
         try:
             dispatch, auth = decode(msg.payload, self.cfg.keyring, expect=(Dispatch, Cancel))
@@ -185,12 +215,8 @@ class Worker:
         except Refused as e:
             log.warning("refused a message on %s: %s", msg.topic, e)
             self._ack(msg)
-            return
-        if isinstance(dispatch, Cancel):
-            self.cancel(dispatch.job_id)
-            self._ack(msg)
-        else:
-            self.accept(dispatch, msg)
+            return None
+        return dispatch
 
     def cancel(self, job_id: str) -> None:
         """Stop a job: before it starts, it never will; while it runs, its group is killed."""
@@ -348,15 +374,15 @@ class Worker:
         self.report_interrupted()
         next_info = time.monotonic() + self.cfg.info_interval_s
         while not stop.is_set():
+            batch: list[Inbound] = []
             try:
-                msg = conn.inbox.get(timeout=FLUSH_EVERY_S)
+                batch.append(conn.inbox.get(timeout=FLUSH_EVERY_S))
+                while len(batch) < 1000:
+                    batch.append(conn.inbox.get_nowait())
             except queue.Empty:
-                msg = None
-            if msg is not None:
-                try:
-                    self.handle(msg)
-                except Exception:
-                    log.exception("error handling a message on %s", msg.topic)
+                pass
+            if batch:
+                self.handle_batch(batch)
             self.flush_live_output()
             if time.monotonic() >= next_info:
                 next_info = time.monotonic() + self.cfg.info_interval_s
