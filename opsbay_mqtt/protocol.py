@@ -42,7 +42,8 @@ def _command_bytes(command: str) -> str:
 
 Command = Annotated[str, Field(min_length=1), AfterValidator(_command_bytes)]
 # A target: node names and globs (`*`, `?`), comma-separated; never `/`, `+` or `#`.
-TARGET_PATTERN = r"^[A-Za-z0-9._*?-]{1,64}(,[A-Za-z0-9._*?-]{1,64}){0,999}$"
+_ITEM = r"[A-Za-z0-9*?][A-Za-z0-9._*?-]{0,62}"  # like a node name, with * and ?
+TARGET_PATTERN = rf"^{_ITEM}(,{_ITEM}){{0,999}}$"
 Target = Annotated[str, Field(pattern=TARGET_PATTERN)]
 LabelKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,64}$")]
 LabelValue = Annotated[str, Field(max_length=256)]

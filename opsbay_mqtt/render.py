@@ -60,6 +60,7 @@ def public_job(job: Job) -> dict[str, Any]:
     for ex in d["executions"]:
         for key in ("dispatched", "started", "finished"):
             ex[f"{key}_at"] = iso(ex.pop(f"{key}_ms"))
+        ex["start_by"] = iso(ex.pop("start_by_ms"))
     return d
 
 

@@ -16,17 +16,8 @@ ExecState = Literal[
     "lost",
     "rejected",
 ]
-JobState = Literal[
-    "pending",
-    "running",
-    "succeeded",
-    "failed",
-    "timed_out",
-    "expired",
-    "cancelled",
-    "lost",
-    "rejected",
-]
+# A job is in the state of its worst execution (or `rejected` by the coordinator as a whole).
+JobState = ExecState
 
 EXEC_STATES: tuple[str, ...] = get_args(ExecState)
 JOB_STATES: tuple[str, ...] = get_args(JobState)

@@ -16,6 +16,7 @@ from opsbay_mqtt.protocol import (
     MAX_COMMAND_BYTES,
     MAX_TIMEOUT_S,
     MESSAGE_TYPES,
+    Cancel,
     Dispatch,
     Execution,
     Job,
@@ -23,6 +24,7 @@ from opsbay_mqtt.protocol import (
     Message,
     NodeInfo,
     NodeStatus,
+    Output,
     Query,
     Rejected,
     Reply,
@@ -42,6 +44,8 @@ JOB = "6f1c2b1e-8a4d-4c3e-9f0a-1b2c3d4e5f60"
 SAMPLES: list[Message] = [
     Submit(job_id=JOB, target="web-01", command="echo h\u00e9llo", timeout_s=60, start_by_ms=MS),
     Dispatch(job_id=JOB, node="web-01", command="uptime", timeout_s=1, start_by_ms=MS + 5),
+    Cancel(job_id=JOB, node="web-01"),
+    Output(job_id=JOB, node="web-01", seq=3, stream="stderr", data="caf\u00e9\n", dropped=12),
     Result(
         job_id=JOB,
         node="web-01",

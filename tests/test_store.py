@@ -146,16 +146,19 @@ def test_list_filters(
     ]
 
 
-def test_open_executions(store: Store) -> None:
-    store.insert_job(make_job(1, nodes=("a", "b")))
+def test_overdue_and_dispatched_pending(store: Store) -> None:
+    store.insert_job(make_job(1, nodes=("a", "b", "h")))  # timeout 60 s
+    sent = Execution(node="a", state="pending", dispatched_ms=1_000, start_by_ms=10_000)
+    store.upsert_execution(jid(1), sent)
     store.upsert_execution(jid(1), Execution(node="b", state="succeeded", exit_code=0))
     store.insert_job(make_job(2, nodes=("c",)))
-    store.upsert_execution(jid(2), Execution(node="c", state="running"))
-    open_ = sorted(store.open_executions(), key=lambda r: r[3].node)
-    assert [(r[0], r[1], r[3].node, r[3].state) for r in open_] == [
-        (jid(1), 60, "a", "pending"),
-        (jid(2), 60, "c", "running"),
-    ]
+    store.upsert_execution(jid(2), Execution(node="c", state="running", started_ms=5_000))
+    # h is held back (never dispatched): no deadline runs for it yet
+    assert store.overdue(10_000, 500) == []
+    assert store.overdue(10_501, 500) == [(jid(1), "a")]
+    assert sorted(store.overdue(65_501, 500)) == [(jid(1), "a"), (jid(2), "c")]
+    assert store.dispatched_pending(9_999) == [(jid(1), "a")]
+    assert store.dispatched_pending(10_000) == []
     assert store.count_terminal() == 1
 
 
@@ -353,4 +356,10 @@ def test_prune(store: Store, before: int, keep: int, deleted: int, left: list[in
     assert [j.job_id for j in store.list_jobs(limit=100)] == [jid(n) for n in left]
     # executions go with their job
     assert store.count_terminal() == len([n for n in left if n not in (3, 5)])
-    assert sorted(r[0] for r in store.open_executions()) == [jid(3), jid(5)]
+    open_jobs = {
+        r[0]
+        for r in store.db.execute(
+            "SELECT job_id FROM executions WHERE state IN ('pending', 'running')"
+        )
+    }
+    assert sorted(open_jobs) == [jid(3), jid(5)]
