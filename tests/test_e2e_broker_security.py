@@ -1,0 +1,469 @@
+"""The broker enforces its part: the shipped `mosquitto/production.conf` and `acl.example` on a
+real Mosquitto of this module's own, checked by what plain MQTT clients can and cannot do, and a
+whole bus (coordinator, worker, CLI) running under them over TLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import secrets
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+from opsbay_mqtt.stack import find_mosquitto, wait_for_port
+from tests.helpers import Broker, Bus, stop_process, wait_until
+
+SHIPPED = Path(__file__).resolve().parent.parent / "mosquitto"
+PREFIX = "opsbay"  # acl.example grants topics under this prefix only
+# "+" is no opsbay user: it checks that the ACL's `pattern` lines cannot be turned into wildcards.
+USERS = ("coordinator", "web-01", "web-02", "ci", "watcher", "+")
+NOT_AUTHORIZED = 135  # MQTT 5 reason code of a refused login or a denied publish
+WAIT_S = 10
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(*argv: str, cwd: Path) -> None:
+    out = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, f"{argv[:3]} failed: {out.stderr}"
+
+
+def make_pki(d: Path) -> None:
+    """A throwaway CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    run("openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=opsbay test CA", cwd=d)  # fmt: skip
+    for name, cn, ext in (
+        ("server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+         "extendedKeyUsage=serverAuth\n"),
+        ("client", "ci", "extendedKeyUsage=clientAuth\n"),
+    ):  # fmt: skip
+        (d / f"{name}.ext").write_text(ext)
+        run("openssl", "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={cn}", cwd=d)  # fmt: skip
+        run("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext",
+            cwd=d)  # fmt: skip
+
+
+def replace_line(text: str, old: str, new: str) -> str:
+    """Replace the one line `old`; fail if the shipped config no longer has exactly one."""
+    out, n = re.subn(rf"^{re.escape(old)}$", new, text, flags=re.MULTILINE)
+    assert n == 1, f"production.conf: expected one line {old!r}, found {n}"
+    return out
+
+
+def production_config(d: Path, plain: int, tls: int, mtls: int) -> str:
+    """production.conf with its files in `d`, its two listeners moved to free loopback ports,
+    and a third, test-only listener that requires a client certificate."""
+    text = (SHIPPED / "production.conf").read_text(encoding="utf-8")
+    text = text.replace("/etc/mosquitto/opsbay/", f"{d}/").replace(
+        "/var/lib/mosquitto/", f"{d}/data/"
+    )
+    text = replace_line(text, "listener 1883 127.0.0.1", f"listener {plain} 127.0.0.1")
+    text = replace_line(text, "listener 8883", f"listener {tls} 127.0.0.1")
+    settings = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert not [ln for ln in settings if "/etc/" in ln or "/var/" in ln], settings
+    # Started as root, Mosquitto drops to user `mosquitto` before reading passwd, acl and the key,
+    # and pytest's tmp dirs are 0700 root: chowning the files would not be enough, every parent
+    # would need opening too. The file has no `user` line (a second one is fatal), so append ours;
+    # for a non-root user it has no effect. What the test loses: the file modes of production.
+    text += f"\nuser {pwd.getpwuid(os.geteuid()).pw_name}\n"
+    # TLS settings are per listener even with per_listener_settings false, so this one differs
+    # from the shipped TLS listener only by asking for a client certificate.
+    text += (
+        f"\nlistener {mtls} 127.0.0.1\n"
+        f"cafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\n"
+        "tls_version tlsv1.2\nrequire_certificate true\n"
+    )
+    return text
+
+
+@dataclass(frozen=True)
+class SecureBroker:
+    """Mosquitto running production.conf + acl.example; passwords and PKI in `dir`."""
+
+    broker: Broker
+    dir: Path
+    plain_port: int
+    tls_port: int
+    mtls_port: int
+    passwords: dict[str, str]
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+    def url(self, user: str, port: int | None = None) -> str:
+        port = port or self.tls_port
+        return f"mqtts://{user}:{self.passwords[user]}@localhost:{port}"
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    d = tmp_path_factory.mktemp("secure-broker")
+    (d / "data").mkdir()
+    make_pki(d)
+    passwords = {u: secrets.token_urlsafe(12) for u in USERS}
+    for i, (user, password) in enumerate(passwords.items()):
+        create = ("-c",) if i == 0 else ()
+        run("mosquitto_passwd", *create, "-b", str(d / "passwd"), user, password, cwd=d)
+    (d / "acl").write_bytes((SHIPPED / "acl.example").read_bytes())
+    ports = free_port(), free_port(), free_port()
+    conf = d / "mosquitto.conf"
+    conf.write_text(production_config(d, *ports), encoding="utf-8")
+    log = d / "mosquitto.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [find_mosquitto(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        for port in ports:
+            wait_for_port(port, 10, proc)
+        broker = Broker(port=ports[0], process=proc, conf=conf, log=log)
+        yield SecureBroker(broker, d, *ports, passwords=passwords)
+    finally:
+        stop_process(proc)
+
+
+class Peer:
+    """A plain paho MQTT 5 client (no opsbay code) logged in as one user (TLS if given a CA): its
+    CONNACK, SUBACK and PUBACK reason codes and every message it receives."""
+
+    def __init__(
+        self, port: int, user: str | None, password: str | None = None, ca: Path | None = None
+    ) -> None:
+        self.received: list[tuple[str, bytes]] = []
+        self._acks: dict[int, list[ReasonCode]] = {}
+        self._acked = threading.Condition()
+        self._connack = threading.Event()
+        self.connack: ReasonCode | None = None
+        c = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"peer-{user}-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        if user is not None:
+            c.username_pw_set(user, password)
+        if ca is not None:
+            c.tls_set(ca_certs=str(ca))
+        c.on_connect = self._on_connect
+        c.on_message = lambda c, u, m: self.received.append((m.topic, bytes(m.payload)))
+        c.on_subscribe = lambda c, u, mid, rcs, p: self._ack(mid, list(rcs))
+        c.on_publish = lambda c, u, mid, rc, p: self._ack(mid, [rc])
+        self.client = c
+        c.connect("localhost" if ca else "127.0.0.1", port)
+        c.loop_start()
+        assert self._connack.wait(WAIT_S), f"no CONNACK for {user}"
+
+    def _on_connect(self, c: Any, u: Any, flags: Any, rc: ReasonCode, props: Any) -> None:
+        self.connack = rc
+        self._connack.set()
+        if rc.is_failure:
+            c.disconnect()  # or paho's loop would keep retrying with the refused login
+
+    def _ack(self, mid: int, codes: list[ReasonCode]) -> None:
+        with self._acked:
+            self._acks[mid] = codes
+            self._acked.notify_all()
+
+    def _wait_ack(self, mid: int, what: str) -> list[ReasonCode]:
+        with self._acked:
+            assert self._acked.wait_for(lambda: mid in self._acks, WAIT_S), f"no {what}"
+            return self._acks.pop(mid)
+
+    def subscribe(self, topic: str) -> ReasonCode:
+        _, mid = self.client.subscribe(topic, qos=1)
+        assert mid is not None, f"could not send SUBSCRIBE for {topic}"
+        return self._wait_ack(mid, f"SUBACK for {topic}")[0]
+
+    def publish(self, topic: str, payload: bytes) -> ReasonCode:
+        """Publish at QoS 1 and return the PUBACK's reason code. Mosquitto handles one packet at
+        a time and routes a publish before it acknowledges it, so anything published after this
+        returns reaches each subscriber after this message (if this one reaches it at all)."""
+        info = self.client.publish(topic, payload, qos=1)
+        return self._wait_ack(info.mid, f"PUBACK for {topic}")[0]
+
+    def wait_for(self, topic: str, payload: bytes) -> None:
+        wait_until(lambda: (topic, payload) in self.received, WAIT_S, f"{payload!r} on {topic}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def peers(secure: SecureBroker) -> Iterator[Callable[[str], Peer]]:
+    """`peers(user)`: a connected Peer on the plain listener, closed after the test."""
+    made: list[Peer] = []
+
+    def connect(user: str) -> Peer:
+        p = Peer(secure.plain_port, user, secure.passwords[user])
+        made.append(p)
+        assert p.connack is not None and not p.connack.is_failure, f"{user}: {p.connack}"
+        return p
+
+    yield connect
+    for p in made:
+        p.close()
+
+
+def token() -> bytes:
+    return f"probe-{uuid.uuid4()}".encode()
+
+
+def concrete(topic: str) -> str:
+    return topic.format(job=uuid.uuid4(), reply=f"c{uuid.uuid4().hex[:16]}")
+
+
+# What each user may publish: (user, topic, delivered). `{job}` is a fresh job id.
+WRITES = [
+    ("web-01", "opsbay/results/web-01/{job}", True),
+    ("web-01", "opsbay/output/web-01/{job}", True),
+    ("web-01", "opsbay/nodes/web-01/info", True),
+    ("web-01", "opsbay/nodes/web-01/status", True),
+    ("web-01", "opsbay/results/web-02/{job}", False),
+    ("web-01", "opsbay/output/web-02/{job}", False),
+    ("web-01", "opsbay/nodes/web-02/info", False),
+    ("web-01", "opsbay/nodes/web-02/status", False),
+    ("web-01", "opsbay/nodes/web-01/jobs", False),  # a node cannot dispatch, not even to itself
+    ("web-01", "opsbay/submit", False),
+    ("web-01", "opsbay/jobs/{job}", False),
+    ("watcher", "opsbay/submit", False),
+    ("watcher", "opsbay/nodes/web-01/jobs", False),
+    ("watcher", "opsbay/rpc/request", False),
+    ("watcher", "opsbay/nodes/web-01/status", False),
+    # The node `pattern` lines would let a user pass for a node of its own name: denied.
+    ("watcher", "opsbay/nodes/watcher/status", False),
+    ("watcher", "opsbay/nodes/watcher/info", False),
+    ("watcher", "opsbay/results/watcher/{job}", False),
+    ("ci", "opsbay/nodes/ci/status", False),
+    ("ci", "opsbay/results/ci/{job}", False),
+    ("ci", "opsbay/submit", True),
+    ("ci", "opsbay/rpc/request", True),
+    ("ci", "opsbay/nodes/web-01/jobs", False),  # clients go through the coordinator
+    ("ci", "opsbay/jobs/{job}", False),
+    ("ci", "opsbay/results/web-01/{job}", False),
+    ("ci", "opsbay/rpc/reply/{reply}", False),
+    ("+", "opsbay/nodes/web-01/status", False),  # `pattern ... %u` with %u = "+"
+    ("+", "opsbay/results/web-01/{job}", False),
+    ("coordinator", "opsbay/nodes/web-02/jobs", True),
+    ("coordinator", "opsbay/jobs/{job}", True),
+]
+
+
+@pytest.mark.parametrize(("user", "topic", "delivered"), WRITES)
+def test_what_a_user_publishes_reaches_a_watcher_only_where_the_acl_allows(
+    peers: Callable[[str], Peer], user: str, topic: str, delivered: bool
+) -> None:
+    topic = concrete(topic)
+    watcher = peers("watcher")
+    assert not watcher.subscribe("opsbay/#").is_failure
+    probe = token()
+    ack = peers(user).publish(topic, probe)
+    # Published after that PUBACK, so it reaches the watcher after the probe (if the probe does).
+    control = token()
+    peers("coordinator").publish("opsbay/control", control)
+    watcher.wait_for("opsbay/control", control)
+    assert ((topic, probe) in watcher.received) is delivered, watcher.received
+    if delivered:
+        assert not ack.is_failure, ack
+    else:  # MQTT 5 says so; MQTT 3.1.1 publishers get a plain PUBACK (acl.example, README)
+        assert ack.value == NOT_AUTHORIZED, ack
+
+
+# What each user receives through a subscription to `opsbay/#`: (user, topic, delivered).
+READS = [
+    ("web-01", "opsbay/nodes/web-01/jobs", True),
+    ("web-01", "opsbay/nodes/web-02/jobs", False),
+    ("web-01", "opsbay/nodes/web-02/info", False),
+    ("web-01", "opsbay/results/web-02/{job}", False),
+    ("web-01", "opsbay/submit", False),
+    ("web-01", "opsbay/jobs/{job}", False),
+    ("watcher", "opsbay/submit", True),
+    ("watcher", "opsbay/nodes/web-01/jobs", True),
+    ("watcher", "opsbay/rpc/request", True),
+    ("ci", "opsbay/jobs/{job}", True),
+    ("ci", "opsbay/rpc/reply/{reply}", True),
+    ("ci", "opsbay/results/web-01/{job}", True),
+    ("ci", "opsbay/nodes/web-01/jobs", True),  # documented: clients see every dispatch
+    ("ci", "opsbay/submit", False),  # other clients' submissions
+    ("ci", "opsbay/rpc/request", False),
+]
+# A topic each reader may read, for the control message that ends the wait.
+READABLE = {
+    "web-01": "opsbay/nodes/web-01/jobs",
+    "watcher": "opsbay/control",
+    "ci": "opsbay/jobs/{job}",
+}
+
+
+@pytest.mark.parametrize(("user", "topic", "delivered"), READS)
+def test_a_wildcard_subscriber_receives_only_what_the_acl_lets_it_read(
+    peers: Callable[[str], Peer], user: str, topic: str, delivered: bool
+) -> None:
+    topic = concrete(topic)
+    reader = peers(user)
+    # The subscription itself is granted: reads are checked message by message.
+    assert not reader.subscribe("opsbay/#").is_failure
+    coordinator = peers("coordinator")
+    probe, control, control_topic = token(), token(), concrete(READABLE[user])
+    assert not coordinator.publish(topic, probe).is_failure
+    assert not coordinator.publish(control_topic, control).is_failure
+    reader.wait_for(control_topic, control)
+    assert ((topic, probe) in reader.received) is delivered, reader.received
+
+
+# Logins the broker must refuse: (user, its password given all the real ones).
+BAD_LOGINS: dict[str, tuple[str | None, Callable[[dict[str, str]], str | None]]] = {
+    "anonymous": (None, lambda pw: None),
+    "wrong-password": ("ci", lambda pw: "wrong"),
+    "unknown-user": ("nobody", lambda pw: "x"),
+    "another-users-password": ("web-02", lambda pw: pw["web-01"]),
+}
+
+
+@pytest.mark.parametrize("listener", ["plain", "tls"])
+@pytest.mark.parametrize("case", BAD_LOGINS)
+def test_the_broker_refuses_a_client_without_a_valid_login(
+    secure: SecureBroker, listener: str, case: str
+) -> None:
+    user, password_of = BAD_LOGINS[case]
+    password = password_of(secure.passwords)
+    if listener == "plain":
+        p = Peer(secure.plain_port, user, password)
+    else:
+        p = Peer(secure.tls_port, user, password, ca=secure.ca)
+    try:
+        assert p.connack is not None and p.connack.value == NOT_AUTHORIZED, p.connack
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_each_user_logs_in_with_its_own_password_over_tls(secure: SecureBroker, user: str) -> None:
+    p = Peer(secure.tls_port, user, secure.passwords[user], ca=secure.ca)
+    try:
+        assert p.connack is not None and not p.connack.is_failure, p.connack
+    finally:
+        p.close()
+
+
+# --- the real coordinator, worker and CLI over TLS, each with its own login ------------------
+
+
+class Login(TypedDict):
+    OPSBAY_BROKER: str
+    OPSBAY_CA_FILE: str
+
+
+def login(secure: SecureBroker, user: str, port: int | None = None) -> Login:
+    return {"OPSBAY_BROKER": secure.url(user, port), "OPSBAY_CA_FILE": str(secure.ca)}
+
+
+@pytest.fixture(scope="module")
+def tls_bus(secure: SecureBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
+    """Coordinator (user coordinator) and worker web-01 (user web-01) on the TLS listener."""
+    bus = Bus(broker=secure.broker, tmp=tmp_path_factory.mktemp("tls-bus"), prefix=PREFIX)
+    try:
+        bus.coordinator(**login(secure, "coordinator"))
+        bus.worker("web-01", **login(secure, "web-01"))
+        yield bus
+    finally:
+        bus.stop()
+
+
+def test_echo_hello_runs_over_tls_with_every_party_on_its_own_login(
+    tls_bus: Bus, secure: SecureBroker
+) -> None:
+    out = tls_bus.cli("submit", "-t", "web-01", "-c", "echo hello", "--wait", **login(secure, "ci"))
+    assert (out.returncode, out.stdout) == (0, "hello\n"), out.stderr
+
+
+def body_state(payload: bytes) -> str | None:
+    body = json.loads(payload)
+    return body.get("state") if isinstance(body, dict) else None
+
+
+def test_a_workers_status_and_last_will_pass_the_acl_for_its_own_node(
+    tls_bus: Bus, secure: SecureBroker, peers: Callable[[str], Peer]
+) -> None:
+    watcher = peers("watcher")
+    assert not watcher.subscribe("opsbay/nodes/web-02/status").is_failure
+    worker = tls_bus.worker("web-02", **login(secure, "web-02"))
+    topic = "opsbay/nodes/web-02/status"
+    wait_until(
+        lambda: [p for t, p in watcher.received if t == topic and body_state(p) == "online"],
+        WAIT_S,
+        "web-02's retained online status",
+    )
+    worker.kill()  # no goodbye: only the broker's Last Will can say it is gone
+    worker.wait(WAIT_S)
+    wait_until(
+        lambda: body_state(watcher.received[-1][1]) == "offline",
+        WAIT_S,
+        "web-02's Last Will (offline) after the worker was killed",
+    )
+
+
+def nodes_cli(tls_bus: Bus, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return tls_bus.cli("nodes", "--json", *args, timeout=WAIT_S + 20, **env)
+
+
+def test_a_client_certificate_gets_the_cli_through_a_listener_that_requires_one(
+    tls_bus: Bus, secure: SecureBroker
+) -> None:
+    files = ("--ca-file", str(secure.ca), "--client-cert", str(secure.dir / "client.crt"))
+    out = nodes_cli(
+        tls_bus,
+        *files,
+        "--client-key",
+        str(secure.dir / "client.key"),
+        OPSBAY_BROKER=secure.url("ci", secure.mtls_port),
+    )
+    assert out.returncode == 0, out.stderr
+    assert {n["node"]: n["state"] for n in json.loads(out.stdout)}.get("web-01") == "online"
+
+
+def test_without_a_client_certificate_that_listener_refuses_the_cli_with_exit_69(
+    tls_bus: Bus, secure: SecureBroker
+) -> None:
+    log_from = secure.broker.log.stat().st_size
+    out = nodes_cli(tls_bus, **login(secure, "ci", secure.mtls_port))
+    assert out.returncode == 69, out.stderr
+    # The broker, not the coordinator, is what failed, and the password is not shown.
+    assert f"broker mqtts://ci@localhost:{secure.mtls_port}" in out.stderr, out.stderr
+    with open(secure.broker.log, "rb") as f:
+        f.seek(log_from)
+        assert b"peer did not return a certificate" in f.read()
+
+
+def test_the_cli_verifies_the_brokers_certificate(tls_bus: Bus, secure: SecureBroker) -> None:
+    out = nodes_cli(tls_bus, OPSBAY_BROKER=secure.url("ci"))  # no CA file: the system's CAs
+    assert out.returncode == 69, out.stderr
+    assert "certificate verify failed" in out.stderr, out.stderr
+
+
+def test_a_wrong_broker_password_makes_the_cli_exit_69(tls_bus: Bus, secure: SecureBroker) -> None:
+    wrong = f"mqtts://ci:wrong-{secure.passwords['ci']}@localhost:{secure.tls_port}"
+    out = nodes_cli(tls_bus, OPSBAY_BROKER=wrong, OPSBAY_CA_FILE=str(secure.ca))
+    assert out.returncode == 69, out.stderr
+    assert "Not authorized" in out.stderr, out.stderr
+    assert secure.passwords["ci"] not in out.stderr, "the CLI printed the broker password"
