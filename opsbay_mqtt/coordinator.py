@@ -34,7 +34,7 @@ from opsbay_mqtt.protocol import (
     peek,
 )
 from opsbay_mqtt.signing import Auth, Keyring, check_fresh
-from opsbay_mqtt.store import Store
+from opsbay_mqtt.store import Brief, Store
 from opsbay_mqtt.topics import Topics
 from opsbay_mqtt.transport import CONNECTED, Connection, Inbound
 
@@ -137,7 +137,7 @@ class Coordinator:
                 return
             assert isinstance(msg, Submit)
             sub = msg
-            existing = self.store.get_job(sub.job_id)
+            existing = self.store.get_job(sub.job_id, executions=False)
             if existing is not None:
                 self._resubmitted(sub, client, existing)
                 return
@@ -204,6 +204,7 @@ class Coordinator:
         if mine != theirs:
             raise Refused("job_id_conflict", f"job {job.job_id} exists with different content")
         log.info("job %s: submitted again; answering with its current state", job.job_id)
+        job = self.store.get_job(job.job_id)  # type: ignore[assignment]
         self._send_event(job, job.executions)
 
     def _store_rejected(self, sub: Submit, client: str, auth: Auth, now: int, e: Refused) -> None:
@@ -217,7 +218,7 @@ class Coordinator:
         log.warning("refused a request (job %s): %s", job_id or "?", e)
         msg = Rejected(job_id=job_id, nonce=nonce, code=e.code, reason=e.text[:1024])
         kid = auth.kid if auth is not None else e.kid
-        exists = job_id is not None and self.store.get_job(job_id) is not None
+        exists = job_id is not None and self.store.get_job(job_id, executions=False) is not None
         authenticated = kid is not None and e.code not in ("job_id_conflict", "not_yours")
         if job_id is not None and (not exists or authenticated):
             self._send(self.cfg.topics.job_events(job_id), msg, kid=kid)
@@ -257,8 +258,8 @@ class Coordinator:
             log.warning("refused a result on node %s job %s: %s", topic_node, topic_job, e)
             return
         self.store.node_seen(res.node, self._now_ms(), kid=auth.kid)
-        job = self.store.get_job(res.job_id)
-        ex = next((x for x in job.executions if x.node == res.node), None) if job else None
+        job = self.store.get_job(res.job_id, executions=False)
+        ex = self.store.execution(res.job_id, res.node) if job else None
         if job is None or ex is None:
             log.warning("result for unknown execution %s on %s; ignored", res.job_id, res.node)
             return
@@ -274,36 +275,41 @@ class Coordinator:
         self._update(job, [ex.model_copy(update=fields)])
 
     def _update(self, job: Job, changed: Iterable[Execution], announce: bool = False) -> None:
-        """Record changed executions, take the rollout's next step, and tell the submitter."""
-        by_node = {x.node: x for x in job.executions}
+        """Record changed executions, take the rollout's next step, and tell the submitter.
+
+        Only the changed executions are read and written in full; the others as briefs (node,
+        state, dispatch time), so a result for a job on many nodes stays cheap."""
         touched = {x.node: x for x in changed}
-        by_node.update(touched)
-        step = rollout.next_step(by_node.values(), job.batch, job.max_failures)
+        briefs = {b.node: b for b in self.store.briefs(job.job_id)}
+        briefs.update({x.node: Brief(x.node, x.state, x.dispatched_ms) for x in touched.values()})
+        step = rollout.next_step(briefs.values(), job.batch, job.max_failures)
         now = self._now_ms()
         start_by_after = max(0, job.start_by_ms - job.submitted_ms)
-        for node in step.dispatch:
-            ex = by_node[node].model_copy(
-                update={"dispatched_ms": now, "start_by_ms": now + start_by_after}
-            )
-            by_node[node] = touched[node] = ex
-        for node in step.cancel:
-            reason = f"not started: more than {job.max_failures} executions failed"
-            ex = by_node[node].model_copy(
-                update={"state": "cancelled", "finished_ms": now, "reason": reason}
-            )
-            by_node[node] = touched[node] = ex
+        released = {"dispatched_ms": now, "start_by_ms": now + start_by_after}
+        stopped = {
+            "state": "cancelled",
+            "finished_ms": now,
+            "reason": f"not started: more than {job.max_failures} executions failed",
+        }
+        for nodes, update in ((step.dispatch, released), (step.cancel, stopped)):
+            for node in nodes:
+                base = touched.get(node) or self.store.execution(job.job_id, node)
+                assert base is not None
+                ex = touched[node] = base.model_copy(update=update)
+                briefs[node] = Brief(node, ex.state, ex.dispatched_ms)
         for ex in touched.values():
             self.store.upsert_execution(job.job_id, ex)
-        new_state = states.job_state(x.state for x in by_node.values())
+            log.info("job %s on %s: %s", job.job_id, ex.node, ex.state)
+        new_state = states.job_state(b.state for b in briefs.values())
         if new_state != job.state:
             self.store.set_job_state(job.job_id, new_state)
-        job = job.model_copy(update={"executions": list(by_node.values()), "state": new_state})
+        job = job.model_copy(update={"state": new_state})
         for node in step.dispatch:
-            self._send_dispatch(job, by_node[node])
-        if touched or announce:
-            for ex in touched.values():
-                log.info("job %s on %s: %s", job.job_id, ex.node, ex.state)
-            self._send_event(job, touched.values() if not announce else by_node.values())
+            self._send_dispatch(job, touched[node])
+        if announce:
+            touched = {**{x.node: x for x in job.executions}, **touched}
+        if touched:
+            self._send_event(job, touched.values(), [b.state for b in briefs.values()])
 
     def _send_dispatch(self, job: Job, ex: Execution) -> None:
         assert ex.start_by_ms is not None
@@ -319,16 +325,18 @@ class Coordinator:
             self.cfg.topics.node_jobs(ex.node), d, kid=self._node_kid(ex.node), expiry_s=expiry
         )
 
-    def _send_event(self, job: Job, changed: Iterable[Execution]) -> None:
+    def _send_event(
+        self, job: Job, changed: Iterable[Execution], all_states: Iterable[str] | None = None
+    ) -> None:
         """The job's state, the executions that changed, and the count in each state: to its
         submitter (signed with the submitter's key) and to watchers."""
         counts: dict[str, int] = {}
-        for ex in job.executions:
-            counts[ex.state] = counts.get(ex.state, 0) + 1
+        for state in all_states if all_states is not None else (x.state for x in job.executions):
+            counts[state] = counts.get(state, 0) + 1
         event = JobEvent(
             job=job.model_copy(update={"executions": list(changed)}),
             counts=counts,
-            total=len(job.executions),
+            total=sum(counts.values()),
         )
         kid = job.submitted_kid if job.submitted_kid in self.cfg.keyring.keys else None
         self._send(self.cfg.topics.job_events(job.job_id), event, kid=kid)
@@ -379,9 +387,9 @@ class Coordinator:
         now = self._now_ms()
         grace_ms = self.cfg.lost_grace_s * 1000
         for job_id, node in self.store.overdue(now, grace_ms):
-            job = self.store.get_job(job_id)
-            assert job is not None
-            ex = next(x for x in job.executions if x.node == node)
+            job = self.store.get_job(job_id, executions=False)
+            ex = self.store.execution(job_id, node)
+            assert job is not None and ex is not None
             if ex.state == "pending":  # the worker decides first; the grace covers its clock
                 reason = "not started by its start-by deadline (node offline?)"
                 update = {"state": "expired", "finished_ms": now, "reason": reason}
@@ -407,9 +415,9 @@ class Coordinator:
         the first dispatch). Workers keep a ledger, so a duplicate never runs twice."""
         now = self._now_ms()
         for job_id, node in self.store.dispatched_pending(now):
-            job = self.store.get_job(job_id)
-            assert job is not None
-            ex = next(x for x in job.executions if x.node == node)
+            job = self.store.get_job(job_id, executions=False)
+            ex = self.store.execution(job_id, node)
+            assert job is not None and ex is not None
             try:
                 self._send_dispatch(job, ex)
             except Refused as e:  # e.g. the node's key was removed since

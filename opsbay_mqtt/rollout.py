@@ -7,9 +7,10 @@ import fnmatch
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from opsbay_mqtt.errors import Refused
-from opsbay_mqtt.protocol import MAX_EXECUTIONS, Execution
+from opsbay_mqtt.protocol import MAX_EXECUTIONS
 from opsbay_mqtt.topics import validate_node
 
 # What counts against --max-failures: every way an execution can end other than success or
@@ -67,7 +68,18 @@ class Step:
     cancel: list[str]  # held-back nodes to cancel (the rollout stopped)
 
 
-def next_step(execs: Iterable[Execution], batch: str | None, max_failures: str | None) -> Step:
+class Brief(Protocol):
+    """What the rollout needs of an execution."""
+
+    @property
+    def node(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def dispatched_ms(self) -> int | None: ...
+
+
+def next_step(execs: Iterable[Brief], batch: str | None, max_failures: str | None) -> Step:
     """What to do after a change: release held-back executions up to the batch size, or stop
     the rollout once failures exceed max-failures."""
     execs = list(execs)

@@ -7,7 +7,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from opsbay_mqtt.protocol import Execution, Job
 from opsbay_mqtt.states import TERMINAL
@@ -80,6 +80,12 @@ _JOB_COLS = (
     "submitted_by", "submitted_kid", "reason_code", "reason", "where_labels", "batch",
     "max_failures",
 )  # fmt: skip
+
+
+class Brief(NamedTuple):
+    node: str
+    state: str
+    dispatched_ms: int | None
 
 
 class Store:
@@ -170,23 +176,40 @@ class Store:
             [job_id, *(row[c] for c in _EXEC_COLS)],
         )
 
-    def get_job(self, job_id: str) -> Job | None:
+    def get_job(self, job_id: str, executions: bool = True) -> Job | None:
+        """The job; with `executions=False` without them (cheap for jobs on many nodes)."""
         row = self.db.execute(
             f"SELECT {', '.join(_JOB_COLS)} FROM jobs WHERE job_id = ?", (job_id,)
         ).fetchone()
         if row is None:
             return None
-        return self._job(row)
+        return self._job(row, executions)
 
-    def _job(self, row: tuple[Any, ...]) -> Job:
+    def _job(self, row: tuple[Any, ...], executions: bool = True) -> Job:
         fields = dict(zip(_JOB_COLS, row, strict=True))
         fields["where"] = json.loads(fields.pop("where_labels"))
-        ex_rows = self.db.execute(
-            f"SELECT {', '.join(_EXEC_COLS)} FROM executions WHERE job_id = ? ORDER BY node",
-            (fields["job_id"],),
-        ).fetchall()
-        fields["executions"] = [self._execution(r) for r in ex_rows]
+        if executions:
+            ex_rows = self.db.execute(
+                f"SELECT {', '.join(_EXEC_COLS)} FROM executions WHERE job_id = ? ORDER BY node",
+                (fields["job_id"],),
+            ).fetchall()
+            fields["executions"] = [self._execution(r) for r in ex_rows]
         return Job.model_validate(fields)
+
+    def execution(self, job_id: str, node: str) -> Execution | None:
+        row = self.db.execute(
+            f"SELECT {', '.join(_EXEC_COLS)} FROM executions WHERE job_id = ? AND node = ?",
+            (job_id, node),
+        ).fetchone()
+        return self._execution(row) if row else None
+
+    def briefs(self, job_id: str) -> list[Brief]:
+        """Node, state and dispatch time of each of a job's executions, without their output."""
+        rows = self.db.execute(
+            "SELECT node, state, dispatched_ms FROM executions WHERE job_id = ? ORDER BY node",
+            (job_id,),
+        )
+        return [Brief(*r) for r in rows]
 
     @staticmethod
     def _execution(row: tuple[Any, ...]) -> Execution:
