@@ -222,7 +222,7 @@ def parse_duration(text: str, option: str) -> int:
 
 
 def main() -> None:
-    from opsbay_mqtt import cli_admin, cli_jobs  # noqa: F401  (they register their commands)
+    from opsbay_mqtt import cli_admin, cli_fleet, cli_jobs  # noqa: F401  (register commands)
 
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()
