@@ -221,8 +221,33 @@ def parse_duration(text: str, option: str) -> int:
     return int(number) * (mult or 1)
 
 
-def main() -> None:
-    from opsbay_mqtt import cli_admin, cli_fleet, cli_jobs  # noqa: F401  (register commands)
+# Which module defines each command: a call imports (and typer builds) only the one it needs.
+COMMAND_MODULES = {
+    "submit": "cli_jobs",
+    "cancel": "cli_jobs",
+    "result": "cli_jobs",
+    "results": "cli_jobs",
+    "nodes": "cli_jobs",
+    "coordinator": "cli_admin",
+    "worker": "cli_admin",
+    "stack": "cli_admin",
+    "keys": "cli_admin",
+    "watch": "cli_fleet",
+    "cronicle": "cli_fleet",
+}
 
+
+@app.callback()
+def _group() -> None:
+    """opsbay: an MQTT job bus. Submit shell jobs to nodes, wait for them, query results."""
+
+
+def main() -> None:
+    import importlib
+
+    words = [a for a in sys.argv[1:] if not a.startswith("-")]
+    wanted = COMMAND_MODULES.get(words[0]) if words else None
+    for module in [wanted] if wanted else sorted(set(COMMAND_MODULES.values())):
+        importlib.import_module(f"opsbay_mqtt.{module}")  # registers its commands
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()

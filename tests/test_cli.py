@@ -1,0 +1,45 @@
+"""The CLI's plumbing: every command is found by the lazy loader, durations parse."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+from opsbay_mqtt import cli
+from opsbay_mqtt.errors import ConfigError
+
+
+def test_every_command_is_in_the_lazy_loaders_map() -> None:
+    for module in set(cli.COMMAND_MODULES.values()):
+        importlib.import_module(f"opsbay_mqtt.{module}")
+    names = {c.name or c.callback.__name__ for c in cli.app.registered_commands}  # type: ignore[union-attr]
+    assert names == set(cli.COMMAND_MODULES)
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMAND_MODULES))
+def test_each_command_has_help(command: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "opsbay_mqtt", command, "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and f"opsbay_mqtt {command} [OPTIONS]" in out.stdout
+
+
+def test_an_unknown_command_is_a_usage_error() -> None:
+    out = subprocess.run([sys.executable, "-m", "opsbay_mqtt", "bogus"], capture_output=True)
+    assert out.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30", 30), ("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400)]
+)
+def test_durations(text: str, seconds: int) -> None:
+    assert cli.parse_duration(text, "--x") == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5", "1.5m", "5x", "m", "10 m"])
+def test_bad_durations_name_the_option(text: str) -> None:
+    with pytest.raises(ConfigError, match="--timeout"):
+        cli.parse_duration(text, "--timeout")
