@@ -178,8 +178,10 @@ def submit(
         max_failures=max_failures,
         job_id=job_id,
     )
+    from opsbay_mqtt.protocol import LIMIT_PATTERN
+
     for name, value in (("--batch", batch), ("--max-failures", max_failures)):
-        if value is not None and not re.fullmatch(r"[0-9]{1,6}%?", value):
+        if value is not None and not re.fullmatch(LIMIT_PATTERN, value):
             fail(2, f"{name}: {value!r} is not a count (10) or a share (25%)")
     wait_s = run(lambda: parse_duration(wait_timeout, "--wait-timeout")) if wait_timeout else None
     if follow is None:

@@ -162,7 +162,11 @@ class Coordinator:
             self._store_rejected(sub, client, auth, now, e)
             self._reject(payload, e, auth)
             return
-        execs = [Execution(node=n, state="pending") for n in nodes]
+        if now > sub.start_by_ms:  # already too late: never sent, never run late
+            why = "its start-by deadline had passed when it arrived"
+            execs = [Execution(node=n, state="expired", finished_ms=now, reason=why) for n in nodes]
+        else:
+            execs = [Execution(node=n, state="pending") for n in nodes]
         job = self._job(sub, client, auth, now, executions=execs)
         self.store.insert_job(job)
         log.info("job %s: accepted from %s for %d node(s)", job.job_id, client, len(nodes))
@@ -199,9 +203,9 @@ class Coordinator:
     def _resubmitted(self, sub: Submit, client: str, job: Job) -> None:
         """A retried or redelivered submission: answer with the job as it stands."""
         # Not the start-by deadline: a retry from another process computes its own.
-        mine = (sub.target, sub.where, sub.command, sub.timeout_s, client)
-        theirs = (job.target, job.where, job.command, job.timeout_s, job.submitted_by)
-        if mine != theirs:
+        mine = (sub.target, sub.where, sub.command, sub.timeout_s, sub.batch, sub.max_failures)
+        theirs = (job.target, job.where, job.command, job.timeout_s, job.batch, job.max_failures)
+        if mine != theirs or client != job.submitted_by:
             raise Refused("job_id_conflict", f"job {job.job_id} exists with different content")
         log.info("job %s: submitted again; answering with its current state", job.job_id)
         job = self.store.get_job(job.job_id)  # type: ignore[assignment]
@@ -334,7 +338,7 @@ class Coordinator:
         for state in all_states if all_states is not None else (x.state for x in job.executions):
             counts[state] = counts.get(state, 0) + 1
         event = JobEvent(
-            job=job.model_copy(update={"executions": list(changed)}),
+            job=queries.fit(job.model_copy(update={"executions": list(changed)})),
             counts=counts,
             total=sum(counts.values()),
         )

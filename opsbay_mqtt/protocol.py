@@ -48,7 +48,8 @@ Target = Annotated[str, Field(pattern=TARGET_PATTERN)]
 LabelKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,64}$")]
 LabelValue = Annotated[str, Field(max_length=256)]
 # A rollout limit: a count ("10") or a share of the executions ("25%").
-Limit = Annotated[str, Field(pattern=r"^[0-9]{1,6}%?$")]
+LIMIT_PATTERN = r"(0|[1-9][0-9]{0,5})%?"
+Limit = Annotated[str, Field(pattern=rf"^{LIMIT_PATTERN}$")]
 MAX_EXECUTIONS = 10_000
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from opsbay_mqtt import signing
@@ -15,6 +16,35 @@ from opsbay_mqtt.topics import REPLY_ID_RE
 LISTING_OUTPUT_CHARS = 200
 
 
+# A reply or event must stay under the message limit (4 MiB) whatever the job printed.
+JOB_BUDGET_BYTES = 3 * 1024 * 1024
+
+
+def fit(job: Job, budget: int = JOB_BUDGET_BYTES) -> Job:
+    """The job, with each execution's output cut to its tail (and marked truncated) when the
+    whole would not fit in one message: jobs on thousands of nodes, or very noisy ones."""
+    size = len(job.model_dump_json())
+    if size <= budget or not job.executions:
+        return job
+    bare = [x.model_copy(update={"stdout": "", "stderr": ""}) for x in job.executions]
+    overhead = len(job.model_copy(update={"executions": bare}).model_dump_json())
+    # JSON may spell one character in up to six: leave room for the worst case.
+    per_stream = max(0, (budget - overhead) // (12 * len(job.executions)))
+    cut = [
+        x.model_copy(
+            update={
+                "stdout": x.stdout[-per_stream:] if per_stream else "",
+                "stderr": x.stderr[-per_stream:] if per_stream else "",
+                "truncated": x.truncated
+                or len(x.stdout) > per_stream
+                or len(x.stderr) > per_stream,
+            }
+        )
+        for x in job.executions
+    ]
+    return job.model_copy(update={"executions": cut})
+
+
 def answer(q: Query, store: Store) -> Reply:
     if q.query == "result":
         job = store.get_job(q.job_id) if q.job_id else None
@@ -22,10 +52,15 @@ def answer(q: Query, store: Store) -> Reply:
             return Reply(
                 correlation=q.correlation, ok=False, code="not_found", error=f"no job {q.job_id!r}"
             )
-        data: Any = job.model_dump(mode="json")
+        data: Any = fit(job).model_dump(mode="json")
     elif q.query == "results":
-        jobs = store.list_jobs(node=q.node, state=q.state, limit=q.limit)
-        data = [_listed(j) for j in jobs]
+        data, used = [], 0
+        for job in store.list_jobs(node=q.node, state=q.state, limit=q.limit):
+            listed = _listed(fit(job, JOB_BUDGET_BYTES // 4))
+            used += len(json.dumps(listed))
+            if used > JOB_BUDGET_BYTES and data:
+                break  # the reply must fit in one message: fewer jobs than asked for
+            data.append(listed)
     else:
         data = [
             n

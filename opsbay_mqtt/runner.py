@@ -298,7 +298,8 @@ def run(
     if code is not None and code < 0:  # report as a shell would: 128 + signal number
         reason = reason or f"killed by signal {-code}"
         code = 128 - code
-    if not state and control is not None and control.cancelled is not None:
+    # A cancel that came as the command finished on its own does not undo a success.
+    if not state and control is not None and control.cancelled is not None and code != 0:
         state, reason = "cancelled", control.cancelled
     if not state:
         state = "succeeded" if code == 0 else "failed"

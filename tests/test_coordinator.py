@@ -145,3 +145,35 @@ def test_a_crash_inside_a_message_keeps_nothing_of_it(
     job_id = submit(coord)
     assert coord.store.get_job(job_id) is None
     assert coord.outbox == []
+
+
+def test_a_job_too_big_for_one_message_is_cut_to_fit() -> None:
+    from opsbay_mqtt import queries
+    from opsbay_mqtt.protocol import Execution, Job
+
+    noisy = "\x01" * 200_000  # JSON spells each of these in six characters
+    job = Job(
+        job_id=str(uuid.uuid4()), state="succeeded", target="n*", command="x", timeout_s=1,
+        start_by_ms=1, submitted_ms=1, submitted_by="shared",
+        executions=[
+            Execution(node=f"n{i}", state="succeeded", stdout=noisy + f"end {i}\n", stderr="e")
+            for i in range(20)
+        ],
+    )  # fmt: skip
+    assert len(job.model_dump_json()) > 20_000_000
+    cut = queries.fit(job)
+    assert len(cut.model_dump_json()) <= queries.JOB_BUDGET_BYTES
+    assert all(
+        x.truncated and x.stdout.endswith(f"end {i}\n") for i, x in enumerate(cut.executions)
+    )
+    small = job.model_copy(update={"executions": job.executions[:1]})
+    small = small.model_copy(
+        update={"executions": [small.executions[0].model_copy(update={"stdout": "hi"})]}
+    )
+    assert queries.fit(small) == small
+
+
+def test_a_start_by_already_past_is_expired_on_arrival_and_never_sent(coord: Coordinator) -> None:
+    job_id = submit(coord, start_by_s=-5)
+    assert state(coord, job_id) == "expired"
+    assert sent(coord, "/nodes/") == []
