@@ -126,7 +126,7 @@ class Client:
         topics = [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
         if follow:
             topics.append((self.cfg.topics.job_output(job_id), 0))
-        self.conn.subscribe(topics)
+        self.conn.subscribe(topics, wait=False)
         self._unacknowledged[job_id] = msg
         self._submitted[job_id] = msg
         self._publish_submit(msg)
@@ -276,7 +276,7 @@ class Client:
     # -- queries
     def query(self, query: str, timeout_s: float = 10.0, **params: Any) -> Any:
         if not self._reply_subscribed:
-            self.conn.subscribe([(self.cfg.topics.rpc_reply(self.reply_id), 1)])
+            self.conn.subscribe([(self.cfg.topics.rpc_reply(self.reply_id), 1)], wait=False)
             self._reply_subscribed = True
         correlation = secrets.token_hex(8)
         q = Query(query=query, reply_to=self.reply_id, correlation=correlation, **params)  # type: ignore[arg-type]

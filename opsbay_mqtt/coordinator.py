@@ -145,7 +145,10 @@ class Coordinator:
             now = self._now_ms()
             if sub.start_by_ms > now + MAX_EXPIRY_S // 2 * 1000:
                 raise Refused("invalid", "start_by_ms is too far ahead (milliseconds expected)")
-            nodes = rollout.resolve(sub.target, sub.where, self.store.node_labels_all())
+            known = (
+                self.store.node_labels_all() if rollout.needs_known(sub.target, sub.where) else {}
+            )
+            nodes = rollout.resolve(sub.target, sub.where, known)
             for node in nodes:
                 if self.store.open_count(node) >= self.cfg.max_open_per_node:
                     raise Refused(
@@ -167,10 +170,10 @@ class Coordinator:
             execs = [Execution(node=n, state="expired", finished_ms=now, reason=why) for n in nodes]
         else:
             execs = [Execution(node=n, state="pending") for n in nodes]
-        job = self._job(sub, client, auth, now, executions=execs)
-        self.store.insert_job(job)
+        job = self._job(sub, client, auth, now, state=states.job_state(x.state for x in execs))
+        self.store.insert_job(job)  # its executions are written once, by _update
         log.info("job %s: accepted from %s for %d node(s)", job.job_id, client, len(nodes))
-        self._update(job, [], announce=True)
+        self._update(job, execs, announce=True)
 
     def _authorize(self, sub: Submit, client: str, nodes: list[str]) -> None:
         policy = self.cfg.clients.get(client)
@@ -303,7 +306,8 @@ class Coordinator:
                 briefs[node] = Brief(node, ex.state, ex.dispatched_ms)
         for ex in touched.values():
             self.store.upsert_execution(job.job_id, ex)
-            log.info("job %s on %s: %s", job.job_id, ex.node, ex.state)
+            level = logging.INFO if states.is_terminal(ex.state) else logging.DEBUG
+            log.log(level, "job %s on %s: %s", job.job_id, ex.node, ex.state)
         new_state = states.job_state(b.state for b in briefs.values())
         if new_state != job.state:
             self.store.set_job_state(job.job_id, new_state)

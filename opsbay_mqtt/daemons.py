@@ -99,6 +99,7 @@ def run_coordinator(
         client_id=client_id("coordinator", topics),
         persistent=True,
         manual_ack=True,
+        receive_max=1000,
         tls=settings.tls,
     )
     log.info(
@@ -154,6 +155,7 @@ def run_worker(
         client_id=client_id("worker", settings.topics, node),
         persistent=True,
         manual_ack=True,
+        receive_max=1000,
         will=w.will,
         tls=settings.tls,
     )

@@ -18,6 +18,11 @@ from opsbay_mqtt.topics import validate_node
 FAILURES = frozenset({"failed", "timed_out", "expired", "lost", "rejected"})
 
 
+def needs_known(target: str, where: Mapping[str, str]) -> bool:
+    """Whether resolving needs the known nodes (globs, labels, or no target): plain names don't."""
+    return bool(where) or not target or "*" in target or "?" in target
+
+
 def resolve(
     target: str, where: Mapping[str, str], known: Mapping[str, Mapping[str, str]]
 ) -> list[str]:
@@ -83,7 +88,7 @@ def next_step(execs: Iterable[Brief], batch: str | None, max_failures: str | Non
     """What to do after a change: release held-back executions up to the batch size, or stop
     the rollout once failures exceed max-failures."""
     execs = list(execs)
-    held = [x.node for x in execs if x.state == "pending" and x.dispatched_ms is None]
+    held = sorted(x.node for x in execs if x.state == "pending" and x.dispatched_ms is None)
     if not held:
         return Step([], [])
     failures = sum(x.state in FAILURES for x in execs)

@@ -121,6 +121,7 @@ class Connection:
         manual_ack: bool = False,
         tls: TlsFiles | None = None,
         keepalive_s: int = 30,
+        receive_max: int | None = None,
     ) -> None:
         self.url = url
         self.client_id = client_id
@@ -134,6 +135,9 @@ class Connection:
         self._suback = threading.Condition()
         self._acked_mids: set[int] = set()
         self.keepalive_s = keepalive_s
+        # MQTT 5: how many unacknowledged QoS 1 messages the broker may send us at once
+        # (Mosquitto's default is 20, which caps a busy coordinator's batches).
+        self.receive_max = receive_max
         self.reconnects = 0
         if url.mqtt5:
             c = mqtt.Client(
@@ -236,6 +240,8 @@ class Connection:
         if self.url.mqtt5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = SESSION_EXPIRY_S if self.persistent else 0
+            if self.receive_max is not None:
+                props.ReceiveMaximum = self.receive_max
             options = {"clean_start": not self.persistent, "properties": props}
         delay = 0.5
         while True:
@@ -264,12 +270,18 @@ class Connection:
                 self.close()
                 raise BrokerError(f"no answer from broker {self.url} within {timeout_s:g} s")
 
-    def subscribe(self, topics: list[tuple[str, int]], timeout_s: float = 10.0) -> None:
-        """Subscribe (and again after every reconnect); wait for the broker's SUBACK."""
+    def subscribe(
+        self, topics: list[tuple[str, int]], timeout_s: float = 10.0, wait: bool = True
+    ) -> None:
+        """Subscribe (and again after every reconnect); wait for the broker's SUBACK unless
+        `wait` is false: a broker handles one connection's packets in order, so a publish sent
+        after the SUBSCRIBE is routed after the subscription exists."""
         self._subscriptions.extend(topics)
         rc, mid = self._client.subscribe(topics)
         if rc != mqtt.MQTT_ERR_SUCCESS:
             raise BrokerError(f"subscribe failed: {mqtt.error_string(rc)}")
+        if not wait:
+            return
         deadline = time.monotonic() + timeout_s
         with self._suback:
             while mid not in self._acked_mids:

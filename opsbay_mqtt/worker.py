@@ -86,6 +86,8 @@ class Worker:
         self.seq = 0  # connections made in this session
         self._active: dict[str, runner.RunControl] = {}  # queued or running, by job id
         self._live: dict[str, LiveOutput] = {}
+        self._facts: dict[str, object] = {}
+        self._facts_at = float("-inf")
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(config.max_parallel, thread_name_prefix="job")
         self.conn: Connection | None = None
@@ -360,11 +362,14 @@ class Worker:
             return  # already gone: nothing would be left to clean up
         self.ledger.set_pid(job_id, pid, started_at)
 
-    @staticmethod
-    def _host_facts() -> dict[str, object]:
-        f = sysinfo.facts()
-        keep = ("hostname", "uptime_s", "load_x100", "memory_available", "disk_free")
-        return {k: f[k] for k in keep}
+    def _host_facts(self) -> dict[str, object]:
+        """The node's state when a job ended; read at most once a second (psutil is not free)."""
+        now = time.monotonic()
+        if now - self._facts_at > 1.0:
+            f = sysinfo.facts()
+            keep = ("hostname", "uptime_s", "load_x100", "memory_available", "disk_free")
+            self._facts, self._facts_at = {k: f[k] for k in keep}, now
+        return self._facts
 
     # -- main loop
     def serve(self, conn: Connection, stop: threading.Event) -> None:
