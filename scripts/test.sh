@@ -4,7 +4,7 @@
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/setup.sh" dev
 cd "$root"
-ruff check opsbay_mqtt tests
-ruff format --check opsbay_mqtt tests
+ruff check opsbay_mqtt tests bench
+ruff format --check opsbay_mqtt tests bench
 mypy
 exec pytest "$@"
