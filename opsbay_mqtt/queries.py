@@ -23,8 +23,14 @@ JOB_BUDGET_BYTES = 3 * 1024 * 1024
 def fit(job: Job, budget: int = JOB_BUDGET_BYTES) -> Job:
     """The job, with each execution's output cut to its tail (and marked truncated) when the
     whole would not fit in one message: jobs on thousands of nodes, or very noisy ones."""
+    if not job.executions:
+        return job
+    # Cheap first: JSON spells a character in at most six, plus ~2 KiB around each execution.
+    output = sum(len(x.stdout) + len(x.stderr) for x in job.executions)
+    if 6 * output + 2048 * len(job.executions) + len(job.command) * 6 < budget:
+        return job
     size = len(job.model_dump_json())
-    if size <= budget or not job.executions:
+    if size <= budget:
         return job
     bare = [x.model_copy(update={"stdout": "", "stderr": ""}) for x in job.executions]
     overhead = len(job.model_copy(update={"executions": bare}).model_dump_json())
