@@ -6,6 +6,7 @@ when a command runs, as the rest of the package is, so that `opsbay --help` stay
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import signal
@@ -277,13 +278,7 @@ def _submit(
     with Client(cfg) as client:
         try:
             client.submit(
-                target=p.target,
-                where=p.where,
-                command=p.command,
-                timeout_s=p.timeout_s,
-                start_by_s=p.start_by_s,
-                batch=p.batch,
-                max_failures=p.max_failures,
+                **dataclasses.asdict(p),
                 job_id=job_id,
                 follow=True,
             )

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -25,7 +25,7 @@ from opsbay_mqtt.cli import (
 
 if TYPE_CHECKING:
     from opsbay_mqtt.client import Client, ClientConfig
-    from opsbay_mqtt.protocol import Job, Rejected
+    from opsbay_mqtt.protocol import Job, Rejected, SubmitArgs
     from opsbay_mqtt.settings import BusOptions
 
 ACK_TIMEOUT_S = 10.0
@@ -39,18 +39,6 @@ def _client_config(bus: BusOptions, verbose: bool) -> ClientConfig:
     setup_logging(logging.INFO if verbose else logging.WARNING)
     s = settings(bus, "client")
     return ClientConfig(url=s.url, topics=s.topics, keyring=s.keyring, tls=s.tls)
-
-
-@dataclass(frozen=True)
-class SubmitArgs:
-    target: str
-    where: dict[str, str]
-    command: str
-    timeout_s: int
-    start_by_s: int
-    batch: str | None
-    max_failures: str | None
-    job_id: str | None
 
 
 Where = Annotated[
@@ -168,6 +156,8 @@ def submit(
     from opsbay_mqtt.policy import parse_labels
 
     cfg = _client_config(bus, verbose)
+    from opsbay_mqtt.protocol import SubmitArgs
+
     args = SubmitArgs(
         target=target,
         where=run(lambda: parse_labels(where or [], "--where")),
@@ -176,7 +166,6 @@ def submit(
         start_by_s=run(lambda: parse_duration(start_by, "--start-by")),
         batch=batch,
         max_failures=max_failures,
-        job_id=job_id,
     )
     from opsbay_mqtt.protocol import LIMIT_PATTERN
 
@@ -186,12 +175,17 @@ def submit(
     wait_s = run(lambda: parse_duration(wait_timeout, "--wait-timeout")) if wait_timeout else None
     if follow is None:
         follow = wait and not json_out and sys.stdout.isatty()
-    run(lambda: _submit(cfg, args, wait, wait_s, bool(follow), cancel_on_interrupt, json_out))
+    run(
+        lambda: _submit(
+            cfg, args, job_id, wait, wait_s, bool(follow), cancel_on_interrupt, json_out
+        )
+    )
 
 
 def _submit(
     cfg: ClientConfig,
     args: SubmitArgs,
+    job_id: str | None,
     wait: bool,
     wait_s: int | None,
     follow: bool,
@@ -205,14 +199,8 @@ def _submit(
 
     with Client(cfg) as client:
         jid = client.submit(
-            target=args.target,
-            where=args.where,
-            command=args.command,
-            timeout_s=args.timeout_s,
-            start_by_s=args.start_by_s,
-            batch=args.batch,
-            max_failures=args.max_failures,
-            job_id=args.job_id,
+            **dataclasses.asdict(args),
+            job_id=job_id,
             follow=follow and wait,
         )
         if not wait:

@@ -40,7 +40,7 @@ from typing import Any, BinaryIO
 from opsbay_mqtt import states
 from opsbay_mqtt.errors import ConfigError, OpsbayError
 from opsbay_mqtt.policy import parse_labels
-from opsbay_mqtt.protocol import LIMIT_PATTERN, Job, Output
+from opsbay_mqtt.protocol import LIMIT_PATTERN, Job, Output, SubmitArgs
 from opsbay_mqtt.watchlog import split_lines
 
 MAX_INPUT_BYTES = 16 * 1024 * 1024
@@ -52,17 +52,8 @@ class BadInput(OpsbayError):
     """What Cronicle sent is not a job (exit 2), or its params are not usable (code 2)."""
 
 
-@dataclass(frozen=True)
-class PluginParams:
-    """The Plugin params as submit arguments."""
-
-    target: str
-    where: dict[str, str]
-    command: str
-    timeout_s: int
-    start_by_s: int
-    batch: str | None
-    max_failures: str | None
+# The Plugin params, as submit arguments.
+PluginParams = SubmitArgs
 
 
 def read_job(line: bytes) -> dict[str, Any]:

@@ -7,6 +7,7 @@ every failure as one `Refused` with a reason code; nothing else escapes.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -95,6 +96,20 @@ class Submit(Message):
         if self.batch in ("0", "0%"):
             raise ValueError("batch must be at least 1")
         return self
+
+
+@dataclass(frozen=True)
+class SubmitArgs:
+    """What someone asks to run, before a job id and an absolute deadline are chosen (the
+    arguments of Client.submit, from the command line or a Cronicle job)."""
+
+    target: str
+    where: dict[str, str]
+    command: str
+    timeout_s: int
+    start_by_s: int
+    batch: str | None
+    max_failures: str | None
 
 
 class Cancel(Message):
