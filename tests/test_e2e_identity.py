@@ -53,11 +53,10 @@ class Keys:
         return str(self.dir / f"{name}.toml")
 
     def keyring(self, name: str) -> Any:
-        kind = "node" if name in NODES else "client"
+        """What party `name` signs with: its own key file."""
+        own = keyfile.load(Path(self.file(name)))
         return keyfile.keyring(
-            keyfile.load(Path(self.file(name))),
-            None,
-            keyfile.load(Path(self.file(name))).signing_kid(kind, name),
+            own, None, own.signing_kid("node" if name in NODES else "client", name)
         )
 
 
