@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Shared set-up for scripts/up.sh and scripts/test.sh: a virtualenv with the package, and the
 # system tools the bus needs (Mosquitto and its clients; jq and openssl for the shell examples).
-# Source it: `. scripts/setup.sh [dev]`.
+# Source it: set `setup_extra=dev` first for the development tools (the caller's own
+# arguments must not reach this file: `. file` passes them on).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +30,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-extra="${1:-}"
+extra="${setup_extra:-}"
 stamp="$venv/.opsbay-installed${extra:+-$extra}"
 if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"

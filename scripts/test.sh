@@ -2,7 +2,8 @@
 # Lint, type-check and run the whole test suite. The suite starts its own Mosquitto on a free
 # port. Extra arguments go to pytest (e.g. -k refusals).
 set -euo pipefail
-. "$(dirname "${BASH_SOURCE[0]}")/setup.sh" dev
+setup_extra=dev
+. "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$root"
 ruff check opsbay_mqtt tests bench
 ruff format --check opsbay_mqtt tests bench
