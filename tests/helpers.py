@@ -30,7 +30,7 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, every: flo
         last = predicate()
         if last:
             return last
-        time.sleep(every)  # the poll interval of a bounded wait on a condition
+        time.sleep(every)  # wait_until's poll interval, inside its deadline
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last saw {last!r}")
 
 
