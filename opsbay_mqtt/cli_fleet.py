@@ -23,8 +23,10 @@ from opsbay_mqtt.cli import Verbose, app, bus_options, fail, parse_duration, run
 if TYPE_CHECKING:
     from opsbay_mqtt.client import ClientConfig
     from opsbay_mqtt.cronicle import PluginOut, PluginParams
-    from opsbay_mqtt.settings import BusOptions, Settings
+    from opsbay_mqtt.settings import BusOptions
     from opsbay_mqtt.signing import Keyring
+    from opsbay_mqtt.topics import Topics
+    from opsbay_mqtt.transport import BrokerURL, TlsFiles
     from opsbay_mqtt.watchlog import Seen
 
 log = logging.getLogger(__name__)
@@ -32,20 +34,16 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------- watch
 
 
-def _watch_settings(bus: BusOptions) -> tuple[Settings, Keyring | None]:
-    """Settings, and the keyring to verify with; a watcher with no key at all still watches."""
-    import dataclasses
+def _watch_settings(bus: BusOptions) -> tuple[BrokerURL, Topics, TlsFiles, Keyring | None]:
+    """Where to watch, and the keyring to verify with; a watcher with no key still watches."""
+    from opsbay_mqtt.settings import connection, has_key, resolve
 
-    from opsbay_mqtt.settings import resolve
-
-    if bus.secret or bus.secret_file is not None or bus.key_file is not None:
-        # The coordinator's role takes every key it is given: a watcher signs nothing, it
-        # verifies with whatever it holds.
-        s = resolve(bus, "coordinator")
-        return s, s.keyring
-    # resolve() insists on a key; give it a placeholder to validate the rest, then drop it.
-    s = resolve(dataclasses.replace(bus, secret="none"), "client")
-    return s, None
+    if not has_key(bus):
+        return (*connection(bus), None)
+    # The coordinator's role takes every key it is given: a watcher signs nothing, it
+    # verifies with whatever it holds.
+    s = resolve(bus, "coordinator")
+    return s.url, s.topics, s.tls, s.keyring
 
 
 def _print(line: str) -> None:
@@ -115,8 +113,8 @@ def watch(
         name = node
         run(lambda: validate_node(name))
     stop_after = run(lambda: parse_duration(for_, "--for")) if for_ else None
-    s, keyring = run(lambda: _watch_settings(bus))
-    subs = subscriptions(s.topics, job, node, output)
+    url, topics, tls, keyring = run(lambda: _watch_settings(bus))
+    subs = subscriptions(topics, job, node, output)
 
     def show(seen: Seen) -> bool:
         lines = [json_line(seen)] if json_out else human_lines(seen, time.time(), full_ids, node)
@@ -125,14 +123,15 @@ def watch(
         return bool(lines)
 
     def pick(topic: str, payload: bytes) -> Seen | None:
-        seen = read_message(s.topics, topic, payload, keyring)
+        seen = read_message(topics, topic, payload, keyring)
         return seen if seen is not None and matches(seen, job, node) else None
 
-    run(lambda: _watch(s, subs, pick, show, retained, count, stop_after))
+    run(lambda: _watch(url, tls, subs, pick, show, retained, count, stop_after))
 
 
 def _watch(
-    s: Settings,
+    url: BrokerURL,
+    tls: TlsFiles,
     subscriptions: list[tuple[str, int]],
     pick: Callable[[str, bytes], Seen | None],
     show: Callable[[Seen], bool],
@@ -144,7 +143,7 @@ def _watch(
 
     from opsbay_mqtt.transport import CONNECTED, Connection
 
-    conn = Connection(url=s.url, client_id=f"opsbay-watch-{secrets.token_hex(6)}", tls=s.tls)
+    conn = Connection(url=url, client_id=f"opsbay-watch-{secrets.token_hex(6)}", tls=tls)
     deadline = time.monotonic() + (stop_after_s if stop_after_s is not None else float("inf"))
     printed = 0
     with _interrupt_on_sigterm():
@@ -152,7 +151,7 @@ def _watch(
             conn.connect()
             conn.subscribe(subscriptions)
             topics = " ".join(t for t, _ in subscriptions)
-            typer.echo(f"opsbay: watching {s.url} {topics}; Ctrl-C to stop", err=True)
+            typer.echo(f"opsbay: watching {url} {topics}; Ctrl-C to stop", err=True)
             while count is None or printed < count:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -250,7 +249,7 @@ def _plugin(
         return render.EXIT_USAGE, str(e), {}
     try:
         s = resolve(bus, "client")
-        cfg = ClientConfig(url=s.url, topics=s.topics, keyring=s.keyring, tls=s.tls)
+        cfg = ClientConfig.of(s)
         return _submit(cfg, params, str(cronicle_job.get("id", "?")), out)
     except ConfigError as e:
         return render.EXIT_CONFIG, f"opsbay: {e}", {}

@@ -38,7 +38,7 @@ def _client_config(bus: BusOptions, verbose: bool) -> ClientConfig:
 
     setup_logging(logging.INFO if verbose else logging.WARNING)
     s = settings(bus, "client")
-    return ClientConfig(url=s.url, topics=s.topics, keyring=s.keyring, tls=s.tls)
+    return ClientConfig.of(s)
 
 
 Where = Annotated[

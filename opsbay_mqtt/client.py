@@ -25,9 +25,11 @@ from opsbay_mqtt.protocol import (
     Reply,
     Submit,
     decode,
+    decode_unverified,
     describe_validation,
     encode,
 )
+from opsbay_mqtt.settings import Settings
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics, new_job_id, validate_job_id, validate_node
 from opsbay_mqtt.transport import CONNECTED, BrokerURL, Connection, Inbound, TlsFiles
@@ -54,6 +56,10 @@ class ClientConfig:
     keyring: Keyring
     tls: TlsFiles = field(default_factory=TlsFiles)
     connect_timeout_s: float = 10.0
+
+    @classmethod
+    def of(cls, s: Settings) -> ClientConfig:
+        return cls(url=s.url, topics=s.topics, keyring=s.keyring, tls=s.tls)
 
 
 class Client:
@@ -315,9 +321,10 @@ class Client:
         except Refused:
             # As with rejections: an error reply to a badly signed query is taken unverified.
             try:
-                reply = Reply.model_validate(_body(signing.parse(payload)))
-            except (Refused, ValidationError):
+                reply = decode_unverified(payload, (Reply,))
+            except Refused:
                 return None
+            assert isinstance(reply, Reply)
             return None if reply.ok else reply
         assert isinstance(decoded, Reply)
         return decoded
@@ -337,12 +344,10 @@ def _by_node(ex: Execution) -> str:
     return ex.node
 
 
-def _body(obj: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in obj.items() if k not in ("auth", "sig")}
-
-
 def _unverified_rejection(payload: bytes) -> Rejected | None:
     try:
-        return Rejected.model_validate(_body(signing.parse(payload)))
-    except (Refused, ValidationError):
+        rejected = decode_unverified(payload, (Rejected,))
+    except Refused:
         return None
+    assert isinstance(rejected, Rejected)
+    return rejected

@@ -160,7 +160,7 @@ class Coordinator:
             self._reject(payload, e, auth)
             return
         try:
-            self._authorize(sub, client, nodes)
+            self._authorize(sub, client, nodes, known)
         except Refused as e:  # stored: the same submission would be refused again
             self._store_rejected(sub, client, auth, now, e)
             self._reject(payload, e, auth)
@@ -175,13 +175,17 @@ class Coordinator:
         log.info("job %s: accepted from %s for %d node(s)", job.job_id, client, len(nodes))
         self._update(job, execs, announce=True)
 
-    def _authorize(self, sub: Submit, client: str, nodes: list[str]) -> None:
+    def _authorize(
+        self, sub: Submit, client: str, nodes: list[str], known: Mapping[str, Mapping[str, str]]
+    ) -> None:
+        """`known`: the nodes' labels when resolving the target needed them all already."""
         policy = self.cfg.clients.get(client)
         for node in nodes:
             if self.cfg.allow_nodes is not None and node not in self.cfg.allow_nodes:
                 raise Refused("target_not_allowed", f"node {node!r} may not be targeted here")
             if policy is not None:
-                policy.check(client, node, self.store.node_labels(node), sub.command)
+                labels = known.get(node, {}) if known else self.store.node_labels(node)
+                policy.check(client, node, labels, sub.command)
             self._node_kid(node)
 
     @staticmethod

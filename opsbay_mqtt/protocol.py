@@ -311,9 +311,21 @@ def decode(
     """Parse, verify and validate one message; every failure is a `Refused`."""
     obj = signing.parse(payload)
     auth = signing.verify(obj, keyring)
+    # Verified: a refusal from here on can be signed for its sender.
+    return _validate(obj, expect, auth.kid), auth
+
+
+def decode_unverified(payload: bytes, expect: tuple[type[Message], ...]) -> Message:
+    """Parse and validate without checking the signature: only for what cannot hurt when
+    forged (a refusal read by its sender, a watcher's display). Failures are `Refused`."""
+    return _validate(signing.parse(payload), expect, None)
+
+
+def _validate(
+    obj: dict[str, Any], expect: tuple[type[Message], ...] | None, kid: str | None
+) -> Message:
     body = {k: v for k, v in obj.items() if k not in ("auth", "sig")}
     version = body.get("v")
-    kid = auth.kid  # verified: a refusal from here on can be signed for its sender
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise Refused("bad_version", f"protocol version {version!r} is not supported (1)", kid)
     kind = body.get("type")
@@ -324,7 +336,7 @@ def decode(
         names = ", ".join(c.model_fields["type"].default for c in expect)
         raise Refused("bad_type", f"message type {kind!r} not expected here ({names})", kid)
     try:
-        return cls.model_validate(body), auth
+        return cls.model_validate(body)
     except ValidationError as e:
         raise Refused("invalid", describe_validation(e), kid) from e
 

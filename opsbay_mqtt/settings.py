@@ -67,13 +67,23 @@ def _files_exist(opts: BusOptions) -> TlsFiles:
     )
 
 
-def resolve(opts: BusOptions, role: str, name: str | None = None) -> Settings:
-    """Settings for a `client`, the `coordinator`, or the worker of node `name`."""
+def has_key(opts: BusOptions) -> bool:
+    return bool(opts.secret) or opts.secret_file is not None or opts.key_file is not None
+
+
+def connection(opts: BusOptions) -> tuple[BrokerURL, Topics, TlsFiles]:
+    """Where the bus is: what every party needs, with or without a key."""
     url = BrokerURL.parse(opts.broker)
     try:
         topics = Topics(opts.prefix)
     except Refused as e:
         raise ConfigError(f"--prefix / OPSBAY_PREFIX: {e.text}") from e
+    return url, topics, _files_exist(opts)
+
+
+def resolve(opts: BusOptions, role: str, name: str | None = None) -> Settings:
+    """Settings for a `client`, the `coordinator`, or the worker of node `name`."""
+    url, topics, tls = connection(opts)
     shared = _shared(opts)
     file = keys.load(opts.key_file) if opts.key_file is not None else None
     if shared is None and file is None:
@@ -93,6 +103,6 @@ def resolve(opts: BusOptions, role: str, name: str | None = None) -> Settings:
         url=url,
         topics=topics,
         keyring=keys.keyring(file, shared, signing_kid),
-        tls=_files_exist(opts),
+        tls=tls,
         clients=file.clients if file is not None and role == "coordinator" else {},
     )

@@ -158,20 +158,23 @@ def run_stack(*, port: int, directory: Path, node: str, once: bool) -> int:
 
 
 def _wait_online(env: dict[str, str], node: str, timeout_s: float) -> bool:
-    """Ask the coordinator until the node reports online (bounded by `timeout_s`)."""
-    import json
+    """Ask the coordinator, over one connection, until the node reports online (bounded by
+    `timeout_s`)."""
+    from opsbay_mqtt.client import Client, ClientConfig
+    from opsbay_mqtt.settings import BusOptions, resolve
 
+    opts = BusOptions(
+        broker=env["OPSBAY_BROKER"],
+        secret_file=Path(env["OPSBAY_SECRET_FILE"]),
+        prefix=env["OPSBAY_PREFIX"],
+    )
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        out = subprocess.run(
-            [sys.executable, "-m", "opsbay_mqtt", "nodes", "--json"],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        if out.returncode == 0 and any(
-            n["node"] == node and n["state"] == "online" for n in json.loads(out.stdout)
-        ):
-            return True
-        time.sleep(0.2)  # polling another process's state, bounded by the deadline
+    with Client(ClientConfig.of(resolve(opts, "client"))) as client:
+        while time.monotonic() < deadline:
+            try:
+                if any(n["node"] == node for n in client.nodes(2, node_state="online")):
+                    return True
+            except BrokerError:  # the coordinator is not answering yet
+                continue
+            time.sleep(0.2)  # polling another process's state, bounded by the deadline
     return False

@@ -14,19 +14,16 @@ import re
 import time
 from dataclasses import dataclass
 
-from pydantic import ValidationError
-
-from opsbay_mqtt import signing, states
+from opsbay_mqtt import states
 from opsbay_mqtt.errors import Refused
 from opsbay_mqtt.protocol import (
-    MESSAGE_TYPES,
-    PROTOCOL_VERSION,
     JobEvent,
     Message,
     NodeStatus,
     Output,
     Rejected,
     decode,
+    decode_unverified,
 )
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import JOB_ID_RE, Topics
@@ -106,19 +103,8 @@ def _decode(
                 return None
             # else: signed with a key we do not hold (or not signed): shown as unverified
     try:
-        body = {k: v for k, v in signing.parse(payload).items() if k not in ("auth", "sig")}
-        kind = body.get("type")
-        cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
-        version = body.get("v")
-        if (
-            type(version) is not int
-            or version != PROTOCOL_VERSION
-            or cls is None
-            or cls not in expect
-        ):
-            return None
-        return Seen(cls.model_validate(body), False)
-    except (Refused, ValidationError) as e:
+        return Seen(decode_unverified(payload, expect), False)
+    except Refused as e:
         log.debug("ignored an unreadable message: %s", e)
         return None
 

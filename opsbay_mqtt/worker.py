@@ -16,7 +16,7 @@ from typing import Any
 
 import psutil
 
-from opsbay_mqtt import __version__, runner, sysinfo
+from opsbay_mqtt import __version__, authz, runner, sysinfo
 from opsbay_mqtt.errors import Refused
 from opsbay_mqtt.ledger import Ledger
 from opsbay_mqtt.livelog import FLUSH_EVERY_S, LiveOutput
@@ -211,9 +211,7 @@ class Worker:
                 raise Refused("wrong_topic", f"message on {msg.topic!r} is not for this node")
             if dispatch.node != node:
                 raise Refused("wrong_node", f"message for node {dispatch.node!r} reached {node!r}")
-            who = auth.identity
-            if who is not None and (who.kind, who.name) != ("node", node):
-                raise Refused("wrong_identity", f"dispatch signed with a key not for {node!r}")
+            authz.require_node(auth, node)
         except Refused as e:
             log.warning("refused a message on %s: %s", msg.topic, e)
             self._ack(msg)
@@ -233,13 +231,19 @@ class Worker:
             if seen is None and not self.ledger.start(job_id, self._now_ms()):
                 return
         if seen is not None:
-            if seen[1] is not None:
-                self._publish(self.cfg.topics.result(self.cfg.node, job_id), seen[1])
+            self._resend(job_id, seen)
             return
         reason = "cancelled before it arrived"
         self._finish(
             self._result(job_id, "cancelled", finished_ms=self._now_ms(), reason=reason), None
         )
+
+    def _resend(self, job_id: str, seen: tuple[str, bytes | None]) -> None:
+        """A job this node has seen before: its stored result goes out again, nothing runs."""
+        state, stored = seen
+        log.info("job %s: already %s here; re-sending its result", job_id, state)
+        if stored is not None:
+            self._publish(self.cfg.topics.result(self.cfg.node, job_id), stored)
 
     def accept(self, d: Dispatch, msg: Inbound | None) -> None:
         """Queue a dispatch to run, unless this node has seen its job id before."""
@@ -250,10 +254,7 @@ class Worker:
                 return
             seen = self.ledger.get(d.job_id)
             if seen is not None:
-                state, stored = seen
-                log.info("job %s: already %s here; re-sending its result", d.job_id, state)
-                if stored is not None:
-                    self._publish(self.cfg.topics.result(d.node, d.job_id), stored)
+                self._resend(d.job_id, seen)
                 self._ack(msg)
                 return
             self._active[d.job_id] = runner.RunControl()
