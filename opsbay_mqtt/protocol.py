@@ -71,8 +71,10 @@ Limit = Annotated[str, Field(pattern=rf"^{LIMIT_PATTERN}$")]
 MAX_EXECUTIONS = 10_000
 
 
+# defer_build: a model's validator is built when it is first used, so a process builds only the
+# models it handles (a CLI call two or three, a worker six of the thirteen).
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, defer_build=True)
     v: Literal[1] = 1
 
 
@@ -170,7 +172,7 @@ class Result(Message):
 class Execution(BaseModel):
     """One job on one node, as the coordinator records it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     node: NodeName
     state: ExecState
     exit_code: int | None = None
@@ -191,7 +193,7 @@ class Execution(BaseModel):
 class Job(BaseModel):
     """A job and its executions, as the coordinator records it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     job_id: JobId
     state: JobState
     target: str
