@@ -10,16 +10,15 @@ import socket
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig, serve
 from opsbay_mqtt.errors import ConfigError, Refused
-from opsbay_mqtt.ledger import Ledger
-from opsbay_mqtt.policy import WorkerPolicy
-from opsbay_mqtt.settings import Settings
-from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import Topics, validate_node
 from opsbay_mqtt.transport import Connection
-from opsbay_mqtt.worker import Worker, WorkerConfig
+
+if TYPE_CHECKING:
+    from opsbay_mqtt.policy import WorkerPolicy
+    from opsbay_mqtt.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +73,10 @@ def run_coordinator(
     allow_nodes: frozenset[str] | None,
     limits: dict[str, int],
 ) -> None:
+    # Imported here: a worker process (every node) never loads the coordinator's modules.
+    from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig, serve
+    from opsbay_mqtt.store import Store
+
     _make_dir(data_dir, "--data-dir / OPSBAY_DATA_DIR")
     for n in allow_nodes or ():
         try:
@@ -135,6 +138,9 @@ def run_worker(
     run_as: str | None,
     clean_env: bool,
 ) -> None:
+    from opsbay_mqtt.ledger import Ledger
+    from opsbay_mqtt.worker import Worker, WorkerConfig
+
     _make_dir(state_dir, "--state-dir / OPSBAY_STATE_DIR")
     check_run_as(run_as)
     stop = _stop_on_signals()
