@@ -1,6 +1,7 @@
 """Component costs behind the figures, in one process and without a broker:
-`python -m bench.micro` (about 30 s). Not part of the table: it is what "What the profiles
-showed" in docs/benchmarks.md quotes, so that a fix can be checked against it quickly.
+`python -m bench.micro` (about 30 s; `--runner-only` for the runner's lines alone). Not part of
+the table: it is what "What the profiles showed" in docs/benchmarks.md quotes, so that a fix can
+be checked against it quickly.
 
 - the coordinator's `handle()` per message kind (SQLite in a temporary directory, logging to
   /dev/null, commits every 20 messages as its loop does with Mosquitto's 20 in flight), and one
@@ -13,6 +14,7 @@ showed" in docs/benchmarks.md quotes, so that a fix can be checked against it qu
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import statistics
@@ -188,6 +190,33 @@ def runner() -> list[str]:
     ]
 
 
+def runner_interleaved(n: int = 300) -> list[str]:
+    """`runner.run("true")` and a bare Popen of the same, alternating in one loop so that both
+    see the same machine: medians and quartiles of `n` calls each."""
+    from opsbay_mqtt import runner as r
+
+    def bare() -> None:
+        subprocess.Popen(
+            ["/bin/sh", "-c", "true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        ).communicate()
+
+    fns: dict[str, Callable[[], object]] = {
+        "runner.run('true')": lambda: r.run("true", timeout_s=60),
+        "bare Popen().communicate()": bare,
+    }
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(n):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    out = []
+    for name, xs in times.items():
+        q1, q2, q3 = (q * 1000 for q in statistics.quantiles(xs, n=4))
+        out.append(f"{name}, interleaved, n={n}: median {q2:.2f} ms (quartiles {q1:.2f}-{q3:.2f})")
+    return out
+
+
 def imports() -> list[str]:
     steps = [
         "",
@@ -215,13 +244,22 @@ def imports() -> list[str]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.micro", description="Component costs.")
+    ap.add_argument("--runner-only", action="store_true", help="only runner.run against Popen")
+    ap.add_argument("-n", type=int, default=300, help="calls of each in the interleaved loop")
+    args = ap.parse_args(argv)
+    if args.runner_only:
+        for line in runner_interleaved(args.n):
+            print(line)
+        return 0
     logging.basicConfig(level=logging.INFO, stream=open(os.devnull, "w"))  # noqa: SIM115
     with tempfile.TemporaryDirectory(prefix="opsbay-micro-") as tmp:
         d = Path(tmp)
         lines = coordinator(d)
         lines += [worker(d, "FULL"), worker(d, "NORMAL")]
     lines += runner()
+    lines += runner_interleaved()
     lines += imports()
     for line in lines:
         print(line)

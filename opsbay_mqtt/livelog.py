@@ -17,7 +17,7 @@ FLUSH_EVERY_S = 0.1
 
 
 class LiveOutput:
-    """Collects a job's output from its reader threads and hands it on as `Output` messages:
+    """Collects a job's output as the runner reads it and hands it on as `Output` messages:
     when a chunk is full, or when `flush` is called (the worker does so every 100 ms and at the
     end). Beyond the rate budget, bytes are dropped and counted in the next chunk."""
 

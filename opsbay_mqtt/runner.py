@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import pwd
+import selectors
 import signal
 import subprocess
 import threading
@@ -14,7 +15,6 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
 
 import psutil
 
@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 DEFAULT_OUTPUT_CAP = 64 * 1024  # per stream: this much from the head and this much from the tail
 DEFAULT_KILL_GRACE_S = 5.0
 _READ_SIZE = 64 * 1024
+_SETTLE_S = 0.2  # after the shell exits: for its output to end, before and after its group ends
+_KILLED_EXIT_S = 10.0  # for a KILLed shell to exit (one in uninterruptible sleep may not)
+_NAP_MIN_S, _NAP_MAX_S = 0.0005, 0.05  # polling for the exit where there is no pidfd
+_SELECT_MAX_S = 3600.0  # epoll cannot wait for the longest timeouts in one call
 
 
 class HeadTail:
@@ -83,16 +87,101 @@ class RunResult:
 OutputSink = Callable[[str, bytes], None]
 
 
-def _pump(stream: IO[bytes], buf: HeadTail, name: str, sink: OutputSink | None) -> None:
-    """Read one pipe to its end, then close it (the reader owns its pipe: it may outlive run())."""
-    fd = stream.fileno()
-    try:
-        while chunk := os.read(fd, _READ_SIZE):
-            buf.write(chunk)
-            if sink is not None:
-                sink(name, chunk)
-    finally:
-        stream.close()
+class _Watch:
+    """The command's two pipes and its exit, watched by one selector in the calling thread: no
+    thread per job. The exit is a pidfd, readable once the shell has exited; where there is none
+    (no os.pidfd_open, or it failed) the shell is polled between short selects. The caller owns
+    the pipes and closes them."""
+
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        streams: dict[str, HeadTail],
+        sink: OutputSink | None,
+    ) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        self.proc, self.sink = proc, sink
+        self.pidfd = -1
+        self.reading = 0
+        self._nap = _NAP_MIN_S
+        self.sel = selectors.DefaultSelector()
+        try:
+            pidfd_open = getattr(os, "pidfd_open", None)
+            if pidfd_open is not None:
+                with contextlib.suppress(OSError):
+                    self.pidfd = pidfd_open(proc.pid)
+            if self.pidfd >= 0:
+                self.sel.register(self.pidfd, selectors.EVENT_READ, None)
+            for name, f in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+                os.set_blocking(f.fileno(), False)
+                self.sel.register(f, selectors.EVENT_READ, (name, streams[name]))
+                self.reading += 1
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.sel.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def _step(self, timeout: float) -> None:
+        """Wait up to `timeout` for output or the exit; read one chunk from each ready pipe, and
+        reap the shell once it has exited."""
+        polling = self.pidfd < 0
+        for key, _ in self.sel.select(min(timeout, self._nap if polling else _SELECT_MAX_S)):
+            if key.data is None:
+                if self.proc.poll() is not None:  # None only while another thread polls it
+                    self.sel.unregister(key.fd)
+            else:
+                self._read(key.fd, *key.data)
+        if polling and self.proc.poll() is None:
+            self._nap = min(2 * self._nap, _NAP_MAX_S)
+
+    def _read(self, fd: int, name: str, buf: HeadTail) -> None:
+        try:
+            chunk = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self.sel.unregister(fd)
+            self.reading -= 1
+            self._nap = _NAP_MIN_S  # the pipes end as the shell exits: look again soon
+            return
+        buf.write(chunk)
+        if self.sink is not None:
+            try:
+                self.sink(name, chunk)
+            except Exception:
+                log.exception("the live output sink failed; the output is still captured")
+                self.sink = None
+
+    def wait(self, timeout: float) -> bool:
+        """Read output until the shell exits or `timeout` passes; whether it exited."""
+        deadline = time.monotonic() + timeout
+        while self.proc.returncode is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return self.proc.poll() is not None
+            self._step(left)
+        return True
+
+    def drain(self, timeout: float) -> bool:
+        """Read until both pipes are at their end or `timeout` passes; whether they are."""
+        deadline = time.monotonic() + timeout
+        while self.reading:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._step(left)
+        return True
+
+    def pause(self, seconds: float) -> None:
+        """Wait `seconds`, reading what comes meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._step(left)
 
 
 class RunControl:
@@ -175,6 +264,27 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def _alive(p: psutil.Process) -> bool:
+    """Whether `p` still runs: a zombie does not, nor a new process that got its pid."""
+    try:
+        return bool(p.is_running() and p.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def _wait_gone(
+    procs: set[psutil.Process], deadline: float, pause: Callable[[float], object]
+) -> bool:
+    """Wait until none of `procs` runs, or until `deadline`; whether none does. They may close
+    the job's pipes a moment before they are gone, and are not our children: this polls."""
+    while any(_alive(p) for p in procs):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        pause(min(0.005, left))
+    return True
+
+
 def kill_leftover_group(pgid: int, started_at: float) -> bool:
     """Kill what is left of a job's process group after the worker that ran it died.
 
@@ -196,23 +306,22 @@ def kill_leftover_group(pgid: int, started_at: float) -> bool:
     return True
 
 
-def _join_all(threads: list[threading.Thread], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    for t in threads:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
-    return not any(t.is_alive() for t in threads)
-
-
 def _end_leftovers(
-    proc: subprocess.Popen[bytes], known: set[psutil.Process], grace_s: float
+    proc: subprocess.Popen[bytes],
+    known: set[psutil.Process],
+    grace_s: float,
+    pause: Callable[[float], object] = time.sleep,
 ) -> None:
-    """TERM what the command left running in its group, KILL it after `grace_s`."""
+    """TERM what the command left running in its group, and the descendants seen that left it;
+    KILL them after `grace_s`. `pause` waits between looks (run() keeps reading the pipes)."""
     if not _group_alive(proc.pid) and not any(p.is_running() for p in known):
         return
     _kill_tree(proc, signal.SIGTERM, known)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _group_alive(proc.pid):
-        time.sleep(0.02)  # polling a process group that has no wait primitive, bounded above
+    while time.monotonic() < deadline and (  # a group has no wait primitive
+        _group_alive(proc.pid) or any(_alive(p) for p in known)
+    ):
+        pause(max(0.0, min(0.02, deadline - time.monotonic())))
     _kill_tree(proc, signal.SIGKILL, known)
 
 
@@ -237,6 +346,9 @@ def run(
     that left the group (setsid) but still holds the job's output pipes, found by the
     OPSBAY_RUN_ID in its environment. A command that detaches completely on purpose (its own
     session and its output redirected, as a daemon does) is left alone.
+
+    Output is read in the calling thread, which calls `on_output` with each chunk as it is read;
+    a sink that raises is logged and not called again, and the output is still captured.
     """
     out, err = HeadTail(output_cap), HeadTail(output_cap)
     run_id = uuid.uuid4().hex
@@ -256,44 +368,49 @@ def run(
         group=pwd.getpwnam(user).pw_gid if user else None,
         extra_groups=[] if user else None,
     )
-    assert proc.stdout is not None and proc.stderr is not None
-    if on_start is not None:
-        on_start(proc.pid)
-    readers = [
-        threading.Thread(target=_pump, args=(proc.stdout, out, "stdout", on_output), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, err, "stderr", on_output), daemon=True),
-    ]
-    for r in readers:
-        r.start()
-    state, reason = "", None
     known: set[psutil.Process] = set()
-    if control is not None:
-        control.attach(proc, known, kill_grace_s)
+    watch: _Watch | None = None
     try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        state, reason = "timed_out", f"timed out after {timeout_s:g} s; process group killed"
-        _kill_tree(proc, signal.SIGTERM, known)
-        try:
-            proc.wait(timeout=kill_grace_s)
-        except subprocess.TimeoutExpired:
+        watch = _Watch(proc, {"stdout": out, "stderr": err}, on_output)
+        if on_start is not None:
+            on_start(proc.pid)
+        state, reason = "", None
+        if control is not None:
+            control.attach(proc, known, kill_grace_s)
+        if not watch.wait(timeout_s):
+            state, reason = "timed_out", f"timed out after {timeout_s:g} s; process group killed"
+            _kill_tree(proc, signal.SIGTERM, known)
+            if not watch.wait(kill_grace_s):
+                _kill_tree(proc, signal.SIGKILL, known)
+                watch.wait(_KILLED_EXIT_S)
+        finished = clock()
+        duration_ms = int((time.monotonic() - t0) * 1000)
+        # Leftovers in the group (background jobs) would hold the pipes open or outlive the job.
+        watch.drain(_SETTLE_S)
+        _end_leftovers(proc, known, kill_grace_s, watch.pause)
+        if not watch.drain(_SETTLE_S):
+            # Still held open: by something that left the group with setsid. Find it by the run
+            # id in its environment and end it too.
+            escaped = set(_holding_run_id(run_id))
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                for p in escaped:
+                    with contextlib.suppress(psutil.Error):
+                        p.send_signal(sig)
+                deadline = time.monotonic() + kill_grace_s
+                if watch.drain(kill_grace_s) and _wait_gone(escaped, deadline, watch.pause):
+                    break
+    except BaseException:
+        if proc.poll() is None:  # run() failed, so no result will account for the command
             _kill_tree(proc, signal.SIGKILL, known)
-            proc.wait()
-    finished = clock()
-    duration_ms = int((time.monotonic() - t0) * 1000)
-    # Leftovers in the group (background jobs) would hold the pipes open or outlive the job.
-    _join_all(readers, 0.2)
-    _end_leftovers(proc, known, kill_grace_s)
-    if not _join_all(readers, 0.2):
-        # Still held open: by something that left the group with setsid. Find it by the run id
-        # in its environment and end it too.
-        escaped = set(_holding_run_id(run_id))
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for p in escaped:
-                with contextlib.suppress(psutil.Error):
-                    p.send_signal(sig)
-            if _join_all(readers, kill_grace_s):
-                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=_SETTLE_S)
+        raise
+    finally:
+        if watch is not None:
+            watch.close()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
     code = proc.returncode
     if code is not None and code < 0:  # report as a shell would: 128 + signal number
         reason = reason or f"killed by signal {-code}"

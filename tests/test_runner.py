@@ -1,13 +1,17 @@
 """runner: exit codes, separate streams, timeouts that end the whole process group, output caps,
-leftovers; HeadTail on its own."""
+leftovers, cancels; one thread and no leaked descriptors per job, with or without a pidfd;
+HeadTail on its own."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -185,6 +189,13 @@ def test_a_term_ignoring_background_process_is_killed_after_the_command_exits(
     assert not alive(bg)
 
 
+def test_what_a_background_process_writes_as_it_is_ended_is_kept() -> None:
+    r = runner.run(
+        "(trap 'echo bye; exit 0' TERM; sleep 100 & wait) & echo bg", timeout_s=30, kill_grace_s=5
+    )
+    assert (r.state, r.exit_code, r.stdout) == ("succeeded", 0, "bg\nbye\n")
+
+
 def test_a_background_process_that_left_the_group_is_ended_too(pidfile: Path) -> None:
     """`run` promises that a job never leaves processes running after its result."""
     r = runner.run(
@@ -278,6 +289,216 @@ def test_on_start_gets_the_shell_pid() -> None:
     seen: list[int] = []
     r = runner.run("echo $$", timeout_s=30, on_start=seen.append)
     assert seen == [int(r.stdout)]
+
+
+def test_on_output_sees_each_chunk_as_it_is_read() -> None:
+    seen: list[tuple[str, bytes]] = []
+    r = runner.run(
+        "printf a; printf b >&2; printf c", timeout_s=30, on_output=lambda n, c: seen.append((n, c))
+    )
+    assert b"".join(c for n, c in seen if n == "stdout") == b"ac"
+    assert b"".join(c for n, c in seen if n == "stderr") == b"b"
+    assert (r.stdout, r.stderr) == ("ac", "b")
+
+
+def test_a_failing_output_sink_does_not_stop_the_job(caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[str] = []
+
+    def sink(name: str, chunk: bytes) -> None:
+        calls.append(name)
+        raise RuntimeError("sink broke")
+
+    with caplog.at_level(logging.ERROR, logger="opsbay_mqtt.runner"):
+        r = runner.run("echo one; echo two >&2; echo three", timeout_s=30, on_output=sink)
+    assert (r.state, r.stdout, r.stderr) == ("succeeded", "one\nthree\n", "two\n")
+    assert len(calls) == 1  # not called again once it failed
+    assert "live output sink failed" in caplog.text
+
+
+# -- one thread, one selector: no thread of its own, no descriptor left open, with or without pidfd
+
+
+def test_a_job_runs_in_the_calling_thread_and_starts_no_thread() -> None:
+    before = set(threading.enumerate())
+    me = threading.current_thread()
+    during: list[tuple[threading.Thread, set[threading.Thread]]] = []
+
+    def look(*_: object) -> None:
+        during.append((threading.current_thread(), set(threading.enumerate())))
+
+    r = runner.run("echo out; echo err >&2", timeout_s=30, on_start=look, on_output=look)
+    assert (r.stdout, r.stderr) == ("out\n", "err\n")
+    assert len(during) == 3  # on_start, then a chunk of each stream
+    for thread, threads in during:
+        assert thread is me
+        assert threads <= before
+    assert set(threading.enumerate()) <= before
+
+
+def test_a_quick_job_does_not_look_for_leftovers_process_by_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The common case, a group already gone, costs one killpg(pgid, 0), not a process scan."""
+
+    def scan(*_: object, **__: object) -> list[psutil.Process]:
+        raise AssertionError("psutil.process_iter called")
+
+    monkeypatch.setattr(runner.psutil, "process_iter", scan)
+    for command in ("true", "echo out; echo err >&2; exit 3"):
+        r = runner.run(command, timeout_s=30)
+        assert r.state in ("succeeded", "failed")
+
+
+def open_fds() -> list[str]:
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+def test_no_descriptor_is_left_open_after_many_runs(pidfile: Path) -> None:
+    runner.run("true", timeout_s=30)  # anything opened once for good (imports) is opened now
+    before = open_fds()
+    for i in range(50):
+        command = ["true", "echo out; echo err >&2", "exit 3", "kill -9 $$", "sleep 30 & echo $!"]
+        r = runner.run(command[i % len(command)], timeout_s=30, kill_grace_s=5)
+        assert r.state in ("succeeded", "failed")
+    r = runner.run(f"echo $$ > {pidfile}; sleep 30", timeout_s=0.2, kill_grace_s=5)
+    assert r.state == "timed_out"
+    assert open_fds() == before
+
+
+def test_a_failing_on_start_ends_the_command_and_closes_everything(pidfile: Path) -> None:
+    runner.run("true", timeout_s=30)
+    before = open_fds()
+
+    def on_start(pid: int) -> None:
+        wait_until(lambda: pidfile.exists() and pids(pidfile), 10, "the background pid")
+        raise RuntimeError("could not record the pid")
+
+    with pytest.raises(RuntimeError, match="could not record the pid"):
+        runner.run(f"sleep 30 & echo $! > {pidfile}; wait", timeout_s=30, on_start=on_start)
+    [bg] = pids(pidfile)
+    wait_until(lambda: not alive(bg), 5, f"background process {bg} to end")
+    assert open_fds() == before
+
+
+@pytest.fixture(params=["missing", "failing"])
+def no_pidfd(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """os.pidfd_open missing (before Python 3.9) or failing (before Linux 5.3, or seccomp): the
+    runner polls for the exit instead. Returns the pids it was asked for."""
+    asked: list[int] = []
+    if request.param == "missing":
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    else:
+
+        def fail(pid: int, flags: int = 0) -> int:
+            asked.append(pid)
+            raise OSError(errno.ENOSYS, "Function not implemented")
+
+        monkeypatch.setattr(os, "pidfd_open", fail, raising=False)
+    return asked
+
+
+def test_without_a_pidfd_results_are_the_same(no_pidfd: list[int]) -> None:
+    before = set(threading.enumerate())
+    for command, state, code in [("true", "succeeded", 0), ("exit 3", "failed", 3)]:
+        r = runner.run(command, timeout_s=30)
+        assert (r.state, r.exit_code, r.reason) == (state, code, None)
+    r = runner.run("echo out; echo err >&2; printf more", timeout_s=30)
+    assert (r.stdout, r.stderr, r.stdout_bytes, r.stderr_bytes) == ("out\nmore", "err\n", 8, 4)
+    r = runner.run("echo before; kill -9 $$; echo after", timeout_s=30)
+    assert (r.exit_code, r.reason, r.stdout) == (137, "killed by signal 9", "before\n")
+    r = runner.run("head -c 1000000 /dev/zero; printf e >&2", timeout_s=30, output_cap=10)
+    assert (r.stdout_bytes, r.truncated, r.stderr) == (1_000_000, True, "e")
+    assert set(threading.enumerate()) <= before
+    assert len(no_pidfd) == (5 if hasattr(os, "pidfd_open") else 0)  # "failing": tried each time
+
+
+def test_without_a_pidfd_a_timeout_ends_the_process_group(
+    no_pidfd: list[int], pidfile: Path
+) -> None:
+    r = runner.run(
+        f"echo $$ > {pidfile}; echo started; sleep 30 & echo $! >> {pidfile}; wait",
+        timeout_s=1,
+        kill_grace_s=5,
+    )
+    assert (r.state, r.exit_code, r.stdout) == ("timed_out", 128 + signal.SIGTERM, "started\n")
+    assert r.reason == "timed out after 1 s; process group killed"
+    shell, bg = pids(pidfile)
+    assert not alive(bg)
+    assert group_members(shell) == []
+
+
+def test_without_a_pidfd_no_descriptor_is_left_open(no_pidfd: list[int]) -> None:
+    runner.run("true", timeout_s=30)
+    before = open_fds()
+    for _ in range(20):
+        runner.run("echo out; echo err >&2", timeout_s=30)
+    assert open_fds() == before
+
+
+# -- cancel from another thread
+
+
+def cancel_on(control: runner.RunControl, marker: bytes, why: str) -> Callable[[str, bytes], None]:
+    """An output sink that has another thread cancel the run once `marker` shows in its output."""
+
+    def sink(name: str, chunk: bytes) -> None:
+        if marker in chunk:
+            threading.Thread(target=control.cancel, args=(why,)).start()
+
+    return sink
+
+
+@pytest.mark.parametrize("pidfd", ["pidfd", "no pidfd"])
+def test_a_cancel_from_another_thread_ends_the_job(
+    pidfd: str, pidfile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if pidfd == "no pidfd":
+        monkeypatch.delattr(os, "pidfd_open", raising=False)
+    control = runner.RunControl()
+    r = runner.run(
+        f"echo $$ > {pidfile}; sleep 30 & echo $! >> {pidfile}; echo ready; wait",
+        timeout_s=60,
+        control=control,
+        on_output=cancel_on(control, b"ready", "cancelled by the test"),
+    )
+    assert (r.state, r.reason) == ("cancelled", "cancelled by the test")
+    assert r.exit_code == 128 + signal.SIGTERM
+    shell, bg = pids(pidfile)
+    assert not alive(bg)
+    assert group_members(shell) == []
+
+
+def test_a_cancel_of_a_term_ignoring_command_kills_it_after_the_grace(pidfile: Path) -> None:
+    control = runner.RunControl()
+    r = runner.run(
+        f"trap '' TERM; echo $$ > {pidfile}; echo ready; sleep 30",
+        timeout_s=60,
+        kill_grace_s=0.3,
+        control=control,
+        on_output=cancel_on(control, b"ready", "stop"),
+    )
+    assert (r.state, r.reason, r.exit_code) == ("cancelled", "stop", 128 + signal.SIGKILL)
+    [shell] = pids(pidfile)
+    wait_until(lambda: group_members(shell) == [], 5, f"process group {shell} to end")
+
+
+def test_a_cancel_before_the_start_ends_the_job_when_it_starts() -> None:
+    control = runner.RunControl()
+    control.cancel("too late")
+    r = runner.run("sleep 30", timeout_s=60, control=control)
+    assert (r.state, r.reason, r.exit_code) == ("cancelled", "too late", 128 + signal.SIGTERM)
+
+
+def test_a_cancel_does_not_undo_a_success() -> None:
+    control = runner.RunControl()
+    r = runner.run(
+        "trap 'echo bye; exit 0' TERM; sleep 30 & echo ready; wait",
+        timeout_s=60,
+        control=control,
+        on_output=cancel_on(control, b"ready", "stop"),
+    )
+    assert (r.state, r.exit_code, r.reason, r.stdout) == ("succeeded", 0, None, "ready\nbye\n")
+    assert control.cancelled == "stop"
 
 
 # -- what a restarted worker does with the process group of a job it lost
