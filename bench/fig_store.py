@@ -19,7 +19,7 @@ from bench.common import (
     wait_until,
 )
 from bench.fig_cli import interleaved
-from opsbay_mqtt.protocol import Execution, Job
+from opsbay_mqtt.records import Execution, Job
 from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import new_job_id
 

@@ -269,7 +269,7 @@ def _submit(
     from opsbay_mqtt import render
     from opsbay_mqtt.client import Client
     from opsbay_mqtt.cronicle import Follow, describe, table
-    from opsbay_mqtt.protocol import Rejected
+    from opsbay_mqtt.records import Rejection
     from opsbay_mqtt.topics import new_job_id
 
     job_id = new_job_id()  # ours before submitting, so an abort at any point can cancel it
@@ -291,7 +291,7 @@ def _submit(
             except Exception as e:  # aborting: report and end, whatever went wrong
                 _err(f"opsbay: job {job_id}: cancel not confirmed ({e})")
             return render.EXIT_CANCELLED, f"opsbay job {job_id}: aborted; cancel sent", {}
-    if isinstance(got, Rejected):
+    if isinstance(got, Rejection):
         return render.EXIT_REJECTED, f"opsbay job {job_id} rejected: {got.code}: {got.reason}", {}
     follow.finish(got)
     return render.exit_code(got), describe(got), {"table": table(got)}

@@ -25,7 +25,7 @@ from opsbay_mqtt.cli import (
 
 if TYPE_CHECKING:
     from opsbay_mqtt.client import Client, ClientConfig
-    from opsbay_mqtt.protocol import Job, Rejected, SubmitArgs
+    from opsbay_mqtt.records import Job, Rejection, SubmitArgs
     from opsbay_mqtt.settings import BusOptions
 
 ACK_TIMEOUT_S = 10.0
@@ -156,7 +156,7 @@ def submit(
     from opsbay_mqtt.policy import parse_labels
 
     cfg = _client_config(bus, verbose)
-    from opsbay_mqtt.protocol import SubmitArgs
+    from opsbay_mqtt.records import SubmitArgs
 
     args = SubmitArgs(
         target=target,
@@ -167,7 +167,7 @@ def submit(
         batch=batch,
         max_failures=max_failures,
     )
-    from opsbay_mqtt.protocol import LIMIT_PATTERN
+    from opsbay_mqtt.records import LIMIT_PATTERN
 
     for name, value in (("--batch", batch), ("--max-failures", max_failures)):
         if value is not None and not re.fullmatch(LIMIT_PATTERN, value):
@@ -194,7 +194,7 @@ def _submit(
 ) -> None:
     from opsbay_mqtt import render
     from opsbay_mqtt.client import Client, WaitTimeout
-    from opsbay_mqtt.protocol import Rejected
+    from opsbay_mqtt.records import Rejection
     from opsbay_mqtt.waiting import WaitView
 
     with Client(cfg) as client:
@@ -213,7 +213,7 @@ def _submit(
                     f"job {jid}: published, but the coordinator has not acknowledged it within "
                     f"{ACK_TIMEOUT_S:g} s; it will be processed when the coordinator reads it",
                 )
-            if isinstance(got, Rejected):
+            if isinstance(got, Rejection):
                 _rejected(got)
             typer.echo(json.dumps(render.public_job(got), indent=2) if json_out else jid)
             return
@@ -230,7 +230,7 @@ def _submit(
             )
         except KeyboardInterrupt:
             got = _interrupted(client, jid, cancel_on_interrupt)
-    if isinstance(got, Rejected):
+    if isinstance(got, Rejection):
         _rejected(got)
     if json_out:
         typer.echo(json.dumps(render.public_job(got), indent=2))
@@ -241,7 +241,7 @@ def _submit(
     raise typer.Exit(render.exit_code(got))
 
 
-def _interrupted(client: Client, job_id: str, cancel: bool) -> Job | Rejected:
+def _interrupted(client: Client, job_id: str, cancel: bool) -> Job | Rejection:
     """Ctrl-C while waiting: cancel the job (asked, on a terminal) or leave it running."""
     from opsbay_mqtt import render
 
@@ -260,7 +260,7 @@ def _interrupted(client: Client, job_id: str, cancel: bool) -> Job | Rejected:
         fail(render.EXIT_CANCELLED, f"job {job_id}: cancel sent; see `opsbay result {job_id}`")
 
 
-def _rejected(r: Rejected) -> NoReturn:
+def _rejected(r: Rejection) -> NoReturn:
     from opsbay_mqtt import render
 
     fail(render.EXIT_REJECTED, f"job {r.job_id or '?'} rejected: {r.code}: {r.reason}")
@@ -290,7 +290,7 @@ def cancel(
     cancel (exit 0); with --wait, once every node has answered."""
     from opsbay_mqtt import render, states
     from opsbay_mqtt.client import Client, WaitTimeout
-    from opsbay_mqtt.protocol import Rejected
+    from opsbay_mqtt.records import Rejection
 
     cfg = _client_config(bus, verbose)
 
@@ -299,7 +299,7 @@ def cancel(
     def do() -> Job:
         with Client(cfg) as c:
             got = c.cancel(job_id)
-            if isinstance(got, Rejected):
+            if isinstance(got, Rejection):
                 _rejected(got)
             if not wait:
                 return c.result(job_id)
@@ -307,7 +307,7 @@ def cancel(
                 done = c.wait(job_id, wait_s, until=lambda j: states.is_terminal(j.state))
             except WaitTimeout:
                 fail(render.EXIT_WAIT_GAVE_UP, f"job {job_id}: cancel sent; not all nodes answered")
-            if isinstance(done, Rejected):
+            if isinstance(done, Rejection):
                 _rejected(done)
             return done
 

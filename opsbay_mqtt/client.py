@@ -1,4 +1,9 @@
-"""The submitting side: submit a job, wait for it, query the coordinator. Used by the CLI."""
+"""The submitting side: submit a job, wait for it, query the coordinator. Used by the CLI.
+
+It builds its requests and reads the coordinator's answers as plain data (`records`), checked
+after their signature, without pydantic: the coordinator validates every request it gets, and a
+CLI call that imported pydantic would take twice as long to start. Only live output (`--follow`)
+is read through the `protocol` models."""
 
 from __future__ import annotations
 
@@ -8,31 +13,26 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-from pydantic import ValidationError
+from typing import TYPE_CHECKING, Any
 
 from opsbay_mqtt import signing, states
 from opsbay_mqtt.errors import BrokerError, OpsbayError, Refused
-from opsbay_mqtt.protocol import (
-    Cancel,
+from opsbay_mqtt.records import (
+    PROTOCOL_VERSION,
     Execution,
     Job,
-    JobEvent,
-    Output,
-    Query,
-    Rejected,
-    Reply,
-    Submit,
-    decode,
-    decode_unverified,
-    describe_validation,
-    encode,
+    Rejection,
+    job_from_wire,
+    rejection_from_wire,
+    replace,
 )
 from opsbay_mqtt.settings import Settings
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics, new_job_id, validate_job_id, validate_node
 from opsbay_mqtt.transport import CONNECTED, BrokerURL, Connection, Inbound, TlsFiles
+
+if TYPE_CHECKING:
+    from opsbay_mqtt.protocol import Output
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ class Client:
         self.reply_id = "c" + secrets.token_hex(8)
         self.conn = Connection(url=cfg.url, client_id=f"opsbay-cli-{self.reply_id}", tls=cfg.tls)
         self._reply_subscribed = False
-        self._unacknowledged: dict[str, Submit] = {}
-        self._submitted: dict[str, Submit] = {}
+        self._unacknowledged: dict[str, dict[str, Any]] = {}
+        self._submitted: dict[str, dict[str, Any]] = {}
         self._nonces: dict[str, set[str]] = {}
         self._views: dict[str, dict[str, Execution]] = {}
         self._totals: dict[str, int] = {}
@@ -115,20 +115,18 @@ class Client:
         for item in target.split(",") if target else []:
             if "*" not in item and "?" not in item:
                 validate_node(item)
-        start_by_ms = int(self.clock() * 1000) + start_by_s * 1000
-        try:
-            msg = Submit(
-                job_id=job_id,
-                target=target,
-                where=where or {},
-                command=command,
-                timeout_s=timeout_s,
-                start_by_ms=start_by_ms,
-                batch=batch,
-                max_failures=max_failures,
-            )
-        except ValidationError as e:
-            raise Refused("invalid", describe_validation(e)) from e
+        msg = {
+            "v": PROTOCOL_VERSION,
+            "type": "submit",
+            "job_id": job_id,
+            "target": target,
+            "where": where or {},
+            "command": command,
+            "timeout_s": timeout_s,
+            "start_by_ms": int(self.clock() * 1000) + start_by_s * 1000,
+            "batch": batch,
+            "max_failures": max_failures,
+        }
         topics = [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
         if follow:
             topics.append((self.cfg.topics.job_output(job_id), 0))
@@ -138,21 +136,26 @@ class Client:
         self._publish_submit(msg)
         return job_id
 
-    def _publish_submit(self, msg: Submit) -> None:
+    def _publish_submit(self, msg: dict[str, Any]) -> None:
         # Signed afresh each time (new nonce); the coordinator knows the job id, so a retry
         # never makes a second job.
         nonce = secrets.token_hex(16)
-        self._nonces.setdefault(msg.job_id, set()).add(nonce)
-        payload = signing.sign(
-            msg.model_dump(mode="json"), self.cfg.keyring, int(self.clock()), nonce
-        )
+        self._nonces.setdefault(msg["job_id"], set()).add(nonce)
+        payload = signing.sign(msg, self.cfg.keyring, int(self.clock()), nonce)
         self.conn.publish_wait(self.cfg.topics.submit, payload)
 
-    def _job_message(self, msg: Inbound, job_id: str) -> Job | Rejected | None:
+    def _read(self, payload: bytes, *kinds: str) -> dict[str, Any]:
+        """Parse and verify a message of one of `kinds`; its body. Every failure is `Refused`."""
+        obj = signing.parse(payload)
+        auth = signing.verify(obj, self.cfg.keyring)
+        return _body(obj, kinds, auth.kid)
+
+    def _job_message(self, msg: Inbound, job_id: str) -> Job | Rejection | None:
         if msg.topic not in (self.cfg.topics.job_events(job_id), self.cfg.topics.rejected):
             return None
         try:
-            decoded, _ = decode(msg.payload, self.cfg.keyring, expect=(JobEvent, Rejected))
+            body = self._read(msg.payload, "job", "rejected")
+            decoded = _rejection(body) if body["type"] == "rejected" else _job_event(body)
         except Refused as e:
             # A refusal of a badly signed submission cannot be signed with a key we share. It is
             # taken unverified only when it names one of our own submissions (by its nonce); it
@@ -167,22 +170,22 @@ class Client:
             if msg.topic != self.cfg.topics.rejected:  # that one carries everyone's refusals
                 log.warning("ignored an unverifiable message about job %s: %s", job_id, e)
             return None
-        if isinstance(decoded, Rejected):
+        if isinstance(decoded, Rejection):
             # Ours only if it names one of our submissions (another party may share our key).
             mine = decoded.nonce is None or decoded.nonce in self._nonces.get(job_id, ())
             return decoded if decoded.job_id == job_id and mine else None
-        assert isinstance(decoded, JobEvent)
-        if decoded.job.job_id != job_id:
+        job, total = decoded
+        if job.job_id != job_id:
             return None
-        return self._check_mine(self._merge(decoded))
+        return self._check_mine(self._merge(job, total))
 
-    def _merge(self, event: JobEvent) -> Job:
+    def _merge(self, job: Job, total: int) -> Job:
         """Events carry only the executions that changed: keep the whole picture."""
-        known = self._views.setdefault(event.job.job_id, {})
-        for ex in event.job.executions:
+        known = self._views.setdefault(job.job_id, {})
+        for ex in job.executions:
             known[ex.node] = ex
-        self._totals[event.job.job_id] = event.total
-        return event.job.model_copy(update={"executions": sorted(known.values(), key=_by_node)})
+        self._totals[job.job_id] = total
+        return replace(job, executions=sorted(known.values(), key=_by_node))
 
     def _complete(self, job: Job) -> Job:
         """The job with every execution: asks the coordinator when events were missed."""
@@ -190,7 +193,7 @@ class Client:
             return job
         return self.result(job.job_id)
 
-    def cancel(self, job_id: str, timeout_s: float = 10.0) -> Job | Rejected:
+    def cancel(self, job_id: str, timeout_s: float = 10.0) -> Job | Rejection:
         """Ask the coordinator to cancel a job; return the job as it stands once it answers."""
         validate_job_id(job_id)
         self.conn.subscribe(
@@ -198,16 +201,16 @@ class Client:
         )
         nonce = secrets.token_hex(16)
         self._nonces.setdefault(job_id, set()).add(nonce)
-        body = Cancel(job_id=job_id).model_dump(mode="json")
+        body = {"v": PROTOCOL_VERSION, "type": "cancel", "job_id": job_id}
         payload = signing.sign(body, self.cfg.keyring, int(self.clock()), nonce)
         self.conn.publish_wait(self.cfg.topics.submit, payload)
         return self.wait(job_id, timeout_s, until=lambda j: True)
 
-    def _check_mine(self, job: Job) -> Job | Rejected:
+    def _check_mine(self, job: Job) -> Job | Rejection:
         """A job we submitted must be what we submitted (not another under the same id)."""
         mine = self._submitted.get(job.job_id)
-        if mine is not None and (mine.target, mine.command) != (job.target, job.command):
-            return Rejected(
+        if mine is not None and (mine["target"], mine["command"]) != (job.target, job.command):
+            return Rejection(
                 job_id=job.job_id,
                 code="job_id_conflict",
                 reason=f"job {job.job_id} exists with different content",
@@ -221,7 +224,7 @@ class Client:
         until: Callable[[Job], bool] = lambda j: states.is_terminal(j.state),
         on_update: Callable[[Job], None] | None = None,
         on_output: Callable[[Output], None] | None = None,
-    ) -> Job | Rejected:
+    ) -> Job | Rejection:
         """Wait until the job satisfies `until` (default: terminal) or is rejected. With
         `on_output`, live output chunks (submit with follow=True) are passed on as they come."""
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else float("inf"))
@@ -241,7 +244,7 @@ class Client:
                 got = self._job_message(msg, job_id)
                 if got is not None:
                     self._unacknowledged.pop(job_id, None)
-                if isinstance(got, Rejected):
+                if isinstance(got, Rejection):
                     return got
                 if got is not None:
                     last_heard = time.monotonic()
@@ -264,10 +267,12 @@ class Client:
                 except BrokerError:
                     continue
                 checked = self._check_mine(job)
-                if isinstance(checked, Rejected) or until(checked):
+                if isinstance(checked, Rejection) or until(checked):
                     return checked
 
     def _output(self, msg: Inbound, job_id: str) -> Output | None:
+        from opsbay_mqtt.protocol import Output, decode  # only with --follow
+
         try:
             kind, fields = self.cfg.topics.parse(msg.topic)
             chunk, _ = decode(msg.payload, self.cfg.keyring, expect=(Output,))
@@ -285,9 +290,16 @@ class Client:
             self.conn.subscribe([(self.cfg.topics.rpc_reply(self.reply_id), 1)], wait=False)
             self._reply_subscribed = True
         correlation = secrets.token_hex(8)
-        q = Query(query=query, reply_to=self.reply_id, correlation=correlation, **params)  # type: ignore[arg-type]
+        q = {
+            "v": PROTOCOL_VERSION,
+            "type": "query",
+            "query": query,
+            "reply_to": self.reply_id,
+            "correlation": correlation,
+            **params,
+        }
         self.conn.publish_wait(
-            self.cfg.topics.rpc_request, encode(q, self.cfg.keyring, int(self.clock()))
+            self.cfg.topics.rpc_request, signing.sign(q, self.cfg.keyring, int(self.clock()))
         )
         deadline = time.monotonic() + timeout_s
         reply_topic = self.cfg.topics.rpc_reply(self.reply_id)
@@ -306,35 +318,38 @@ class Client:
                     stash.append(msg)  # not ours to handle here; put back for wait()
                     continue
                 reply = self._reply(msg.payload)
-                if reply is None or reply.correlation != correlation:
+                if reply is None or reply.get("correlation") != correlation:
                     continue
-                if not reply.ok:
-                    raise QueryFailed(reply.code or "error", reply.error or "refused")
-                return reply.data
+                if reply.get("ok") is not True:
+                    code, error = reply.get("code"), reply.get("error")
+                    raise QueryFailed(
+                        code if isinstance(code, str) else "error",
+                        error if isinstance(error, str) else "refused",
+                    )
+                return reply.get("data")
         finally:
             for m in stash:
                 self.conn.inbox.put(m)
 
-    def _reply(self, payload: bytes) -> Reply | None:
+    def _reply(self, payload: bytes) -> dict[str, Any] | None:
         try:
-            decoded, _ = decode(payload, self.cfg.keyring, expect=(Reply,))
+            return self._read(payload, "reply")
         except Refused:
             # As with rejections: an error reply to a badly signed query is taken unverified.
             try:
-                reply = decode_unverified(payload, (Reply,))
+                reply = _body(signing.parse(payload), ("reply",), None)
             except Refused:
                 return None
-            assert isinstance(reply, Reply)
-            return None if reply.ok else reply
-        assert isinstance(decoded, Reply)
-        return decoded
+            return None if reply.get("ok") is True else reply
 
     def result(self, job_id: str, timeout_s: float = 10.0) -> Job:
-        return Job.model_validate(self.query("result", timeout_s, job_id=job_id))
+        return _job(self.query("result", timeout_s, job_id=job_id))
 
     def results(self, timeout_s: float = 10.0, **filters: Any) -> list[Job]:
         data = self.query("results", timeout_s, **filters)
-        return [Job.model_validate(j) for j in data]
+        if not isinstance(data, list):
+            raise QueryFailed("invalid", "the coordinator's answer is not a list of jobs")
+        return [_job(j) for j in data]
 
     def nodes(self, timeout_s: float = 10.0, **filters: Any) -> list[dict[str, Any]]:
         return list(self.query("nodes", timeout_s, **filters))
@@ -344,10 +359,43 @@ def _by_node(ex: Execution) -> str:
     return ex.node
 
 
-def _unverified_rejection(payload: bytes) -> Rejected | None:
+def _unverified_rejection(payload: bytes) -> Rejection | None:
     try:
-        rejected = decode_unverified(payload, (Rejected,))
+        return _rejection(_body(signing.parse(payload), ("rejected",), None))
     except Refused:
         return None
-    assert isinstance(rejected, Rejected)
-    return rejected
+
+
+def _body(obj: dict[str, Any], kinds: tuple[str, ...], kid: str | None) -> dict[str, Any]:
+    """The message without its signature, if it is of this protocol version and of `kinds`."""
+    body = {k: v for k, v in obj.items() if k not in ("auth", "sig")}
+    version = body.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise Refused("bad_version", f"protocol version {version!r} is not supported (1)", kid)
+    if body.get("type") not in kinds:
+        raise Refused("bad_type", f"message type {body.get('type')!r} not expected here", kid)
+    return body
+
+
+def _job_event(body: dict[str, Any]) -> tuple[Job, int]:
+    total = body.get("total", 0)
+    if type(total) is not int or total < 0:
+        raise Refused("invalid", "total: not a count")
+    try:
+        return job_from_wire(body.get("job")), total
+    except ValueError as e:
+        raise Refused("invalid", str(e)) from e
+
+
+def _rejection(body: dict[str, Any]) -> Rejection:
+    try:
+        return rejection_from_wire({k: v for k, v in body.items() if k not in ("v", "type")})
+    except ValueError as e:
+        raise Refused("invalid", str(e)) from e
+
+
+def _job(data: Any) -> Job:
+    try:
+        return job_from_wire(data)
+    except ValueError as e:
+        raise QueryFailed("invalid", f"the coordinator's answer: {e}") from e

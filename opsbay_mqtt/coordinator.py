@@ -17,8 +17,6 @@ from opsbay_mqtt.policy import ClientPolicy
 from opsbay_mqtt.protocol import (
     Cancel,
     Dispatch,
-    Execution,
-    Job,
     JobEvent,
     Message,
     NodeInfo,
@@ -33,6 +31,7 @@ from opsbay_mqtt.protocol import (
     encode_unsigned,
     peek,
 )
+from opsbay_mqtt.records import Execution, Job, replace
 from opsbay_mqtt.signing import Auth, Keyring, check_fresh
 from opsbay_mqtt.store import Brief, Store
 from opsbay_mqtt.topics import Topics
@@ -205,7 +204,7 @@ class Coordinator:
             "state": "pending",
         }
         fields.update(extra)
-        return Job.model_validate(fields)
+        return Job(**fields)
 
     def _resubmitted(self, sub: Submit, client: str, job: Job) -> None:
         """A retried or redelivered submission: answer with the job as it stands."""
@@ -246,11 +245,7 @@ class Coordinator:
         changed = []
         for ex in job.executions:
             if ex.state == "pending" and ex.dispatched_ms is None:
-                changed.append(
-                    ex.model_copy(
-                        update={"state": "cancelled", "finished_ms": now, "reason": reason}
-                    )
-                )
+                changed.append(replace(ex, state="cancelled", finished_ms=now, reason=reason))
             elif not states.is_terminal(ex.state):  # the node decides: it may be running already
                 msg = Cancel(job_id=job.job_id, node=ex.node)
                 self._send(self.cfg.topics.node_jobs(ex.node), msg, kid=self._node_kid(ex.node))
@@ -283,7 +278,7 @@ class Coordinator:
         else:
             fields.update(res.model_dump(exclude={"v", "type", "job_id", "node", "session"}))
             fields["started_ms"] = res.started_ms or ex.started_ms
-        self._update(job, [ex.model_copy(update=fields)])
+        self._update(job, [replace(ex, **fields)])
 
     def _update(self, job: Job, changed: Iterable[Execution], announce: bool = False) -> None:
         """Record changed executions, take the rollout's next step, and tell the submitter.
@@ -306,7 +301,7 @@ class Coordinator:
             for node in nodes:
                 base = touched.get(node) or self.store.execution(job.job_id, node)
                 assert base is not None
-                ex = touched[node] = base.model_copy(update=update)
+                ex = touched[node] = replace(base, **update)
                 briefs[node] = Brief(node, ex.state, ex.dispatched_ms)
         for ex in touched.values():
             self.store.upsert_execution(job.job_id, ex)
@@ -315,7 +310,7 @@ class Coordinator:
         new_state = states.job_state(b.state for b in briefs.values())
         if new_state != job.state:
             self.store.set_job_state(job.job_id, new_state)
-        job = job.model_copy(update={"state": new_state})
+        job = replace(job, state=new_state)
         for node in step.dispatch:
             self._send_dispatch(job, touched[node])
         if announce:
@@ -346,7 +341,7 @@ class Coordinator:
         for state in all_states if all_states is not None else (x.state for x in job.executions):
             counts[state] = counts.get(state, 0) + 1
         event = JobEvent(
-            job=queries.fit(job.model_copy(update={"executions": list(changed)})),
+            job=queries.fit(replace(job, executions=list(changed))),
             counts=counts,
             total=sum(counts.values()),
         )
@@ -408,7 +403,7 @@ class Coordinator:
             else:
                 reason = "no result from the node by start + timeout + grace"
                 update = {"state": "lost", "finished_ms": now, "reason": reason}
-            self._update(job, [ex.model_copy(update=update)])
+            self._update(job, [replace(ex, **update)])
         if self.clock() >= self.next_prune:
             self.next_prune = self.clock() + self.cfg.prune_every_s
             self.prune()

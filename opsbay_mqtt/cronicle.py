@@ -40,7 +40,8 @@ from typing import Any, BinaryIO
 from opsbay_mqtt import states
 from opsbay_mqtt.errors import ConfigError, OpsbayError
 from opsbay_mqtt.policy import parse_labels
-from opsbay_mqtt.protocol import LIMIT_PATTERN, Job, Output, SubmitArgs
+from opsbay_mqtt.protocol import Output
+from opsbay_mqtt.records import LIMIT_PATTERN, Job, SubmitArgs
 from opsbay_mqtt.watchlog import split_lines
 
 MAX_INPUT_BYTES = 16 * 1024 * 1024

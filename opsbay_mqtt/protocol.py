@@ -7,12 +7,12 @@ every failure as one `Refused` with a reason code; nothing else escapes.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -21,11 +21,11 @@ from pydantic import (
 
 from opsbay_mqtt import signing
 from opsbay_mqtt.errors import Refused
+from opsbay_mqtt.records import LIMIT_PATTERN, PROTOCOL_VERSION, Job, job_from_wire
 from opsbay_mqtt.signing import Auth, Keyring
 from opsbay_mqtt.states import ExecState, JobState
 from opsbay_mqtt.topics import JOB_ID_RE, NODE_NAME_RE, REPLY_ID_RE
 
-PROTOCOL_VERSION = 1
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_TIMEOUT_S = 7 * 24 * 3600
 
@@ -65,8 +65,6 @@ Target = Annotated[
 ]
 LabelKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,64}$")]
 LabelValue = Annotated[str, Field(max_length=256)]
-# A rollout limit: a count ("10") or a share of the executions ("25%").
-LIMIT_PATTERN = r"(0|[1-9][0-9]{0,5})%?"
 Limit = Annotated[str, Field(pattern=rf"^{LIMIT_PATTERN}$")]
 MAX_EXECUTIONS = 10_000
 
@@ -98,20 +96,6 @@ class Submit(Message):
         if self.batch in ("0", "0%"):
             raise ValueError("batch must be at least 1")
         return self
-
-
-@dataclass(frozen=True)
-class SubmitArgs:
-    """What someone asks to run, before a job id and an absolute deadline are chosen (the
-    arguments of Client.submit, from the command line or a Cronicle job)."""
-
-    target: str
-    where: dict[str, str]
-    command: str
-    timeout_s: int
-    start_by_s: int
-    batch: str | None
-    max_failures: str | None
 
 
 class Cancel(Message):
@@ -169,53 +153,17 @@ class Result(Message):
     host: dict[str, Any] = Field(default_factory=dict)
 
 
-class Execution(BaseModel):
-    """One job on one node, as the coordinator records it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
-    node: NodeName
-    state: ExecState
-    exit_code: int | None = None
-    stdout: str = ""
-    stderr: str = ""
-    stdout_bytes: int = 0
-    stderr_bytes: int = 0
-    truncated: bool = False
-    dispatched_ms: Millis | None = None
-    start_by_ms: Millis | None = None
-    started_ms: Millis | None = None
-    finished_ms: Millis | None = None
-    duration_ms: Millis | None = None
-    reason: Text | None = None
-    host: dict[str, Any] = Field(default_factory=dict)
-
-
-class Job(BaseModel):
-    """A job and its executions, as the coordinator records it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
-    job_id: JobId
-    state: JobState
-    target: str
-    where: dict[str, str] = Field(default_factory=dict)
-    command: str
-    timeout_s: int
-    start_by_ms: Millis
-    batch: str | None = None
-    max_failures: str | None = None
-    submitted_ms: Millis
-    submitted_by: str
-    submitted_kid: str = ""
-    reason_code: str | None = None
-    reason: str | None = None
-    executions: list[Execution] = Field(default_factory=list)
+def _job(value: object) -> object:
+    return value if isinstance(value, Job) else job_from_wire(value)
 
 
 class JobEvent(Message):
     """coordinator -> client and watchers on `<prefix>/jobs/<job>`: the job as it now stands."""
 
     type: Literal["job"] = "job"
-    job: Job  # its `executions` are only those that changed (all of them when first announced)
+    job: Annotated[
+        Job, BeforeValidator(_job)
+    ]  # its `executions` are only those that changed (all of them when first announced)
     counts: dict[str, int] = Field(default_factory=dict)  # executions in each state
     total: Annotated[int, Field(ge=0)] = 0  # executions in all
 

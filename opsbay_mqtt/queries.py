@@ -7,7 +7,8 @@ from typing import Any
 
 from opsbay_mqtt import signing
 from opsbay_mqtt.errors import Refused
-from opsbay_mqtt.protocol import Job, Query, Reply
+from opsbay_mqtt.protocol import Query, Reply
+from opsbay_mqtt.records import Job, as_dict, replace
 from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import REPLY_ID_RE
 
@@ -29,26 +30,27 @@ def fit(job: Job, budget: int = JOB_BUDGET_BYTES) -> Job:
     output = sum(len(x.stdout) + len(x.stderr) for x in job.executions)
     if 6 * output + 2048 * len(job.executions) + len(job.command) * 6 < budget:
         return job
-    size = len(job.model_dump_json())
+    size = _json_size(job)
     if size <= budget:
         return job
-    bare = [x.model_copy(update={"stdout": "", "stderr": ""}) for x in job.executions]
-    overhead = len(job.model_copy(update={"executions": bare}).model_dump_json())
+    bare = [replace(x, stdout="", stderr="") for x in job.executions]
+    overhead = _json_size(replace(job, executions=bare))
     # JSON may spell one character in up to six: leave room for the worst case.
     per_stream = max(0, (budget - overhead) // (12 * len(job.executions)))
     cut = [
-        x.model_copy(
-            update={
-                "stdout": x.stdout[-per_stream:] if per_stream else "",
-                "stderr": x.stderr[-per_stream:] if per_stream else "",
-                "truncated": x.truncated
-                or len(x.stdout) > per_stream
-                or len(x.stderr) > per_stream,
-            }
+        replace(
+            x,
+            stdout=x.stdout[-per_stream:] if per_stream else "",
+            stderr=x.stderr[-per_stream:] if per_stream else "",
+            truncated=x.truncated or len(x.stdout) > per_stream or len(x.stderr) > per_stream,
         )
         for x in job.executions
     ]
-    return job.model_copy(update={"executions": cut})
+    return replace(job, executions=cut)
+
+
+def _json_size(job: Job) -> int:
+    return len(json.dumps(as_dict(job), separators=(",", ":")))
 
 
 def answer(q: Query, store: Store) -> Reply:
@@ -58,7 +60,7 @@ def answer(q: Query, store: Store) -> Reply:
             return Reply(
                 correlation=q.correlation, ok=False, code="not_found", error=f"no job {q.job_id!r}"
             )
-        data: Any = fit(job).model_dump(mode="json")
+        data: Any = as_dict(fit(job))
     elif q.query == "results":
         data, used = [], 0
         for job in store.list_jobs(node=q.node, state=q.state, limit=q.limit):
@@ -78,7 +80,7 @@ def answer(q: Query, store: Store) -> Reply:
 
 
 def _listed(job: Job) -> dict[str, Any]:
-    d = job.model_dump(mode="json")
+    d = as_dict(job)
     if len(d["command"]) > LISTING_OUTPUT_CHARS:
         d["command"] = d["command"][:LISTING_OUTPUT_CHARS] + "..."
     for ex in d["executions"]:

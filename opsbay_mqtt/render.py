@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from opsbay_mqtt.protocol import Job
+from opsbay_mqtt.records import Job, as_dict
 
 # Exit codes of `opsbay submit --wait` and `opsbay result` (documented in the README).
 # A job that ran to completion exits with the command's own code; these cover the rest.
@@ -54,7 +54,7 @@ def iso(ms: int | None) -> str | None:
 
 def public_job(job: Job) -> dict[str, Any]:
     """The job as `--json` prints it: times as ISO 8601 UTC strings named `*_at`."""
-    d = job.model_dump(mode="json")
+    d = as_dict(job)
     d["submitted_at"] = iso(d.pop("submitted_ms"))
     d["start_by"] = iso(d.pop("start_by_ms"))
     for ex in d["executions"]:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from opsbay_mqtt.protocol import Execution, Job
+from opsbay_mqtt.records import Execution, Job, fields_of
 from opsbay_mqtt.states import TERMINAL
 
 SCHEMA = """
@@ -153,7 +153,7 @@ class Store:
 
     # -- jobs
     def insert_job(self, job: Job) -> None:
-        row = job.model_dump()
+        row = fields_of(job)
         row["where_labels"] = json.dumps(row.pop("where"), sort_keys=True)
         self.db.execute(
             f"INSERT INTO jobs ({', '.join(_JOB_COLS)}) VALUES ({', '.join('?' * len(_JOB_COLS))})",
@@ -166,7 +166,7 @@ class Store:
         self.db.execute("UPDATE jobs SET state = ? WHERE job_id = ?", (state, job_id))
 
     def upsert_execution(self, job_id: str, ex: Execution) -> None:
-        row = ex.model_dump()
+        row = fields_of(ex)
         row["host"] = json.dumps(row["host"], sort_keys=True)
         row["truncated"] = int(row["truncated"])
         cols = ", ".join(_EXEC_COLS)
@@ -194,7 +194,7 @@ class Store:
                 (fields["job_id"],),
             ).fetchall()
             fields["executions"] = [self._execution(r) for r in ex_rows]
-        return Job.model_validate(fields)
+        return Job(**fields)
 
     def execution(self, job_id: str, node: str) -> Execution | None:
         row = self.db.execute(
@@ -216,7 +216,7 @@ class Store:
         fields = dict(zip(_EXEC_COLS, row, strict=True))
         fields["host"] = json.loads(fields["host"])
         fields["truncated"] = bool(fields["truncated"])
-        return Execution.model_validate(fields)
+        return Execution(**fields)
 
     def list_jobs(
         self, *, node: str | None = None, state: str | None = None, limit: int = 20

@@ -4,10 +4,13 @@ output, and each node's output labelled by node (I/O at the edge; the text comes
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from opsbay_mqtt import states
-from opsbay_mqtt.protocol import Execution, Job, Output
+from opsbay_mqtt.records import Execution, Job
+
+if TYPE_CHECKING:
+    from opsbay_mqtt.protocol import Output
 
 
 def _labelled(text: str, node: str) -> str:

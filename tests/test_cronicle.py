@@ -27,7 +27,8 @@ from opsbay_mqtt.cronicle import (
     record,
     table,
 )
-from opsbay_mqtt.protocol import Execution, Job, Output
+from opsbay_mqtt.protocol import Output
+from opsbay_mqtt.records import Execution, Job
 
 JOB = "6f1c2b1e-8a4d-4c3e-9f0a-1b2c3d4e5f60"
 MS = 1_700_000_000_000

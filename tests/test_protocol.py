@@ -18,8 +18,6 @@ from opsbay_mqtt.protocol import (
     MESSAGE_TYPES,
     Cancel,
     Dispatch,
-    Execution,
-    Job,
     JobEvent,
     Message,
     NodeInfo,
@@ -34,6 +32,7 @@ from opsbay_mqtt.protocol import (
     encode,
     peek,
 )
+from opsbay_mqtt.records import Execution, Job
 from opsbay_mqtt.signing import Keyring
 
 KEYRING = Keyring.shared("protocol-secret")

@@ -6,6 +6,7 @@ a glob target with labels and a batch."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -31,8 +32,6 @@ from opsbay_mqtt.protocol import (
     MAX_EXECUTIONS,
     MESSAGE_TYPES,
     Cancel,
-    Execution,
-    Job,
     Message,
     Query,
     Rejected,
@@ -41,6 +40,7 @@ from opsbay_mqtt.protocol import (
     decode,
     encode,
 )
+from opsbay_mqtt.records import Execution, Job
 from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import JOB_ID_RE, Topics
 from opsbay_mqtt.transport import BrokerURL, Inbound
@@ -295,7 +295,7 @@ def test_every_message_type_has_an_example() -> None:
     assert {c["node"] is None for c in cancels} == {True, False}, "a cancel in each direction"
 
 
-MODELS: dict[str, type[BaseModel]] = {
+MODELS: dict[str, type] = {
     **MESSAGE_TYPES,
     "job-object": Job,
     "execution-object": Execution,
@@ -304,18 +304,38 @@ MODELS: dict[str, type[BaseModel]] = {
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_field_table_matches_the_model(name: str) -> None:
-    model = MODELS[name]
+    fields = declared_fields(MODELS[name])
     rows = table(f"fields: {name}")
-    assert [unquote(r[0]) for r in rows] == list(model.model_fields)
+    assert [unquote(r[0]) for r in rows] == list(fields)
     for field, _type, required, _meaning in rows:
-        info = model.model_fields[unquote(field)]
-        on_the_wire = info.is_required() or unquote(field) in ("v", "type")  # decode needs both
+        default = fields[unquote(field)]
+        on_the_wire = default is REQUIRED or unquote(field) in ("v", "type")  # decode needs both
         assert required.startswith("yes") == on_the_wire, field
         if not on_the_wire:
             shown = re.fullmatch(r"no \(default `(.*)`\)", required)
             assert shown, f"{field}: say the default as no (default `...`)"
-            default = info.default_factory() if info.default_factory else info.default  # type: ignore[call-arg]
             assert json.loads(shown[1]) == default, field
+
+
+REQUIRED = object()
+
+
+def declared_fields(model: type) -> dict[str, Any]:
+    """A pydantic model's or a dataclass's fields, in order, with their defaults (REQUIRED)."""
+    if dataclasses.is_dataclass(model):
+        return {
+            f.name: REQUIRED
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            else (f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
+            for f in dataclasses.fields(model)
+        }
+    assert issubclass(model, BaseModel)
+    return {
+        name: REQUIRED
+        if info.is_required()
+        else (info.default_factory() if info.default_factory else info.default)  # type: ignore[call-arg]
+        for name, info in model.model_fields.items()
+    }
 
 
 def test_reason_code_table_lists_every_code_the_package_uses() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from opsbay_mqtt.protocol import Execution, Job
+from opsbay_mqtt.records import Execution, Job, replace
 from opsbay_mqtt.store import Store
 
 MS = 1_700_000_000_000
@@ -47,14 +47,12 @@ def store(path: Path) -> Iterator[Store]:
 
 
 def test_insert_and_get(store: Store) -> None:
-    j = make_job(1, nodes=("web-02", "web-01")).model_copy(
-        update={"reason_code": "x", "reason": "why"}
-    )
+    j = replace(make_job(1, nodes=("web-02", "web-01")), reason_code="x", reason="why")
     store.insert_job(j)
     got = store.get_job(j.job_id)
     assert got is not None
     # executions come back ordered by node
-    assert got == j.model_copy(update={"executions": sorted(j.executions, key=lambda e: e.node)})
+    assert got == replace(j, executions=sorted(j.executions, key=lambda e: e.node))
     assert store.get_job(jid(2)) is None
 
 

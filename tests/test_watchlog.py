@@ -12,8 +12,6 @@ from typing import Any
 import pytest
 
 from opsbay_mqtt.protocol import (
-    Execution,
-    Job,
     JobEvent,
     Message,
     NodeStatus,
@@ -23,6 +21,7 @@ from opsbay_mqtt.protocol import (
     encode,
     encode_unsigned,
 )
+from opsbay_mqtt.records import Execution, Job
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics
 from opsbay_mqtt.watchlog import (

@@ -1,0 +1,133 @@
+"""records: the plain job data the CLI reads without pydantic, and how strictly it is checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from opsbay_mqtt.protocol import JobEvent, Rejected
+from opsbay_mqtt.records import (
+    Execution,
+    Job,
+    Rejection,
+    as_dict,
+    job_from_wire,
+    rejection_from_wire,
+)
+
+
+def wire_job(**over: Any) -> dict[str, Any]:
+    job = Job(
+        job_id="8d3c1c52-6f0e-4f55-9d7c-2f4b7f1e9a10",
+        state="running",
+        target="web-*",
+        command="uptime",
+        timeout_s=600,
+        start_by_ms=1_700_000_600_000,
+        submitted_ms=1_700_000_000_000,
+        submitted_by="ci",
+        executions=[
+            Execution(node="web-01", state="running", started_ms=1_700_000_000_100),
+            Execution(node="web-02", state="succeeded", exit_code=0, stdout="up\n", host={"a": 1}),
+        ],
+    )
+    return {**as_dict(job), **over}
+
+
+def test_a_job_read_from_the_wire_is_the_job_that_was_sent() -> None:
+    data = wire_job()
+    job = job_from_wire(data)
+    assert as_dict(job) == data
+    assert job.executions[1] == Execution(
+        node="web-02", state="succeeded", exit_code=0, stdout="up\n", host={"a": 1}
+    )
+
+
+def test_optional_fields_may_be_left_out() -> None:
+    data = wire_job(executions=[{"node": "n1", "state": "pending"}])
+    for name in ("where", "batch", "max_failures", "submitted_kid", "reason_code", "reason"):
+        del data[name]
+    job = job_from_wire(data)
+    assert (job.where, job.batch, job.submitted_kid) == ({}, None, "")
+    assert job.executions == [Execution(node="n1", state="pending")]
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"state": "finished"}, "job.state"),  # not a state
+        ({"timeout_s": "600"}, "job.timeout_s"),  # a string is not a count
+        ({"timeout_s": True}, "job.timeout_s"),  # nor is a flag
+        ({"timeout_s": 1.5}, "job.timeout_s"),
+        ({"batch": 10}, "job.batch"),
+        ({"where": {"role": 1}}, "job.where"),
+        ({"where": ["role=web"]}, "job.where"),
+        ({"executions": {"node": "n1"}}, "job.executions"),
+        ({"executions": ["n1"]}, "job.executions.0"),
+        ({"executions": [{"node": "n1"}]}, "job.executions.0.state: missing"),
+        ({"executions": [{"node": "n1", "state": "pending", "pid": 4}]}, "unknown field(s) pid"),
+        ({"executions": [{"node": "n1", "state": "pending", "truncated": 1}]}, "truncated"),
+        ({"surprise": 1}, "unknown field(s) surprise"),
+    ],
+)
+def test_a_malformed_job_is_refused_with_where_it_is_wrong(
+    change: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(ValueError) as caught:
+        job_from_wire(wire_job(**change))
+    assert says in str(caught.value)
+
+
+@pytest.mark.parametrize("missing", ["job_id", "state", "command", "submitted_by"])
+def test_a_job_without_a_required_field_is_refused(missing: str) -> None:
+    data = wire_job()
+    del data[missing]
+    with pytest.raises(ValueError, match=rf"job\.{missing}: missing"):
+        job_from_wire(data)
+
+
+@pytest.mark.parametrize("data", [None, [], "job", 7])
+def test_a_job_that_is_not_an_object_is_refused(data: object) -> None:
+    with pytest.raises(ValueError, match="an object was expected"):
+        job_from_wire(data)
+
+
+def test_a_rejection_is_read_as_the_coordinator_sends_it() -> None:
+    sent = Rejected(job_id="j", nonce="n", code="invalid", reason="command: too long")
+    body = {k: v for k, v in sent.model_dump(mode="json").items() if k not in ("v", "type")}
+    assert rejection_from_wire(body) == Rejection(
+        job_id="j", nonce="n", code="invalid", reason="command: too long"
+    )
+    with pytest.raises(ValueError, match=r"rejected\.code"):
+        rejection_from_wire({**body, "code": None})
+
+
+def test_the_plain_rejection_has_the_fields_of_the_message() -> None:
+    """Rejection (records) is how a client reads Rejected (protocol): the two must not drift."""
+    plain = [f.name for f in dataclasses.fields(Rejection)]
+    assert plain == [name for name in Rejected.model_fields if name not in ("v", "type")]
+
+
+def test_job_events_carry_plain_jobs_and_check_them() -> None:
+    """The coordinator's JobEvent (pydantic) holds a records.Job and checks it the same way."""
+    data = wire_job()
+    event = JobEvent.model_validate({"v": 1, "type": "job", "job": data, "total": 2})
+    assert event.job == job_from_wire(data)
+    assert event.model_dump(mode="json")["job"] == data
+    with pytest.raises(ValueError, match=r"job\.state"):
+        JobEvent.model_validate({"v": 1, "type": "job", "job": wire_job(state="x"), "total": 2})
+
+
+def test_the_cli_path_does_not_import_pydantic() -> None:
+    """`opsbay submit --wait`, `result` and `results` read the coordinator's answers as plain
+    data: importing pydantic would double their start-up (docs/benchmarks.md)."""
+    modules = "opsbay_mqtt.cli_jobs, opsbay_mqtt.client, opsbay_mqtt.render, opsbay_mqtt.waiting"
+    code = f"import sys, {modules}; print(sorted(m for m in sys.modules if 'pydantic' in m))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "[]"
