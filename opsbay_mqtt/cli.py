@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import os
 import sys
 import typing
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+
+from opsbay_mqtt.logs import setup_logging as setup_logging
 
 if typing.TYPE_CHECKING:
     from opsbay_mqtt.settings import BusOptions
@@ -172,14 +173,6 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 def fail(code: int, text: str) -> NoReturn:
     typer.echo(f"opsbay: {text}", err=True)
     raise typer.Exit(code)
-
-
-def setup_logging(level: int) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def run(fn: Callable[[], Any]) -> Any:

@@ -163,27 +163,29 @@ def worker(
     quiet: Quiet = False,
 ) -> None:
     """Run the worker agent for one node: receive its jobs, run them, report back."""
-    from opsbay_mqtt.daemons import default_node_name, run_worker
+    from opsbay_mqtt import agent
+    from opsbay_mqtt.daemons import check_run_as, default_node_name, run_worker
     from opsbay_mqtt.policy import WorkerPolicy, parse_labels, parse_named
 
-    setup_logging(logging.WARNING if quiet else logging.INFO)
+    level = logging.WARNING if quiet else logging.INFO
+    setup_logging(level)
     name = run(lambda: default_node_name(node))
     s = settings(bus, "node", name)
     labels = run(lambda: parse_labels(label or []))
     named = run(lambda: parse_named(define or []))
     policy = WorkerPolicy(allow=tuple(allow or ()), named=named, named_only=named_only)
-    run(
-        lambda: run_worker(
-            s,
-            node=name,
-            labels=labels,
-            state_dir=state_dir,
-            max_parallel=max_parallel,
-            policy=policy,
-            run_as=run_as,
-            clean_env=clean_env,
-        )
-    )
+    run(lambda: check_run_as(run_as))
+    options = {
+        "node": name,
+        "labels": labels,
+        "state_dir": state_dir,
+        "max_parallel": max_parallel,
+        "policy": policy,
+        "run_as": run_as,
+        "clean_env": clean_env,
+    }
+    agent.become(bus, level, options)  # from here on, without this parser (returns if it can't)
+    run(lambda: run_worker(s, **options))
 
 
 @app.command()
