@@ -283,12 +283,19 @@ class Coordinator:
     def _update(self, job: Job, changed: Iterable[Execution], announce: bool = False) -> None:
         """Record changed executions, take the rollout's next step, and tell the submitter.
 
-        Only the changed executions are read and written in full; the others as briefs (node,
-        state, dispatch time), so a result for a job on many nodes stays cheap."""
+        Only the changed executions are read and written in full. The others are read as briefs
+        (node, state, dispatch time) only while the rollout holds some back, and otherwise only
+        counted per state in SQL, so a result for a job on many nodes stays cheap."""
         touched = {x.node: x for x in changed}
-        briefs = {b.node: b for b in self.store.briefs(job.job_id)}
-        briefs.update({x.node: Brief(x.node, x.state, x.dispatched_ms) for x in touched.values()})
-        step = rollout.next_step(briefs.values(), job.batch, job.max_failures)
+        step = rollout.Step([], [])
+        if any(x.state == "pending" and x.dispatched_ms is None for x in touched.values()) or (
+            self.store.has_held(job.job_id)
+        ):
+            briefs = {b.node: b for b in self.store.briefs(job.job_id)}
+            briefs.update(
+                {x.node: Brief(x.node, x.state, x.dispatched_ms) for x in touched.values()}
+            )
+            step = rollout.next_step(briefs.values(), job.batch, job.max_failures)
         now = self._now_ms()
         start_by_after = max(0, job.start_by_ms - job.submitted_ms)
         released = {"dispatched_ms": now, "start_by_ms": now + start_by_after}
@@ -301,13 +308,13 @@ class Coordinator:
             for node in nodes:
                 base = touched.get(node) or self.store.execution(job.job_id, node)
                 assert base is not None
-                ex = touched[node] = replace(base, **update)
-                briefs[node] = Brief(node, ex.state, ex.dispatched_ms)
+                touched[node] = replace(base, **update)
         for ex in touched.values():
             self.store.upsert_execution(job.job_id, ex)
             level = logging.INFO if states.is_terminal(ex.state) else logging.DEBUG
             log.log(level, "job %s on %s: %s", job.job_id, ex.node, ex.state)
-        new_state = states.job_state(b.state for b in briefs.values())
+        counts = self.store.state_counts(job.job_id)
+        new_state = states.job_state(counts)
         if new_state != job.state:
             self.store.set_job_state(job.job_id, new_state)
         job = replace(job, state=new_state)
@@ -316,7 +323,7 @@ class Coordinator:
         if announce:
             touched = {**{x.node: x for x in job.executions}, **touched}
         if touched:
-            self._send_event(job, touched.values(), [b.state for b in briefs.values()])
+            self._send_event(job, touched.values(), counts)
 
     def _send_dispatch(self, job: Job, ex: Execution) -> None:
         assert ex.start_by_ms is not None
@@ -333,13 +340,14 @@ class Coordinator:
         )
 
     def _send_event(
-        self, job: Job, changed: Iterable[Execution], all_states: Iterable[str] | None = None
+        self, job: Job, changed: Iterable[Execution], counts: dict[str, int] | None = None
     ) -> None:
         """The job's state, the executions that changed, and the count in each state: to its
         submitter (signed with the submitter's key) and to watchers."""
-        counts: dict[str, int] = {}
-        for state in all_states if all_states is not None else (x.state for x in job.executions):
-            counts[state] = counts.get(state, 0) + 1
+        if counts is None:
+            counts = {}
+            for x in job.executions:
+                counts[x.state] = counts.get(x.state, 0) + 1
         event = JobEvent(
             job=queries.fit(replace(job, executions=list(changed))),
             counts=counts,

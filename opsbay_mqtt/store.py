@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS executions (
 );
 CREATE INDEX IF NOT EXISTS executions_by_node ON executions (node, job_id);
 CREATE INDEX IF NOT EXISTS executions_by_state ON executions (state);
+-- A job's counts per state, and whether its rollout holds any back, without reading its rows.
+CREATE INDEX IF NOT EXISTS executions_by_job_state ON executions (job_id, state, dispatched_ms);
 CREATE INDEX IF NOT EXISTS executions_open ON executions (node, state)
     WHERE state IN ('pending', 'running');
 CREATE TABLE IF NOT EXISTS nodes (
@@ -202,6 +204,22 @@ class Store:
             (job_id, node),
         ).fetchone()
         return self._execution(row) if row else None
+
+    def state_counts(self, job_id: str) -> dict[str, int]:
+        """How many of the job's executions are in each state."""
+        rows = self.db.execute(
+            "SELECT state, count(*) FROM executions WHERE job_id = ? GROUP BY state", (job_id,)
+        )
+        return dict(rows.fetchall())
+
+    def has_held(self, job_id: str) -> bool:
+        """Whether the job's rollout holds any execution back (pending, never dispatched)."""
+        row = self.db.execute(
+            "SELECT 1 FROM executions WHERE job_id = ? AND state = 'pending'"
+            " AND dispatched_ms IS NULL LIMIT 1",
+            (job_id,),
+        ).fetchone()
+        return row is not None
 
     def briefs(self, job_id: str) -> list[Brief]:
         """Node, state and dispatch time of each of a job's executions, without their output."""
