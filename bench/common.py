@@ -158,7 +158,7 @@ class Procs:
 
     logs: Path
     children: list[subprocess.Popen[Any]] = field(default_factory=list)
-    profiled: set[int] = field(default_factory=set)  # under py-spy: stopped with SIGINT
+    profiled: set[int] = field(default_factory=set)  # py-spy: stopped with SIGINT
 
     def start(
         self,
@@ -186,7 +186,7 @@ class Procs:
         return p
 
     def stop(self, proc: subprocess.Popen[Any]) -> None:
-        # py-spy writes its profile on SIGINT, which the daemons also take as "stop".
+        # py-spy writes its profile on SIGINT.
         sig = signal.SIGINT if proc.pid in self.profiled else signal.SIGTERM
         stop_group(proc, 15 if sig == signal.SIGINT else 5, sig)
         if proc in self.children:
@@ -348,16 +348,16 @@ class Bus:
         wait_until(ready, 30, f"{text!r} in {path}", every=0.02)
 
     def daemon(self, name: str, argv: list[str], ready: str) -> subprocess.Popen[Any]:
-        """Start an opsbay daemon (under py-spy with --profile) and wait for its ready line."""
+        """Start an opsbay daemon and wait for its ready line; with --profile, py-spy then
+        samples it until it stops."""
+        p = self.start(name, argv)
+        self._wait_log(name, p, ready)
         prof = self.suite.profile_dir
         if prof is not None:
-            from bench.profiling import wrap
+            from bench.profiling import attach
 
-            argv = wrap(argv, prof / f"{self.name}-{name}.raw")
-        p = self.start(name, argv)
-        if prof is not None:
-            self.suite.procs.profiled.add(p.pid)
-        self._wait_log(name, p, ready)
+            spy = self.start(f"{name}-py-spy", attach(p.pid, prof / f"{self.name}-{name}.raw"))
+            self.suite.procs.profiled.add(spy.pid)
         return p
 
     def coordinator(self, *args: str) -> subprocess.Popen[Any]:

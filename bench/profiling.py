@@ -24,10 +24,12 @@ def py_spy() -> str:
     return found
 
 
-def wrap(argv: list[str], out: Path) -> list[str]:
-    """Run `argv` under py-spy, sampling at 250 Hz; raw (collapsed) stacks go to `out`. py-spy
-    writes them when the process ends or on SIGINT."""
-    return [py_spy(), "record", "-r", "250", "-f", "raw", "-o", str(out), "--", *argv]
+def attach(pid: int, out: Path) -> list[str]:
+    """py-spy sampling the running process `pid` at 250 Hz; raw (collapsed) stacks go to `out`.
+    py-spy writes them when the process ends or on SIGINT. Attached once the daemon is ready,
+    not wrapped around its start: `opsbay worker` execs into the agent, which a wrapping py-spy
+    would not follow."""
+    return [py_spy(), "record", "-r", "250", "-f", "raw", "-o", str(out), "--pid", str(pid)]
 
 
 def _short(frame: str) -> str:
