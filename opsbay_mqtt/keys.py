@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import re
 import secrets
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +66,8 @@ def _fail(path: Path, text: str) -> ConfigError:
 
 
 def load(path: Path) -> KeyFile:
+    import tomllib  # here: every CLI call imports this module, few read a key file
+
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -92,8 +93,15 @@ replace = dataclasses.replace
 
 
 def as_dict(record: Job | Execution) -> dict[str, Any]:
-    """The record as JSON-ready data (what replies and events carry)."""
-    return dataclasses.asdict(record)
+    """The record as JSON-ready data (what replies and events carry): new dicts all the way
+    down, so the caller may change them."""
+    d = fields_of(record)
+    if isinstance(record, Job):
+        d["where"] = dict(record.where)
+        d["executions"] = [as_dict(x) for x in record.executions]
+    else:
+        d["host"] = dict(record.host)
+    return d
 
 
 def fields_of(record: Job | Execution) -> dict[str, Any]:
@@ -133,35 +141,43 @@ _REQUIRED: dict[type, frozenset[str]] = {
 def _checked(cls: type, data: object, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: an object was expected")
-    hints = _HINTS[cls]
-    unknown = sorted(set(data) - set(hints))
+    checks = _CHECKS[cls]
+    unknown = sorted(set(data) - set(checks))
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}")
     for name in _REQUIRED[cls] - set(data):
         raise ValueError(f"{where}.{name}: missing")
     for name, value in data.items():
-        if not _fits(value, hints[name]):
+        if not checks[name](value):
             raise ValueError(f"{where}.{name}: {value!r:.60} is not of the expected type")
     return dict(data)
 
 
-def _fits(value: object, hint: Any) -> bool:
+def _check(hint: Any) -> Callable[[object], bool]:
+    """A test for whether a JSON value is of the type `hint`, worked out once per field."""
     origin = typing.get_origin(hint)
     if hint is Any:
-        return True
+        return lambda value: True
     if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, arg) for arg in typing.get_args(hint))
+        alternatives = [_check(arg) for arg in typing.get_args(hint)]
+        return lambda value: any(fits(value) for fits in alternatives)
     if origin is Literal:
-        return value in typing.get_args(hint)
+        allowed = typing.get_args(hint)
+        return lambda value: any(type(value) is type(a) and value == a for a in allowed)
     if origin is dict:
-        key, item = typing.get_args(hint)
-        return isinstance(value, dict) and all(
-            _fits(k, key) and _fits(v, item) for k, v in value.items()
+        key, item = (_check(arg) for arg in typing.get_args(hint))
+        return lambda value: (
+            isinstance(value, dict) and all(key(k) and item(v) for k, v in value.items())
         )
     if origin is list:
-        return isinstance(value, list)  # the items are checked by the caller
+        return lambda value: isinstance(value, list)  # the items are checked by the caller
     if hint is type(None):
-        return value is None
+        return lambda value: value is None
     if hint is bool or hint is int:
-        return type(value) is hint  # True is not a count, nor 1 a flag
-    return isinstance(value, hint)
+        return lambda value: type(value) is hint  # True is not a count, nor 1 a flag
+    return lambda value: isinstance(value, hint)
+
+
+_CHECKS: dict[type, dict[str, Callable[[object], bool]]] = {
+    cls: {name: _check(hint) for name, hint in hints.items()} for cls, hints in _HINTS.items()
+}

@@ -135,15 +135,15 @@ def parse(payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
 
 def _check_depth(obj: Any) -> None:
     """Refuse messages nested deeper than MAX_DEPTH (iteratively: no recursion to exhaust)."""
+    # Only containers are stacked: a member or element is one level below its container, so a
+    # non-empty container at the deepest level allowed is already one too deep.
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         item, depth = stack.pop()
-        if depth > MAX_DEPTH:
+        members = item.values() if isinstance(item, dict) else item
+        if depth >= MAX_DEPTH and members:
             raise Refused("bad_json", f"message is nested deeper than {MAX_DEPTH} levels")
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
+        stack.extend((v, depth + 1) for v in members if isinstance(v, dict | list))
 
 
 @dataclass(frozen=True)
