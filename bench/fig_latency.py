@@ -37,9 +37,10 @@ final event. Baseline, interleaved in blocks of 50: a raw paho client's QoS 1 re
 echo responder and its QoS 1 reply, through the same broker (two hops instead of four)."""
 
 FOOTPRINT = """\
-**Agent footprint**: resident set (RSS; USS is the memory only this process holds) of one
-`opsbay worker` started with default settings, connected and idle for 2 s; and again after the
-latency run's jobs."""
+**Agent footprint**: resident set (RSS; USS is the memory only this process holds; MB are
+10^6 bytes) of one `opsbay worker` started with default settings, connected and idle for 2 s;
+and again after the latency run's jobs. The pid is the one started: once its options are
+parsed, `opsbay worker` replaces itself with the agent process (`python -m opsbay_mqtt.agent`)."""
 
 BREAKDOWN = """\
 **Where the bus latency goes**: after the latency run, 200 more jobs (one at a time) with a
