@@ -243,4 +243,12 @@ def main() -> None:
     for module in [wanted] if wanted else sorted(set(COMMAND_MODULES.values())):
         importlib.import_module(f"opsbay_mqtt.{module}")  # registers its commands
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    everything = app.registered_commands
+    if wanted:  # typer builds every registered command's options; build the one that runs
+        app.registered_commands = [
+            c for c in everything if (c.name or getattr(c.callback, "__name__", "")) == words[0]
+        ]
+    try:
+        app()
+    finally:
+        app.registered_commands = everything
