@@ -1,5 +1,6 @@
 """The protocol's plain data: a job and its executions as the coordinator records them, a
-refusal as its submitter reads it, what someone asks to run, and the protocol's limits.
+refusal as its submitter reads it, what someone asks to run, the protocol's version and the
+form of a rollout limit.
 
 Plain frozen dataclasses, not pydantic models (`protocol` holds those): the coordinator builds
 jobs from messages it has already validated and from its own database, and the CLI reads them
