@@ -229,6 +229,19 @@ def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, every: f
         time.sleep(every)  # the poll interval of a bounded wait
 
 
+def spawn_true(timeout: float | None = None) -> None:
+    """Spawn `sh -c true` and reap it as the worker's runner does (pipes, a new session, no
+    inherited descriptors), nothing more: the baseline of what running a job costs."""
+    subprocess.Popen(
+        ["/bin/sh", "-c", "true"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+    ).communicate(timeout=timeout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

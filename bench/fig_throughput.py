@@ -4,7 +4,6 @@ limit on spawning `sh -c true`."""
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from bench.common import (
     chunk_rates,
     per_s,
     private_bus,
+    spawn_true,
     summarize,
 )
 from bench.driver import Driver
@@ -71,15 +71,7 @@ def spawn_rate(threads: int, seconds: float) -> float:
 
     def spawn(i: int) -> None:
         while time.perf_counter() < stop:
-            p = subprocess.Popen(
-                ["/bin/sh", "-c", "true"],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                close_fds=True,
-            )
-            p.communicate()
+            spawn_true()
             counts[i] += 1
 
     t0 = time.perf_counter()

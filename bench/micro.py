@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.common import spawn_true
 from opsbay_mqtt.protocol import Dispatch, Result, Submit, encode
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics, new_job_id
@@ -173,20 +174,10 @@ def _median_ms(fn: Callable[[], object], n: int = 200) -> float:
 def runner() -> list[str]:
     from opsbay_mqtt import runner as r
 
-    def popen(timeout: float | None) -> None:
-        p = subprocess.Popen(
-            ["/bin/sh", "-c", "true"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        p.communicate(timeout=timeout)
-
     return [
         f"runner.run('true'): {_median_ms(lambda: r.run('true', timeout_s=60)):.2f} ms",
-        f"Popen(sh -c true).communicate(): {_median_ms(lambda: popen(None)):.2f} ms",
-        f"the same with communicate(timeout=60): {_median_ms(lambda: popen(60)):.2f} ms",
+        f"Popen(sh -c true).communicate(): {_median_ms(spawn_true):.2f} ms",
+        f"the same with communicate(timeout=60): {_median_ms(lambda: spawn_true(60)):.2f} ms",
     ]
 
 
@@ -195,14 +186,9 @@ def runner_interleaved(n: int = 300) -> list[str]:
     see the same machine: medians and quartiles of `n` calls each."""
     from opsbay_mqtt import runner as r
 
-    def bare() -> None:
-        subprocess.Popen(
-            ["/bin/sh", "-c", "true"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        ).communicate()
-
     fns: dict[str, Callable[[], object]] = {
         "runner.run('true')": lambda: r.run("true", timeout_s=60),
-        "bare Popen().communicate()": bare,
+        "bare Popen().communicate()": spawn_true,
     }
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(n):

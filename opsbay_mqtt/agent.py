@@ -91,9 +91,7 @@ def main(argv: list[str]) -> int:
                 **worker,
                 "state_dir": Path(worker["state_dir"]),
                 "policy": WorkerPolicy(
-                    allow=tuple(worker["policy"]["allow"]),
-                    named=worker["policy"]["named"],
-                    named_only=worker["policy"]["named_only"],
+                    **{**worker["policy"], "allow": tuple(worker["policy"]["allow"])}
                 ),
             },
         )

@@ -23,6 +23,7 @@ from opsbay_mqtt.records import (
     Job,
     Rejection,
     job_from_wire,
+    message_body,
     rejection_from_wire,
     replace,
 )
@@ -368,10 +369,7 @@ def _unverified_rejection(payload: bytes) -> Rejection | None:
 
 def _body(obj: dict[str, Any], kinds: tuple[str, ...], kid: str | None) -> dict[str, Any]:
     """The message without its signature, if it is of this protocol version and of `kinds`."""
-    body = {k: v for k, v in obj.items() if k not in ("auth", "sig")}
-    version = body.get("v")
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise Refused("bad_version", f"protocol version {version!r} is not supported (1)", kid)
+    body = message_body(obj, kid)
     if body.get("type") not in kinds:
         raise Refused("bad_type", f"message type {body.get('type')!r} not expected here", kid)
     return body

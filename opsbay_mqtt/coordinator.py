@@ -288,9 +288,7 @@ class Coordinator:
         counted per state in SQL, so a result for a job on many nodes stays cheap."""
         touched = {x.node: x for x in changed}
         step = rollout.Step([], [])
-        if any(x.state == "pending" and x.dispatched_ms is None for x in touched.values()) or (
-            self.store.has_held(job.job_id)
-        ):
+        if any(map(rollout.is_held, touched.values())) or self.store.has_held(job.job_id):
             briefs = {b.node: b for b in self.store.briefs(job.job_id)}
             briefs.update(
                 {x.node: Brief(x.node, x.state, x.dispatched_ms) for x in touched.values()}

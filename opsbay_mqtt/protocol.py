@@ -21,7 +21,7 @@ from pydantic import (
 
 from opsbay_mqtt import signing
 from opsbay_mqtt.errors import Refused
-from opsbay_mqtt.records import LIMIT_PATTERN, PROTOCOL_VERSION, Job, job_from_wire
+from opsbay_mqtt.records import LIMIT_PATTERN, Job, job_from_wire, message_body
 from opsbay_mqtt.signing import Auth, Keyring
 from opsbay_mqtt.states import ExecState, JobState
 from opsbay_mqtt.topics import JOB_ID_RE, NODE_NAME_RE, REPLY_ID_RE
@@ -274,10 +274,7 @@ def decode_unverified(payload: bytes, expect: tuple[type[Message], ...]) -> Mess
 def _validate(
     obj: dict[str, Any], expect: tuple[type[Message], ...] | None, kid: str | None
 ) -> Message:
-    body = {k: v for k, v in obj.items() if k not in ("auth", "sig")}
-    version = body.get("v")
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise Refused("bad_version", f"protocol version {version!r} is not supported (1)", kid)
+    body = message_body(obj, kid)
     kind = body.get("type")
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from opsbay_mqtt.errors import Refused
 from opsbay_mqtt.states import ExecState, JobState
 
 PROTOCOL_VERSION = 1
@@ -108,6 +109,16 @@ def as_dict(record: Job | Execution) -> dict[str, Any]:
 def fields_of(record: Job | Execution) -> dict[str, Any]:
     """The record's own fields, not copied (a job's executions stay records)."""
     return {f: getattr(record, f) for f in _HINTS[type(record)]}
+
+
+def message_body(obj: dict[str, Any], kid: str | None) -> dict[str, Any]:
+    """A parsed message without its signature, once its version is this protocol's; `Refused`
+    otherwise (signed for `kid`, the key that proved the sender, if any)."""
+    body = {k: v for k, v in obj.items() if k not in ("auth", "sig")}
+    version = body.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise Refused("bad_version", f"protocol version {version!r} is not supported (1)", kid)
+    return body
 
 
 def job_from_wire(data: object) -> Job:

@@ -84,11 +84,16 @@ class Brief(Protocol):
     def dispatched_ms(self) -> int | None: ...
 
 
+def is_held(x: Brief) -> bool:
+    """Held back by the rollout: never sent to its node (`Store.has_held` asks the same)."""
+    return x.state == "pending" and x.dispatched_ms is None
+
+
 def next_step(execs: Iterable[Brief], batch: str | None, max_failures: str | None) -> Step:
     """What to do after a change: release held-back executions up to the batch size, or stop
     the rollout once failures exceed max-failures."""
     execs = list(execs)
-    held = sorted(x.node for x in execs if x.state == "pending" and x.dispatched_ms is None)
+    held = sorted(x.node for x in execs if is_held(x))
     if not held:
         return Step([], [])
     failures = sum(x.state in FAILURES for x in execs)

@@ -157,31 +157,28 @@ class _Watch:
                 log.exception("the live output sink failed; the output is still captured")
                 self.sink = None
 
-    def wait(self, timeout: float) -> bool:
-        """Read output until the shell exits or `timeout` passes; whether it exited."""
+    def _until(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Read output until `done()` or `timeout` passes; whether it is done."""
         deadline = time.monotonic() + timeout
-        while self.proc.returncode is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return self.proc.poll() is not None
-            self._step(left)
-        return True
-
-    def drain(self, timeout: float) -> bool:
-        """Read until both pipes are at their end or `timeout` passes; whether they are."""
-        deadline = time.monotonic() + timeout
-        while self.reading:
+        while not done():
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             self._step(left)
         return True
 
+    def wait(self, timeout: float) -> bool:
+        """Read output until the shell exits or `timeout` passes; whether it exited."""
+        exited = self._until(lambda: self.proc.returncode is not None, timeout)
+        return exited or self.proc.poll() is not None
+
+    def drain(self, timeout: float) -> bool:
+        """Read until both pipes are at their end or `timeout` passes; whether they are."""
+        return self._until(lambda: not self.reading, timeout)
+
     def pause(self, seconds: float) -> None:
         """Wait `seconds`, reading what comes meanwhile."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self._step(left)
+        self._until(lambda: False, seconds)
 
 
 class RunControl:

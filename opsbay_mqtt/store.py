@@ -213,7 +213,7 @@ class Store:
         return dict(rows.fetchall())
 
     def has_held(self, job_id: str) -> bool:
-        """Whether the job's rollout holds any execution back (pending, never dispatched)."""
+        """Whether the job's rollout holds any execution back (`rollout.is_held`, in SQL)."""
         row = self.db.execute(
             "SELECT 1 FROM executions WHERE job_id = ? AND state = 'pending'"
             " AND dispatched_ms IS NULL LIMIT 1",

@@ -19,7 +19,29 @@ from typing import Any, TypeVar
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from opsbay_mqtt.records import Execution, Job
+
 T = TypeVar("T")
+
+
+SAMPLE_JOB_ID = "6f1c2b1e-8a4d-4c3e-9f0a-1b2c3d4e5f60"
+
+
+def sample_job(*executions: Execution, **fields: Any) -> Job:
+    """A job for tests that only read one: `echo hi` on `n*`, succeeded, submitted with the
+    shared key at 1,700,000,000,000 ms; `fields` override any of it."""
+    base: dict[str, Any] = {
+        "job_id": SAMPLE_JOB_ID,
+        "state": "succeeded",
+        "target": "n*",
+        "command": "echo hi",
+        "timeout_s": 60,
+        "start_by_ms": 1_700_000_000_000,
+        "submitted_ms": 1_700_000_000_000,
+        "submitted_by": "default",
+        "executions": list(executions),
+    }
+    return Job(**{**base, **fields})
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, what: str, every: float = 0.02) -> T:
@@ -172,6 +194,15 @@ class Bus:
         out = self.cli(*args, "--json", **env)
         assert out.stdout, f"no output from opsbay {args}: exit {out.returncode}, {out.stderr}"
         return json.loads(out.stdout)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish raw bytes at QoS 1 with mosquitto_pub, as any MQTT client could."""
+        subprocess.run(
+            ["mosquitto_pub", "-p", str(self.broker.port), "-q", "1", "-t", topic, "-s"],
+            input=payload,
+            check=True,
+            timeout=10,
+        )
 
     def watch(self, topic: str = "#") -> Watcher:
         w = Watcher(self.broker.port, f"{self.prefix}/{topic}")

@@ -29,6 +29,7 @@ from opsbay_mqtt.cronicle import (
 )
 from opsbay_mqtt.protocol import Output
 from opsbay_mqtt.records import Execution, Job
+from tests.helpers import sample_job
 
 JOB = "6f1c2b1e-8a4d-4c3e-9f0a-1b2c3d4e5f60"
 MS = 1_700_000_000_000
@@ -43,18 +44,7 @@ def ex(node: str, state: str, code: int | None = None, **more: Any) -> Execution
 
 
 def job(*executions: Execution, state: str = "succeeded", **more: Any) -> Job:
-    return Job(
-        job_id=JOB,
-        state=state,  # type: ignore[arg-type]
-        target="n*",
-        command="echo hi",
-        timeout_s=60,
-        start_by_ms=MS,
-        submitted_ms=MS,
-        submitted_by="default",
-        executions=list(executions),
-        **more,
-    )
+    return sample_job(*executions, job_id=JOB, state=state, start_by_ms=MS, submitted_ms=MS, **more)
 
 
 def chunk(

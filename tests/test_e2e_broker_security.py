@@ -9,7 +9,6 @@ import os
 import pwd
 import re
 import secrets
-import socket
 import subprocess
 import threading
 import uuid
@@ -24,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from opsbay_mqtt.stack import find_mosquitto, wait_for_port
+from tests.conftest import free_port
 from tests.helpers import Broker, Bus, stop_process, wait_until
 
 SHIPPED = Path(__file__).resolve().parent.parent / "mosquitto"
@@ -32,12 +32,6 @@ PREFIX = "opsbay"  # acl.example grants topics under this prefix only
 USERS = ("coordinator", "web-01", "web-02", "ci", "watcher", "+")
 NOT_AUTHORIZED = 135  # MQTT 5 reason code of a refused login or a denied publish
 WAIT_S = 10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(*argv: str, cwd: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -74,21 +73,7 @@ def as_(keys: Keys, name: str) -> dict[str, str]:
 
 
 def publish(bus: Bus, topic: str, payload: bytes) -> None:
-    subprocess.run(
-        [
-            "mosquitto_pub",
-            "-p",
-            str(bus.broker.port),
-            "-q",
-            "1",
-            "-t",
-            f"{bus.prefix}/{topic}",
-            "-s",
-        ],
-        input=payload,
-        check=True,
-        timeout=10,
-    )
+    bus.publish(f"{bus.prefix}/{topic}", payload)
 
 
 def test_each_identity_signs_with_its_own_key(bus: Bus, ids: Keys) -> None:

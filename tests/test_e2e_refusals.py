@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import uuid
 
@@ -11,15 +10,6 @@ from opsbay_mqtt import signing
 from opsbay_mqtt.protocol import Submit
 from opsbay_mqtt.signing import Keyring
 from tests.helpers import Bus, Watcher, wait_until
-
-
-def publish(bus: Bus, topic: str, payload: bytes) -> None:
-    subprocess.run(
-        ["mosquitto_pub", "-p", str(bus.broker.port), "-q", "1", "-t", topic, "-s"],
-        input=payload,
-        check=True,
-        timeout=10,
-    )
 
 
 def submit_body(job_id: str, command: str = "echo should-not-run") -> dict[str, object]:
@@ -68,29 +58,29 @@ def test_stale_timestamp_replayed_nonce_and_bad_messages_are_refused(running: Bu
     now = int(time.time())
 
     stale_id = str(uuid.uuid4())
-    publish(running, submit, signing.sign(submit_body(stale_id), keys, now - 3600))
+    running.publish(submit, signing.sign(submit_body(stale_id), keys, now - 3600))
     assert rejection(watch, stale_id, "stale")["code"] == "stale"
 
     # The same nonce on a second, different submission is a replay.
     first, second = str(uuid.uuid4()), str(uuid.uuid4())
     nonce = uuid.uuid4().hex
-    publish(running, submit, signing.sign(submit_body(first, "true"), keys, now, nonce))
+    running.publish(submit, signing.sign(submit_body(first, "true"), keys, now, nonce))
     wait_until(lambda: running.cli_json("result", first)["state"] == "succeeded", 10, "first job")
-    publish(running, submit, signing.sign(submit_body(second), keys, now, nonce))
+    running.publish(submit, signing.sign(submit_body(second), keys, now, nonce))
     assert rejection(watch, second, "replay")["code"] == "replay"
 
-    publish(running, submit, b"{this is not json")
+    running.publish(submit, b"{this is not json")
     bad_json = rejection(watch, None, "bad_json")
     assert bad_json["code"] == "bad_json"
 
     missing = submit_body(str(uuid.uuid4()))
     del missing["command"]
-    publish(running, submit, signing.sign(missing, keys, now))
+    running.publish(submit, signing.sign(missing, keys, now))
     got = rejection(watch, missing["job_id"], "invalid")  # type: ignore[arg-type]
     assert got["code"] == "invalid" and "command" in str(got["reason"])
 
     unsigned = json.dumps(submit_body(str(uuid.uuid4()))).encode()
-    publish(running, submit, unsigned)
+    running.publish(submit, unsigned)
     assert rejection(watch, json.loads(unsigned)["job_id"], "unsigned")["code"] == "unsigned"
 
     dispatched_before_good = jobs.find(lambda t, b, r: b.get("type") == "dispatch")
@@ -107,9 +97,9 @@ def test_replayed_submission_never_runs_twice(running: Bus, tmp_path) -> None:  
     job_id = str(uuid.uuid4())
     payload = signing.sign(submit_body(job_id, f"echo once >> {marker}"), keys, int(time.time()))
     watch = running.watch(f"jobs/{job_id}")
-    publish(running, f"{running.prefix}/submit", payload)
+    running.publish(f"{running.prefix}/submit", payload)
     wait_until(lambda: running.cli_json("result", job_id)["state"] == "succeeded", 10, "the job")
-    publish(running, f"{running.prefix}/submit", payload)  # captured and replayed
+    running.publish(f"{running.prefix}/submit", payload)  # captured and replayed
     # The coordinator answers a replay of a known job with the job as it stands.
     wait_until(
         lambda: len(watch.find(lambda t, b, r: b.get("type") == "job")) >= 4,

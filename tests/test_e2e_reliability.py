@@ -91,12 +91,7 @@ def test_redelivered_dispatch_resends_the_result_and_never_reruns(
     jobs_topic = f"{running.prefix}/nodes/n1/jobs"
     watch.wait_for(lambda t, b, r: t == jobs_topic, "the dispatch")
     dispatch = next(p for t, p, _ in watch.seen if t == jobs_topic)
-    subprocess.run(
-        ["mosquitto_pub", "-p", str(running.broker.port), "-q", "1", "-t", jobs_topic, "-s"],
-        input=dispatch,
-        check=True,
-        timeout=10,
-    )
+    running.publish(jobs_topic, dispatch)
     results = f"{running.prefix}/results/n1/{job_id}"
     wait_until(
         lambda: len(watch.find(lambda t, b, r: t == results and b["state"] == "succeeded")) == 2,
@@ -194,13 +189,7 @@ def test_a_late_offline_status_from_an_old_connection_never_wins(running: Bus) -
     (node,) = running.cli_json("nodes")
     stale = NodeStatus(node="n1", state="offline", session=node["session"] - 1, published_ms=1)
     payload = encode(stale, Keyring.shared(running.secret), int(time.time()))
-    subprocess.run(
-        ["mosquitto_pub", "-p", str(running.broker.port), "-q", "1", "-t",
-         f"{running.prefix}/nodes/n1/status", "-s"],
-        input=payload,
-        check=True,
-        timeout=10,
-    )  # fmt: skip
+    running.publish(f"{running.prefix}/nodes/n1/status", payload)
     assert running.cli("submit", "-t", "n1", "-c", "true", "--wait").returncode == 0
     assert [n["state"] for n in running.cli_json("nodes")] == ["online"]
 

@@ -20,26 +20,16 @@ def processes_using(directory: Path) -> list[str]:
     return found
 
 
+def stack_once(port: int, directory: Path, *more: str) -> subprocess.CompletedProcess[str]:
+    argv = ["stack", "--once", "--port", str(port), "--dir", str(directory), *more]
+    return subprocess.run(
+        [sys.executable, "-m", "opsbay_mqtt", *argv], capture_output=True, text=True, timeout=120
+    )
+
+
 def test_stack_once_runs_the_demo_job_and_stops_everything(tmp_path: Path) -> None:
     directory = tmp_path / "stack"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "opsbay_mqtt",
-            "stack",
-            "--once",
-            "--port",
-            str(free_port()),
-            "--dir",
-            str(directory),
-            "--node",
-            "demo",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = stack_once(free_port(), directory, "--node", "demo")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "hello from" in out.stdout and "via opsbay" in out.stdout
     assert "demo" in out.stdout and "online" in out.stdout  # the nodes table
@@ -54,21 +44,6 @@ def test_stack_refuses_a_port_in_use(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "opsbay_mqtt",
-                "stack",
-                "--once",
-                "--port",
-                str(port),
-                "--dir",
-                str(tmp_path / "stack"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = stack_once(port, tmp_path / "stack")
     assert out.returncode == 78
     assert "already in use" in out.stderr

@@ -141,15 +141,6 @@ def check_protocol(stdout: bytes) -> PluginRun:
     return PluginRun(output, progress, complete, line)
 
 
-def publish(bus: Bus, topic: str, payload: bytes) -> None:
-    subprocess.run(
-        ["mosquitto_pub", "-p", str(bus.broker.port), "-q", "1", "-t", topic, "-s"],
-        input=payload,
-        check=True,
-        timeout=10,
-    )
-
-
 def results(bus: Bus) -> list[dict[str, Any]]:
     out = bus.cli("results", "--json")
     return json.loads(out.stdout) if out.returncode == 0 else []
@@ -169,7 +160,7 @@ def test_watch_json_shows_a_jobs_events_and_a_node_going_offline(running: Bus) -
     signed = signing.sign(elsewhere.model_dump(mode="json"), Keyring.shared(running.secret), 1)
     forged = json.dumps({**elsewhere.model_dump(mode="json"), "node": "n9"}).encode()
     for topic, payload in (("n7", signed), ("n9", forged)):
-        publish(running, f"{running.prefix}/nodes/{topic}/status", payload)
+        running.publish(f"{running.prefix}/nodes/{topic}/status", payload)
     wait_until(lambda: len(w.lines()) >= 4, 10, "the forged status")
     worker = running.procs[1]  # after the coordinator
     worker.send_signal(signal.SIGTERM)

@@ -866,17 +866,26 @@ def settled(events: str) -> Any:
     return check
 
 
-def test_shell_example_submits_a_job_that_the_worker_runs(running: Bus) -> None:
-    bus = running
-    watcher = watch_everything(bus)
-    out = run_snippet(bus, OPSBAY_TARGET="n1", OPSBAY_COMMAND=COMMAND, OPSBAY_TIMEOUT_S="30")
+def snippet_job(bus: Bus, watcher: Watcher, **env: str) -> tuple[str, dict[str, Any]]:
+    """Run the shell example with `env`: the job id it printed, and the job's last event once
+    the job settled (the coordinator must have accepted the submission)."""
+    out = run_snippet(bus, **env)
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.split()[-1]
     assert JOB_ID_RE.match(job_id), out.stdout
-
     events = f"{bus.prefix}/jobs/{job_id}"
     last = watcher.wait_for(settled(events), f"job {job_id} to be rejected or finished", timeout=30)
     assert last["type"] == "job", f"the coordinator refused the shell's submission: {last}"
+    return job_id, last
+
+
+def test_shell_example_submits_a_job_that_the_worker_runs(running: Bus) -> None:
+    bus = running
+    watcher = watch_everything(bus)
+    job_id, _ = snippet_job(
+        bus, watcher, OPSBAY_TARGET="n1", OPSBAY_COMMAND=COMMAND, OPSBAY_TIMEOUT_S="30"
+    )
+    events = f"{bus.prefix}/jobs/{job_id}"
     job = bus.cli_json("result", job_id)
     assert job["state"] == "succeeded", job
     assert (job["target"], job["command"], job["submitted_by"]) == ("n1", COMMAND, "shared")
@@ -921,15 +930,11 @@ def test_shell_example_with_a_glob_labels_and_a_batch(bus: Bus) -> None:
     bus.worker("n3", "--label", "role=db")
     wait_until(lambda: len(bus.cli_json("nodes", "--state", "online")) == 3, 15, "3 nodes online")
     watcher = watch_everything(bus)
-    out = run_snippet(
-        bus, OPSBAY_TARGET="n*", OPSBAY_WHERE='{"role": "web"}', OPSBAY_BATCH="1",
+    job_id, _ = snippet_job(
+        bus, watcher, OPSBAY_TARGET="n*", OPSBAY_WHERE='{"role": "web"}', OPSBAY_BATCH="1",
         OPSBAY_MAX_FAILURES="0", OPSBAY_COMMAND="echo on $OPSBAY_NODE", OPSBAY_TIMEOUT_S="30",
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    job_id = out.stdout.split()[-1]
     events = f"{bus.prefix}/jobs/{job_id}"
-    last = watcher.wait_for(settled(events), f"job {job_id} to be rejected or finished", timeout=30)
-    assert last["type"] == "job", f"the coordinator refused the shell's submission: {last}"
     job = bus.cli_json("result", job_id)
     assert (job["state"], job["target"], job["where"]) == ("succeeded", "n*", {"role": "web"})
     assert (job["batch"], job["max_failures"]) == ("1", "0")
@@ -1034,15 +1039,10 @@ def test_shell_example_with_a_client_key(bus: Bus, tmp_path: Path) -> None:
 
     client_kid, client_secret = entries[("client", "ci")]
     node_kid = entries[("node", "n1")][0]
-    out = run_snippet(
-        bus, OPSBAY_KID=client_kid, OPSBAY_SECRET=client_secret, OPSBAY_TARGET="n1",
+    _, last = snippet_job(
+        bus, watcher, OPSBAY_KID=client_kid, OPSBAY_SECRET=client_secret, OPSBAY_TARGET="n1",
         OPSBAY_COMMAND="echo with a client key",
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    job_id = out.stdout.split()[-1]
-    events = f"{bus.prefix}/jobs/{job_id}"
-    last = watcher.wait_for(settled(events), f"job {job_id} to be rejected or finished", timeout=30)
-    assert last["type"] == "job", f"the coordinator refused the shell's submission: {last}"
     assert last["job"]["state"] == "succeeded", last
     assert (last["job"]["submitted_by"], last["job"]["submitted_kid"]) == ("ci", client_kid)
     assert last["job"]["executions"][0]["stdout"] == "with a client key\n"

@@ -10,22 +10,15 @@ import pytest
 from opsbay_mqtt import render
 from opsbay_mqtt.records import Execution, Job, as_dict
 from opsbay_mqtt.states import JOB_STATES
+from tests.helpers import sample_job
 
 JOB = "6f1c2b1e-8a4d-4c3e-9f0a-1b2c3d4e5f60"
 MS = 1_700_000_000_123
 
 
 def job(state: str, *executions: Execution) -> Job:
-    return Job(
-        job_id=JOB,
-        state=state,  # type: ignore[arg-type]
-        target="web",
-        command="echo hi",
-        timeout_s=60,
-        start_by_ms=MS + 60_000,
-        submitted_ms=MS,
-        submitted_by="default",
-        executions=list(executions),
+    return sample_job(
+        *executions, job_id=JOB, state=state, target="web", start_by_ms=MS + 60_000, submitted_ms=MS
     )
 
 

@@ -35,6 +35,7 @@ from opsbay_mqtt.watchlog import (
     split_lines,
     subscriptions,
 )
+from tests.helpers import sample_job
 
 TOPICS = Topics("ob")
 KEYRING = Keyring.shared("watch-secret")
@@ -68,17 +69,8 @@ def ex(node: str, state: str, code: int | None = None, reason: str | None = None
 
 
 def job(*executions: Execution, state: str = "running", job_id: str = JOB) -> Job:
-    return Job(
-        job_id=job_id,
-        state=state,  # type: ignore[arg-type]
-        target="n*",
-        command="echo hi",
-        timeout_s=60,
-        start_by_ms=NOW_S * 1000,
-        submitted_ms=NOW_S * 1000,
-        submitted_by="default",
-        executions=list(executions),
-    )
+    ms = NOW_S * 1000
+    return sample_job(*executions, job_id=job_id, state=state, start_by_ms=ms, submitted_ms=ms)
 
 
 def event(
