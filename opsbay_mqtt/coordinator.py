@@ -11,13 +11,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from opsbay_mqtt import authz, queries, rollout, states
+from opsbay_mqtt import authz, queries, rollout, signing, states
 from opsbay_mqtt.errors import Refused
 from opsbay_mqtt.policy import ClientPolicy
 from opsbay_mqtt.protocol import (
     Cancel,
-    Dispatch,
-    JobEvent,
     Message,
     NodeInfo,
     NodeStatus,
@@ -27,8 +25,10 @@ from opsbay_mqtt.protocol import (
     Result,
     Submit,
     decode,
+    dispatch_body,
     encode,
     encode_unsigned,
+    job_event_body,
     peek,
 )
 from opsbay_mqtt.records import Execution, Job, replace
@@ -88,6 +88,16 @@ class Coordinator:
             payload = encode(msg, self.cfg.keyring, int(self.clock()), kid=kid)
         self.outbox.append(Outgoing(topic, payload, False, expiry_s))
 
+    def _send_body(
+        self, topic: str, body: dict[str, Any], *, kid: str | None, expiry_s: int | None = None
+    ) -> None:
+        """`_send` for a message body built as plain data (`protocol.job_event_body`, ...)."""
+        if kid is None:
+            payload = signing.canonical(body)
+        else:
+            payload = signing.sign(body, self.cfg.keyring, int(self.clock()), kid=kid)
+        self.outbox.append(Outgoing(topic, payload, False, expiry_s))
+
     # -- one message, all or nothing
     def handle(self, msg: Inbound) -> None:
         """Handle one inbound message inside a savepoint: on any error nothing of it is kept."""
@@ -122,7 +132,10 @@ class Coordinator:
             raise Refused("replay", "this message (key id and nonce) was already received")
 
     def _node_kid(self, node: str) -> str:
-        return authz.node_kid(self.cfg.keyring, node, self.store.node_kid(node))
+        # Which key the node last used matters only when it has keys of its own.
+        keyring = self.cfg.keyring
+        last = self.store.node_kid(node) if keyring.identities else None
+        return authz.node_kid(keyring, node, last)
 
     # -- submissions and cancels (both arrive on <prefix>/submit)
     def on_submit(self, payload: bytes) -> None:
@@ -172,7 +185,7 @@ class Coordinator:
         job = self._job(sub, client, auth, now, state=states.job_state(x.state for x in execs))
         self.store.insert_job(job)  # its executions are written once, by _update
         log.info("job %s: accepted from %s for %d node(s)", job.job_id, client, len(nodes))
-        self._update(job, execs, announce=True)
+        self._update(job, execs, announce=True, new=True)
 
     def _authorize(
         self, sub: Submit, client: str, nodes: list[str], known: Mapping[str, Mapping[str, str]]
@@ -280,16 +293,23 @@ class Coordinator:
             fields["started_ms"] = res.started_ms or ex.started_ms
         self._update(job, [replace(ex, **fields)])
 
-    def _update(self, job: Job, changed: Iterable[Execution], announce: bool = False) -> None:
+    def _update(
+        self, job: Job, changed: Iterable[Execution], announce: bool = False, new: bool = False
+    ) -> None:
         """Record changed executions, take the rollout's next step, and tell the submitter.
+        `new`: the job was just accepted and `changed` holds all its executions.
 
         Only the changed executions are read and written in full. The others are read as briefs
         (node, state, dispatch time) only while the rollout holds some back, and otherwise only
         counted per state in SQL, so a result for a job on many nodes stays cheap."""
         touched = {x.node: x for x in changed}
         step = rollout.Step([], [])
-        if any(map(rollout.is_held, touched.values())) or self.store.has_held(job.job_id):
-            briefs = {b.node: b for b in self.store.briefs(job.job_id)}
+        # Without a batch size, every execution is released when the job is accepted: only
+        # a rollout in batches holds some back afterwards.
+        if any(map(rollout.is_held, touched.values())) or (
+            job.batch is not None and self.store.has_held(job.job_id)
+        ):
+            briefs = {} if new else {b.node: b for b in self.store.briefs(job.job_id)}
             briefs.update(
                 {x.node: Brief(x.node, x.state, x.dispatched_ms) for x in touched.values()}
             )
@@ -325,15 +345,9 @@ class Coordinator:
 
     def _send_dispatch(self, job: Job, ex: Execution) -> None:
         assert ex.start_by_ms is not None
-        d = Dispatch(
-            job_id=job.job_id,
-            node=ex.node,
-            command=job.command,
-            timeout_s=job.timeout_s,
-            start_by_ms=ex.start_by_ms,
-        )
+        d = dispatch_body(job, ex.node, ex.start_by_ms)
         expiry = min(MAX_EXPIRY_S, max(1, (ex.start_by_ms - self._now_ms()) // 1000 + 1))
-        self._send(
+        self._send_body(
             self.cfg.topics.node_jobs(ex.node), d, kid=self._node_kid(ex.node), expiry_s=expiry
         )
 
@@ -346,13 +360,9 @@ class Coordinator:
             counts = {}
             for x in job.executions:
                 counts[x.state] = counts.get(x.state, 0) + 1
-        event = JobEvent(
-            job=queries.fit(replace(job, executions=list(changed))),
-            counts=counts,
-            total=sum(counts.values()),
-        )
+        event = job_event_body(queries.fit(replace(job, executions=list(changed))), counts)
         kid = job.submitted_kid if job.submitted_kid in self.cfg.keyring.keys else None
-        self._send(self.cfg.topics.job_events(job.job_id), event, kid=kid)
+        self._send_body(self.cfg.topics.job_events(job.job_id), event, kid=kid)
 
     # -- node info and status (retained: no freshness check, ordered by session)
     def on_node(self, payload: bytes, topic_node: str) -> None:

@@ -21,7 +21,7 @@ from pydantic import (
 
 from opsbay_mqtt import signing
 from opsbay_mqtt.errors import Refused
-from opsbay_mqtt.records import LIMIT_PATTERN, Job, job_from_wire, message_body
+from opsbay_mqtt.records import LIMIT_PATTERN, Job, as_dict, job_from_wire, message_body
 from opsbay_mqtt.signing import Auth, Keyring
 from opsbay_mqtt.states import ExecState, JobState
 from opsbay_mqtt.topics import JOB_ID_RE, NODE_NAME_RE, REPLY_ID_RE
@@ -166,6 +166,28 @@ class JobEvent(Message):
     ]  # its `executions` are only those that changed (all of them when first announced)
     counts: dict[str, int] = Field(default_factory=dict)  # executions in each state
     total: Annotated[int, Field(ge=0)] = 0  # executions in all
+
+
+def job_event_body(job: Job, counts: dict[str, int]) -> dict[str, Any]:
+    """What `JobEvent(job=job, counts=counts, total=...).model_dump(mode="json")` returns,
+    without validating again a job the coordinator built from messages it validated: pydantic
+    took about a third of the coordinator's time per result."""
+    total = sum(counts.values())
+    return {"v": 1, "type": "job", "job": as_dict(job), "counts": dict(counts), "total": total}
+
+
+def dispatch_body(job: Job, node: str, start_by_ms: int) -> dict[str, Any]:
+    """What `Dispatch(...).model_dump(mode="json")` returns for a stored job's execution on
+    `node`, without validating again what was validated when the job was submitted."""
+    return {
+        "v": 1,
+        "type": "dispatch",
+        "job_id": job.job_id,
+        "node": node,
+        "command": job.command,
+        "timeout_s": job.timeout_s,
+        "start_by_ms": start_by_ms,
+    }
 
 
 class Rejected(Message):

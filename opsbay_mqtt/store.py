@@ -312,9 +312,10 @@ class Store:
         kid: str | None = None,
     ) -> None:
         self.db.execute(
-            "INSERT INTO nodes (node, last_seen_ms) VALUES (?, ?) ON CONFLICT (node) DO UPDATE "
-            "SET last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)",
-            (node, now_ms),
+            "INSERT INTO nodes (node, last_seen_ms, kid) VALUES (?, ?, coalesce(?, '')) "
+            "ON CONFLICT (node) DO UPDATE SET last_seen_ms = max(last_seen_ms, "
+            "excluded.last_seen_ms), kid = coalesce(?, kid)",
+            (node, now_ms, kid, kid),
         )
         if state is not None and session is not None:
             # A status from an older connection than the one we know never wins (late Wills).
@@ -327,8 +328,6 @@ class Store:
             self.db.execute(
                 "UPDATE nodes SET info = ? WHERE node = ?", (json.dumps(info, sort_keys=True), node)
             )
-        if kid is not None:
-            self.db.execute("UPDATE nodes SET kid = ? WHERE node = ?", (kid, node))
 
     def node_kid(self, node: str) -> str | None:
         """The key id the node last signed with."""

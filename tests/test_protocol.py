@@ -29,11 +29,14 @@ from opsbay_mqtt.protocol import (
     Result,
     Submit,
     decode,
+    dispatch_body,
     encode,
+    job_event_body,
     peek,
 )
 from opsbay_mqtt.records import Execution, Job
 from opsbay_mqtt.signing import Keyring
+from tests.helpers import sample_job
 
 KEYRING = Keyring.shared("protocol-secret")
 NOW = 1_700_000_000
@@ -357,3 +360,36 @@ def test_property_decode_of_unsigned_text_with_escapes(
     else:
         wire["zz"] = [extra]
     only_refused(json.dumps(wire, ensure_ascii=True).encode(), None)
+
+
+def test_the_coordinators_plain_bodies_are_what_the_models_would_send() -> None:
+    """The coordinator builds job events and dispatches as plain data (no second validation of
+    its own records): they must be exactly what the pydantic models dump, so a reader that
+    validates them with the models accepts them."""
+    job = sample_job(
+        Execution(node="web-01", state="running", started_ms=MS, dispatched_ms=MS),
+        Execution(
+            node="web-02",
+            state="failed",
+            exit_code=3,
+            stdout="out\n",
+            stderr="é\x7f",
+            host={"a": 1},
+        ),
+        where={"role": "web"},
+        batch="50%",
+    )
+    counts = {"running": 1, "failed": 1}
+    body = job_event_body(job, counts)
+    assert body == JobEvent(job=job, counts=counts, total=2).model_dump(mode="json")
+    assert isinstance(decode(signing.sign(body, KEYRING, NOW), KEYRING)[0], JobEvent)
+    d = dispatch_body(job, "web-01", MS + 5)
+    model = Dispatch(
+        job_id=job.job_id,
+        node="web-01",
+        command=job.command,
+        timeout_s=job.timeout_s,
+        start_by_ms=MS + 5,
+    )
+    assert d == model.model_dump(mode="json")
+    assert decode(signing.sign(d, KEYRING, NOW), KEYRING)[0] == model
