@@ -37,7 +37,11 @@ nothing else happens, no result is published. The figure is dispatches received 
 the first publish to the last dispatch, so each submission was verified, checked for replay
 and queue limit, stored (committed), answered with an event and dispatched. The spread is the
 rate over each tenth. Baseline, just before on the same broker: the same publisher and the
-same receiver process, 20,000 raw QoS 1 messages of the same size on one topic.
+same receiver process, 20,000 raw QoS 1 messages of the same size on one topic. Ceiling, in
+the same way: the same messages through `bench/relay.py`, a paho process that does nothing
+but what the coordinator's messaging does for a submission (receive it at QoS 1 with manual
+acknowledgement and a Receive Maximum of 1,000, publish two QoS 1 messages, acknowledge),
+driving paho from one thread: what any coordinator built on paho could reach here.
 
 **Coordinator job cycle** (no target; it bounds the throughput figure from above): a fresh
 coordinator and one process of 100 simulated workers (`bench/simworkers.py`, as in the fleet
@@ -76,6 +80,27 @@ def raw_qos1(bus: Bus, payloads: list[bytes], timeout_s: float) -> tuple[float, 
         started = time.monotonic()
         for p in payloads:
             pub.publish(topic, p, qos=1)
+        return collect(lines, len(payloads), started, timeout_s)
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+
+
+def relay(bus: Bus, payloads: list[bytes], timeout_s: float) -> tuple[float, list[float]]:
+    """The same burst through `bench/relay.py` (two QoS 1 messages out per message in, nothing
+    else) to the same kind of receiver: the most a paho process can do as a coordinator."""
+    base = f"bench/relay/{secrets.token_hex(4)}"
+    lines, _ = sink(bus, f"{base}/out", len(payloads), timeout_s)
+    argv = [sys.executable, str(REPO / "bench" / "relay.py"), str(bus.port), f"{base}/in"]
+    relayed = Lines(bus.start("relay", [*argv, f"{base}/event", f"{base}/out"], piped=True))
+    relayed.expect("ready", 15)
+    pub = new_paho(f"bench-relay-pub-{secrets.token_hex(4)}")
+    pub.connect(HOST, bus.port)
+    pub.loop_start()
+    try:
+        started = time.monotonic()
+        for p in payloads:
+            pub.publish(f"{base}/in", p, qos=1)
         return collect(lines, len(payloads), started, timeout_s)
     finally:
         pub.disconnect()
@@ -121,6 +146,7 @@ def run(suite: Suite) -> list[Row]:
         try:
             signed = [driver.sign(f"ack-{i % nodes:03d}")[1] for i in range(n)]
             raw, raw_chunks = raw_qos1(bus, signed, timeout_s)
+            ceiling, ceiling_chunks = relay(bus, signed, timeout_s)
             bus.coordinator("--max-open-per-node", str(n + 1))
             lines, _ = sink(bus, f"{bus.prefix}/nodes/+/jobs", n, timeout_s)
             started = time.monotonic()
@@ -132,6 +158,7 @@ def run(suite: Suite) -> list[Row]:
     n_cycle = suite.pick(5000, 200)
     cycle, cycle_chunks = job_cycle(suite, n_cycle, nodes, timeout_s)
     c, r, y = summarize(chunks), summarize(raw_chunks), summarize(cycle_chunks)
+    e = summarize(ceiling_chunks)
     return [
         Row(
             "coordinator intake",
@@ -148,6 +175,14 @@ def run(suite: Suite) -> list[Row]:
             f"baseline: raw paho QoS 1 messages/s, {n:,} to one receiver process",
             per_s(raw),
             f"per tenth: min {per_s(r.lo)}, median {per_s(r.p50)}, max {per_s(r.hi)}",
+        ),
+        Row(
+            "coordinator intake",
+            f"ceiling: a paho relay, 2 QoS 1 messages out per message in, no work, {n:,}",
+            per_s(ceiling),
+            f"per tenth: min {per_s(e.lo)}, median {per_s(e.p50)}, max {per_s(e.hi)}",
+            f"raw paho QoS 1 {per_s(raw)}",
+            f"{ceiling / raw:.0%}",
         ),
         Row(
             "coordinator intake",
