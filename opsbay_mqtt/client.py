@@ -8,7 +8,6 @@ is read through the `protocol` models."""
 from __future__ import annotations
 
 import logging
-import queue
 import secrets
 import time
 from collections.abc import Callable
@@ -70,7 +69,10 @@ class Client:
         self.cfg = cfg
         self.clock = clock
         self.reply_id = "c" + secrets.token_hex(8)
-        self.conn = Connection(url=cfg.url, client_id=f"opsbay-cli-{self.reply_id}", tls=cfg.tls)
+        # No network thread: this one thread publishes and reads, without hand-offs.
+        self.conn = Connection(
+            url=cfg.url, client_id=f"opsbay-cli-{self.reply_id}", tls=cfg.tls, threaded=False
+        )
         self._reply_subscribed = False
         self._unacknowledged: dict[str, dict[str, Any]] = {}
         self._submitted: dict[str, dict[str, Any]] = {}
@@ -89,10 +91,8 @@ class Client:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        try:
-            return self.conn.inbox.get(timeout=min(left, POLL_EVERY_S))
-        except queue.Empty:
-            return None
+        got = self.conn.receive(min(left, POLL_EVERY_S), 1)
+        return got[0] if got else None
 
     # -- submit and wait
     def submit(

@@ -4,7 +4,6 @@ tracks every execution to a terminal state, and answers queries. The only writer
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -452,13 +451,7 @@ def serve(coord: Coordinator, conn: Connection, stop: threading.Event) -> None:
     coord.redispatch_pending()
     next_tick = 0.0
     while not stop.is_set():
-        batch: list[Inbound] = []
-        try:
-            batch.append(conn.inbox.get(timeout=coord.cfg.tick_s))
-            while len(batch) < coord.cfg.batch_max:
-                batch.append(conn.inbox.get_nowait())
-        except queue.Empty:
-            pass
+        batch = conn.receive(coord.cfg.tick_s, coord.cfg.batch_max)
         for msg in batch:
             coord.handle(msg)
         if time.monotonic() >= next_tick:

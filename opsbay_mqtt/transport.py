@@ -9,6 +9,7 @@ import contextlib
 import importlib
 import logging
 import queue
+import select
 import socket
 import ssl
 import sys
@@ -130,7 +131,13 @@ class Will:
 
 
 class Connection:
-    """One MQTT connection. Received messages go to `inbox`; reconnects are automatic."""
+    """One MQTT connection. Received messages go to `inbox`; reconnects are automatic.
+
+    By default paho's network thread reads and writes. With `threaded=False` there is no such
+    thread: one thread drives the connection with `receive()` (or `pump()`), and whatever any
+    thread publishes is written at once, under a lock. That saves a hand-off between threads
+    for every message in and out.
+    """
 
     def __init__(
         self,
@@ -144,8 +151,15 @@ class Connection:
         tls: TlsFiles | None = None,
         keepalive_s: int = 30,
         receive_max: int | None = None,
+        threaded: bool = True,
     ) -> None:
         self.url = url
+        self.threaded = threaded
+        self._retry_at = 0.0  # unthreaded: when to try to reconnect next
+        self._retry_delay = 1.0
+        self._idle = threading.Event()  # unthreaded: waited on between reconnection attempts
+        # Unthreaded: paho writes from the thread that publishes; one thread at a time.
+        self._io = threading.RLock() if not threaded else contextlib.nullcontext()
         self.client_id = client_id
         self.inbox: queue.Queue[Inbound] = inbox if inbox is not None else queue.Queue()
         self.persistent = persistent
@@ -224,6 +238,7 @@ class Connection:
         if self._subscriptions:
             client.subscribe(self._subscriptions)
         self._connect_error = None
+        self._retry_delay = 1.0
         self._connected.set()
         if self._ever_connected:
             log.info("%s: reconnected to %s", self.client_id, self.url)
@@ -278,10 +293,11 @@ class Connection:
                 log.warning("cannot reach broker %s (%s); retrying in %.1f s", self.url, e, delay)
                 time.sleep(delay)  # backoff between connection attempts, not a wait on a condition
                 delay = min(delay * 2, 30.0)
-        self._client.loop_start()
+        if self.threaded:
+            self._client.loop_start()
         deadline = time.monotonic() + timeout_s
         warned = 0.0
-        while not self._connected.wait(0.05):
+        while not self._wait_connected(0.05):
             if self._connect_error and not retry:
                 self.close()
                 raise BrokerError(self._connect_error)
@@ -299,7 +315,8 @@ class Connection:
         `wait` is false: a broker handles one connection's packets in order, so a publish sent
         after the SUBSCRIBE is routed after the subscription exists."""
         self._subscriptions.extend(topics)
-        rc, mid = self._client.subscribe(topics)
+        with self._io:
+            rc, mid = self._client.subscribe(topics)
         if rc != mqtt.MQTT_ERR_SUCCESS:
             raise BrokerError(f"subscribe failed: {mqtt.error_string(rc)}")
         if not wait:
@@ -310,7 +327,14 @@ class Connection:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise BrokerError(f"no SUBACK from broker {self.url} within {timeout_s:g} s")
-                self._suback.wait(left)
+                if self.threaded:
+                    self._suback.wait(left)
+                else:  # the SUBACK is read here; its callback takes this lock again
+                    self._suback.release()
+                    try:
+                        self.pump(min(left, 0.05))
+                    finally:
+                        self._suback.acquire()
             self._acked_mids.discard(mid)
 
     def publish(
@@ -326,15 +350,21 @@ class Connection:
         if expiry_s is not None and self.url.mqtt5:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.MessageExpiryInterval = max(1, int(expiry_s))
-        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        with self._io:
+            return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def publish_wait(
         self, topic: str, payload: bytes, *, timeout_s: float = 10.0, retain: bool = False
     ) -> None:
         """Publish at QoS 1 and wait for the broker's PUBACK."""
         info = self.publish(topic, payload, retain=retain)
+        deadline = time.monotonic() + timeout_s
         try:
-            info.wait_for_publish(timeout_s)
+            if self.threaded:
+                info.wait_for_publish(timeout_s)
+            else:
+                while not info.is_published() and time.monotonic() < deadline:
+                    self.pump(min(0.05, deadline - time.monotonic()))
         except (RuntimeError, ValueError) as e:
             raise BrokerError(f"publish to {topic} failed: {e}") from e
         if not info.is_published():
@@ -343,13 +373,104 @@ class Connection:
     def ack(self, msg: Inbound) -> None:
         """Acknowledge a message received with `manual_ack`, once it is safely handled."""
         if self.manual_ack and msg.qos > 0 and msg.topic != CONNECTED:
-            self._client.ack(msg.mid, msg.qos)
+            with self._io:
+                self._client.ack(msg.mid, msg.qos)
 
     def close(self) -> None:
         """Disconnect cleanly, after queued QoS 1 publishes have gone out (bounded)."""
         self._closing = True
+        self._idle.set()
         try:
-            self._client.disconnect()
+            with self._io:
+                self._client.disconnect()
+            if not self.threaded:  # what the socket did not take at once (bounded)
+                deadline = time.monotonic() + 2.0
+                while self._client.want_write() and time.monotonic() < deadline:
+                    with self._io:
+                        if self._client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+                            break
+                    self._wait_writable(deadline - time.monotonic())
         finally:
-            self._client.loop_stop()
+            if self.threaded:
+                self._client.loop_stop()
         self._connected.clear()
+
+    # -- driving an unthreaded connection
+    def receive(self, timeout_s: float, most: int) -> list[Inbound]:
+        """Up to `most` received messages, waiting up to `timeout_s` for the first one."""
+        batch: list[Inbound] = []
+        try:
+            if self.threaded:
+                batch.append(self.inbox.get(timeout=timeout_s))
+            else:
+                self.pump(0.0 if self.inbox.qsize() else timeout_s, most)
+            while len(batch) < most:
+                batch.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return batch
+
+    def pump(self, timeout_s: float, most: int = 1000) -> None:
+        """Unthreaded: wait up to `timeout_s` for the broker, read what has come (into `inbox`,
+        up to about `most` messages), write what is queued, keep the connection alive, and when
+        it is lost, reconnect with a growing delay (1 s to 30 s), as paho's thread would."""
+        c = self._client
+        sock = c.socket()
+        if sock is None:
+            self._reconnect(timeout_s)
+            return
+        pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted, not polled
+        wait_ms = max(0, int(timeout_s * 1000))
+        reading = select.poll()
+        reading.register(sock, select.POLLIN)
+        if pending is not None and pending():
+            readable = True
+        elif c.want_write():
+            both = select.poll()
+            both.register(sock, select.POLLIN | select.POLLOUT)
+            readable = any(ev & ~select.POLLOUT for _, ev in both.poll(wait_ms))
+        else:
+            readable = bool(reading.poll(wait_ms))
+        rc = mqtt.MQTT_ERR_SUCCESS
+        with self._io:
+            for _ in range(most):  # loop_read reads a few packets a time: on while more waits
+                if not readable:
+                    break
+                rc = c.loop_read()
+                if rc != mqtt.MQTT_ERR_SUCCESS or c.socket() is None:
+                    break
+                if self.inbox.qsize() >= most:
+                    break
+                readable = bool(reading.poll(0)) or (pending is not None and pending() > 0)
+            if rc == mqtt.MQTT_ERR_SUCCESS and c.want_write():
+                rc = c.loop_write()
+            if rc == mqtt.MQTT_ERR_SUCCESS:
+                c.loop_misc()
+
+    def _reconnect(self, timeout_s: float) -> None:
+        if self._closing:
+            return
+        now = time.monotonic()
+        if now < self._retry_at:
+            self._idle.wait(min(timeout_s, self._retry_at - now))
+            return
+        self._retry_at = now + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, 30.0)
+        try:
+            with self._io:
+                self._client.reconnect()
+        except (OSError, ssl.SSLError) as e:
+            log.warning("%s: cannot reach broker %s (%s); retrying", self.client_id, self.url, e)
+
+    def _wait_writable(self, timeout_s: float) -> None:
+        sock = self._client.socket()
+        if sock is not None and timeout_s > 0:
+            poll = select.poll()
+            poll.register(sock, select.POLLOUT)
+            poll.poll(int(timeout_s * 1000))
+
+    def _wait_connected(self, timeout_s: float) -> bool:
+        if self.threaded:
+            return self._connected.wait(timeout_s)
+        self.pump(timeout_s)
+        return self._connected.is_set()

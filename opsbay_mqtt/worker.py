@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pwd
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +59,13 @@ class WorkerConfig:
 def job_env(job_id: str, node: str, *, clean: bool, run_as: str | None) -> dict[str, str]:
     """The environment a job runs with: the worker's own minus every OPSBAY_* setting (secrets,
     broker credentials), or with `clean` only a minimal one; plus the job's id and node."""
+    return {**_base_env(clean, run_as), "OPSBAY_JOB_ID": job_id, "OPSBAY_NODE": node}
+
+
+@functools.lru_cache(maxsize=4)
+def _base_env(clean: bool, run_as: str | None) -> dict[str, str]:
+    """What `job_env` adds a job's id and node to: computed once per worker (reading the whole
+    environment and the user database for every job cost 0.15 ms of each `true` job)."""
     if clean:
         env = {"PATH": CLEAN_PATH, "LANG": "C.UTF-8", "SHELL": "/bin/sh"}
         user = pwd.getpwuid(os.geteuid())
@@ -68,7 +75,6 @@ def job_env(job_id: str, node: str, *, clean: bool, run_as: str | None) -> dict[
     if run_as is not None:
         user = pwd.getpwnam(run_as)
         env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
-    env.update(OPSBAY_JOB_ID=job_id, OPSBAY_NODE=node)
     return env
 
 
@@ -380,13 +386,7 @@ class Worker:
         self.report_interrupted()
         next_info = time.monotonic() + self.cfg.info_interval_s
         while not stop.is_set():
-            batch: list[Inbound] = []
-            try:
-                batch.append(conn.inbox.get(timeout=FLUSH_EVERY_S))
-                while len(batch) < 1000:
-                    batch.append(conn.inbox.get_nowait())
-            except queue.Empty:
-                pass
+            batch = conn.receive(FLUSH_EVERY_S, 1000)
             if batch:
                 self.handle_batch(batch)
             self.flush_live_output()
@@ -396,4 +396,14 @@ class Worker:
                 self._publish(topic, self.info_payload(), retain=True)
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        """Wait for the jobs queued and running to end. Their results go out as they end: a
+        connection without a network thread is kept alive (and read) meanwhile."""
+        self._pool.shutdown(wait=False, cancel_futures=False)
+        if self.conn is not None and not self.conn.threaded:
+            while True:
+                with self._lock:
+                    if not self._active:
+                        break
+                self.conn.pump(FLUSH_EVERY_S)
+                self.flush_live_output()
+        self._pool.shutdown(wait=True)

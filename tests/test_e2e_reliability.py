@@ -230,3 +230,45 @@ def test_start_by_takes_a_duration(running: Bus, flag: str) -> None:
     bad = running.cli("submit", "-t", "n1", "-c", "true", flag, "soon")
     assert bad.returncode == 78 and "--start-by" in bad.stderr
     assert running.cli("submit", "-t", "n1", "-c", "true", flag, "90s", "--wait").returncode == 0
+
+
+def test_a_worker_reconnects_by_itself_after_a_broker_restart(tmp_path: Path) -> None:
+    """The worker drives its own connection (no paho network thread): it must notice the
+    broker going away, come back when it returns, and take jobs again, without a restart."""
+    broker = start_broker(tmp_path / "own-broker")
+    bus = Bus(broker=broker, tmp=tmp_path)
+    try:
+        bus.coordinator()
+        worker = bus.worker("n1")
+        assert bus.cli("submit", "-t", "n1", "-c", "true", "--wait").returncode == 0
+        stop_process(broker.process)
+        bus.wait_log("worker-n1", "disconnected from")
+        bus.broker = start_broker(tmp_path / "own-broker", port=broker.port)
+        bus.wait_log("worker-n1", "reconnected to", timeout=60)
+        out = bus.cli("submit", "-t", "n1", "-c", "echo again", "--wait")
+        assert (out.returncode, out.stdout) == (0, "again\n")
+        assert worker.poll() is None
+    finally:
+        bus.stop()
+        stop_process(bus.broker.process)
+
+
+def test_a_worker_told_to_stop_reports_the_job_it_is_running_then_exits(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """While it waits for its running jobs, a stopping worker still talks to the broker: their
+    results go out as they end, then it says it is offline and exits."""
+    bus.coordinator()
+    worker = bus.worker("n1")
+    go = tmp_path / "go"
+    command = f"while [ ! -e {go} ]; do sleep 0.05; done; echo finished"
+    job_id = submit(bus, "-c", command, "--timeout", "60")
+    wait_state(bus, job_id, "running")
+    worker.send_signal(signal.SIGTERM)
+    bus.wait_log("worker-n1", "waiting for running jobs")
+    go.touch()
+    job = wait_state(bus, job_id, "succeeded")
+    assert job["executions"][0]["stdout"] == "finished\n"  # type: ignore[index]
+    assert worker.wait(15) == 0
+    nodes = bus.cli_json("nodes")
+    assert [(n["node"], n["state"]) for n in nodes] == [("n1", "offline")]
