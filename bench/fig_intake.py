@@ -41,7 +41,9 @@ same receiver process, 20,000 raw QoS 1 messages of the same size on one topic. 
 the same way: the same messages through `bench/relay.py`, a paho process that does nothing
 but what the coordinator's messaging does for a submission (receive it at QoS 1 with manual
 acknowledgement and a Receive Maximum of 1,000, publish two QoS 1 messages, acknowledge),
-driving paho from one thread: what any coordinator built on paho could reach here.
+driving paho from one thread: what any coordinator built on paho could reach here. And
+again with two such relays sharing one MQTT 5 subscription (`$share/...`), as several
+coordinators could: the burst is then dealt out between two processes on the two cores.
 
 **Coordinator job cycle** (no target; it bounds the throughput figure from above): a fresh
 coordinator and one process of 100 simulated workers (`bench/simworkers.py`, as in the fleet
@@ -86,14 +88,19 @@ def raw_qos1(bus: Bus, payloads: list[bytes], timeout_s: float) -> tuple[float, 
         pub.loop_stop()
 
 
-def relay(bus: Bus, payloads: list[bytes], timeout_s: float) -> tuple[float, list[float]]:
+def relay(
+    bus: Bus, payloads: list[bytes], timeout_s: float, processes: int = 1
+) -> tuple[float, list[float]]:
     """The same burst through `bench/relay.py` (two QoS 1 messages out per message in, nothing
-    else) to the same kind of receiver: the most a paho process can do as a coordinator."""
+    else) to the same kind of receiver: the most paho processes can do as a coordinator. With
+    several, they share one MQTT 5 subscription (the broker deals the messages out)."""
     base = f"bench/relay/{secrets.token_hex(4)}"
     lines, _ = sink(bus, f"{base}/out", len(payloads), timeout_s)
-    argv = [sys.executable, str(REPO / "bench" / "relay.py"), str(bus.port), f"{base}/in"]
-    relayed = Lines(bus.start("relay", [*argv, f"{base}/event", f"{base}/out"], piped=True))
-    relayed.expect("ready", 15)
+    topic = f"$share/relays/{base}/in" if processes > 1 else f"{base}/in"
+    argv = [sys.executable, str(REPO / "bench" / "relay.py"), str(bus.port), topic]
+    argv += [f"{base}/event", f"{base}/out"]
+    for i in range(processes):
+        Lines(bus.start(f"relay-{i}", argv, piped=True)).expect("ready", 15)
     pub = new_paho(f"bench-relay-pub-{secrets.token_hex(4)}")
     pub.connect(HOST, bus.port)
     pub.loop_start()
@@ -147,6 +154,7 @@ def run(suite: Suite) -> list[Row]:
             signed = [driver.sign(f"ack-{i % nodes:03d}")[1] for i in range(n)]
             raw, raw_chunks = raw_qos1(bus, signed, timeout_s)
             ceiling, ceiling_chunks = relay(bus, signed, timeout_s)
+            ceiling2, ceiling2_chunks = relay(bus, signed, timeout_s, processes=2)
             bus.coordinator("--max-open-per-node", str(n + 1))
             lines, _ = sink(bus, f"{bus.prefix}/nodes/+/jobs", n, timeout_s)
             started = time.monotonic()
@@ -158,7 +166,7 @@ def run(suite: Suite) -> list[Row]:
     n_cycle = suite.pick(5000, 200)
     cycle, cycle_chunks = job_cycle(suite, n_cycle, nodes, timeout_s)
     c, r, y = summarize(chunks), summarize(raw_chunks), summarize(cycle_chunks)
-    e = summarize(ceiling_chunks)
+    e, e2 = summarize(ceiling_chunks), summarize(ceiling2_chunks)
     return [
         Row(
             "coordinator intake",
@@ -183,6 +191,14 @@ def run(suite: Suite) -> list[Row]:
             f"per tenth: min {per_s(e.lo)}, median {per_s(e.p50)}, max {per_s(e.hi)}",
             f"raw paho QoS 1 {per_s(raw)}",
             f"{ceiling / raw:.0%}",
+        ),
+        Row(
+            "coordinator intake",
+            f"ceiling: two such relays on one shared subscription, {n:,}",
+            per_s(ceiling2),
+            f"per tenth: min {per_s(e2.lo)}, median {per_s(e2.p50)}, max {per_s(e2.hi)}",
+            f"raw paho QoS 1 {per_s(raw)}",
+            f"{ceiling2 / raw:.0%}",
         ),
         Row(
             "coordinator intake",
