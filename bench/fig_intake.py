@@ -38,12 +38,12 @@ the first publish to the last dispatch, so each submission was verified, checked
 and queue limit, stored (committed), answered with an event and dispatched. The spread is the
 rate over each tenth. Baseline, just before on the same broker: the same publisher and the
 same receiver process, 20,000 raw QoS 1 messages of the same size on one topic. Ceiling, in
-the same way: the same messages through `bench/relay.py`, a paho process that does nothing
-but what the coordinator's messaging does for a submission (receive it at QoS 1 with manual
-acknowledgement and a Receive Maximum of 1,000, publish two QoS 1 messages, acknowledge),
-driving paho from one thread: what any coordinator built on paho could reach here. And
-again with two such relays sharing one MQTT 5 subscription (`$share/...`), as several
-coordinators could: the burst is then dealt out between two processes on the two cores.
+the same way: the same messages through `bench/relay.py intake`, a paho process that does
+nothing but what the coordinator's messaging does for a submission (receive it at QoS 1 with
+manual acknowledgement and a Receive Maximum of 1,000, publish two QoS 1 messages,
+acknowledge), driving paho from one thread: what any coordinator built on paho could reach
+here. And again with two such relays sharing one MQTT 5 subscription (`$share/...`), as
+several coordinators could: the burst is then dealt out between two processes on two cores.
 
 **Coordinator job cycle** (no target; it bounds the throughput figure from above): a fresh
 coordinator and one process of 100 simulated workers (`bench/simworkers.py`, as in the fleet
@@ -72,10 +72,11 @@ def collect(
     return count / (times[-1] - started), chunk_rates(times, started)
 
 
-def raw_qos1(bus: Bus, payloads: list[bytes], timeout_s: float) -> tuple[float, list[float]]:
-    topic = f"bench/raw/{secrets.token_hex(4)}"
-    lines, _ = sink(bus, topic, len(payloads), timeout_s)
-    pub = new_paho(f"bench-raw-{secrets.token_hex(4)}")
+def burst(
+    bus: Bus, topic: str, payloads: list[bytes], lines: Lines, timeout_s: float
+) -> tuple[float, list[float]]:
+    """Publish every payload at once (QoS 1, one paho connection); what `lines`' sink got."""
+    pub = new_paho(f"bench-burst-{secrets.token_hex(4)}")
     pub.connect(HOST, bus.port)
     pub.loop_start()
     try:
@@ -88,6 +89,12 @@ def raw_qos1(bus: Bus, payloads: list[bytes], timeout_s: float) -> tuple[float, 
         pub.loop_stop()
 
 
+def raw_qos1(bus: Bus, payloads: list[bytes], timeout_s: float) -> tuple[float, list[float]]:
+    topic = f"bench/raw/{secrets.token_hex(4)}"
+    lines, _ = sink(bus, topic, len(payloads), timeout_s)
+    return burst(bus, topic, payloads, lines, timeout_s)
+
+
 def relay(
     bus: Bus, payloads: list[bytes], timeout_s: float, processes: int = 1
 ) -> tuple[float, list[float]]:
@@ -96,22 +103,11 @@ def relay(
     several, they share one MQTT 5 subscription (the broker deals the messages out)."""
     base = f"bench/relay/{secrets.token_hex(4)}"
     lines, _ = sink(bus, f"{base}/out", len(payloads), timeout_s)
-    topic = f"$share/relays/{base}/in" if processes > 1 else f"{base}/in"
-    argv = [sys.executable, str(REPO / "bench" / "relay.py"), str(bus.port), topic]
-    argv += [f"{base}/event", f"{base}/out"]
+    argv = [sys.executable, str(REPO / "bench" / "relay.py"), str(bus.port), "intake", base]
+    argv += ["shared"] if processes > 1 else []
     for i in range(processes):
         Lines(bus.start(f"relay-{i}", argv, piped=True)).expect("ready", 15)
-    pub = new_paho(f"bench-relay-pub-{secrets.token_hex(4)}")
-    pub.connect(HOST, bus.port)
-    pub.loop_start()
-    try:
-        started = time.monotonic()
-        for p in payloads:
-            pub.publish(f"{base}/in", p, qos=1)
-        return collect(lines, len(payloads), started, timeout_s)
-    finally:
-        pub.disconnect()
-        pub.loop_stop()
+    return burst(bus, f"{base}/in", payloads, lines, timeout_s)
 
 
 def job_cycle(suite: Suite, n: int, nodes: int, timeout_s: float) -> tuple[float, list[float]]:

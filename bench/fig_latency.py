@@ -46,7 +46,7 @@ final event. Baseline, interleaved in blocks of 50: a raw paho client's QoS 1 re
 echo responder and its QoS 1 reply, through the same broker (two hops instead of four).
 
 Floor, interleaved in the same blocks: the same four hops through two paho processes
-(`bench/floor.py`) that do nothing but relay and the worker's mandatory work. The suite sends
+(`bench/relay.py`) that do nothing but relay and the worker's mandatory work. The suite sends
 a 400-byte QoS 1 message from its own paho client, driven from one thread, and waits for it to
 come back. A relay "coordinator" passes it on to a relay "worker", which commits one new SQLite
 row (WAL, `synchronous=FULL`: the promise never to run a job twice), spawns and reaps `sh -c
@@ -120,13 +120,13 @@ class Tap:
 
 
 class Chain:
-    """The floor: a QoS 1 message around the bus's four hops through `bench/floor.py`'s relays
+    """The floor: a QoS 1 message around the bus's four hops through `bench/relay.py`'s relays
     (a coordinator, a worker that commits a row and runs `sh -c true`), timed by a paho client
     driven from the calling thread (no network thread)."""
 
     def __init__(self, bus: Bus) -> None:
         base = f"bench/floor/{secrets.token_hex(4)}"
-        argv = [sys.executable, str(REPO / "bench" / "floor.py"), str(bus.port)]
+        argv = [sys.executable, str(REPO / "bench" / "relay.py"), str(bus.port)]
         self.relays: list[subprocess.Popen[Any]] = []
         for role, extra in (("worker", [str(bus.directory / "floor.sqlite")]), ("coordinator", [])):
             p = bus.start(f"floor-{role}", [*argv, role, base, *extra], piped=True)

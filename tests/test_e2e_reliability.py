@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -202,27 +203,38 @@ def test_queue_limit_per_node_refuses_clearly(bus: Bus) -> None:
     assert out.returncode == 77 and "queue_full" in out.stderr
 
 
-def test_everything_reconnects_after_a_broker_restart(tmp_path: Path) -> None:
-    broker = start_broker(tmp_path / "own-broker")
-    bus = Bus(broker=broker, tmp=tmp_path)
+@pytest.fixture
+def own(tmp_path: Path) -> Iterator[Bus]:
+    """A bus on a Mosquitto of its own, which the test may stop (`stop_process(bus.broker
+    .process)`, a clean stop: Mosquitto saves its sessions) and start again (`restart`)."""
+    bus = Bus(broker=start_broker(tmp_path / "own-broker"), tmp=tmp_path)
     try:
-        bus.coordinator()
-        worker = bus.worker("n1")
-        assert bus.cli("submit", "-t", "n1", "-c", "true", "--wait").returncode == 0
-        stop_process(worker)
-        job_id = submit(bus, "-c", "echo survived", "--start-by", "2m")  # queued for n1
-        stop_process(broker.process)  # a clean stop: Mosquitto saves its sessions
-        assert bus.cli("submit", "-t", "n1", "-c", "true").returncode == 69
-        bus.broker = start_broker(tmp_path / "own-broker", port=broker.port)
-        bus.worker("n1")
-        job = wait_state(bus, job_id, "succeeded", timeout=60)
-        assert job["executions"][0]["stdout"] == "survived\n"  # type: ignore[index]
-        out = bus.cli("submit", "-t", "n1", "-c", "echo after", "--wait")
-        assert (out.returncode, out.stdout) == (0, "after\n")
-        assert "reconnected" in bus.log("coordinator")
+        yield bus
     finally:
         bus.stop()
         stop_process(bus.broker.process)
+
+
+def restart(bus: Bus) -> None:
+    """Start the bus's own broker again, on the same port and with the sessions it saved."""
+    bus.broker = start_broker(bus.tmp / "own-broker", port=bus.broker.port)
+
+
+def test_everything_reconnects_after_a_broker_restart(own: Bus) -> None:
+    own.coordinator()
+    worker = own.worker("n1")
+    assert own.cli("submit", "-t", "n1", "-c", "true", "--wait").returncode == 0
+    stop_process(worker)
+    job_id = submit(own, "-c", "echo survived", "--start-by", "2m")  # queued for n1
+    stop_process(own.broker.process)
+    assert own.cli("submit", "-t", "n1", "-c", "true").returncode == 69
+    restart(own)
+    own.worker("n1")
+    job = wait_state(own, job_id, "succeeded", timeout=60)
+    assert job["executions"][0]["stdout"] == "survived\n"  # type: ignore[index]
+    out = own.cli("submit", "-t", "n1", "-c", "echo after", "--wait")
+    assert (out.returncode, out.stdout) == (0, "after\n")
+    assert "reconnected" in own.log("coordinator")
 
 
 @pytest.mark.parametrize("flag", ["--start-by", "--expires"])
@@ -232,25 +244,19 @@ def test_start_by_takes_a_duration(running: Bus, flag: str) -> None:
     assert running.cli("submit", "-t", "n1", "-c", "true", flag, "90s", "--wait").returncode == 0
 
 
-def test_a_worker_reconnects_by_itself_after_a_broker_restart(tmp_path: Path) -> None:
+def test_a_worker_reconnects_by_itself_after_a_broker_restart(own: Bus) -> None:
     """The worker drives its own connection (no paho network thread): it must notice the
     broker going away, come back when it returns, and take jobs again, without a restart."""
-    broker = start_broker(tmp_path / "own-broker")
-    bus = Bus(broker=broker, tmp=tmp_path)
-    try:
-        bus.coordinator()
-        worker = bus.worker("n1")
-        assert bus.cli("submit", "-t", "n1", "-c", "true", "--wait").returncode == 0
-        stop_process(broker.process)
-        bus.wait_log("worker-n1", "disconnected from")
-        bus.broker = start_broker(tmp_path / "own-broker", port=broker.port)
-        bus.wait_log("worker-n1", "reconnected to", timeout=60)
-        out = bus.cli("submit", "-t", "n1", "-c", "echo again", "--wait")
-        assert (out.returncode, out.stdout) == (0, "again\n")
-        assert worker.poll() is None
-    finally:
-        bus.stop()
-        stop_process(bus.broker.process)
+    own.coordinator()
+    worker = own.worker("n1")
+    assert own.cli("submit", "-t", "n1", "-c", "true", "--wait").returncode == 0
+    stop_process(own.broker.process)
+    own.wait_log("worker-n1", "disconnected from")
+    restart(own)
+    own.wait_log("worker-n1", "reconnected to", timeout=60)
+    out = own.cli("submit", "-t", "n1", "-c", "echo again", "--wait")
+    assert (out.returncode, out.stdout) == (0, "again\n")
+    assert worker.poll() is None
 
 
 def test_a_worker_told_to_stop_reports_the_job_it_is_running_then_exits(
