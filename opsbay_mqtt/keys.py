@@ -23,12 +23,14 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opsbay_mqtt.errors import ConfigError, Refused
-from opsbay_mqtt.policy import ClientPolicy
 from opsbay_mqtt.signing import KID_RE, Identity, Keyring
 from opsbay_mqtt.topics import NODE_NAME_RE
+
+if TYPE_CHECKING:  # policies are read only from key files that have them
+    from opsbay_mqtt.policy import ClientPolicy
 
 SECRET_RE = re.compile(r"[0-9a-f]{64}")
 CLIENT_NAME_RE = NODE_NAME_RE
@@ -111,6 +113,8 @@ def _key(path: Path, i: int, entry: Any, seen: set[str]) -> tuple[str, Identity,
 
 
 def _client_policy(path: Path, name: str, spec: Any) -> ClientPolicy:
+    from opsbay_mqtt.policy import ClientPolicy
+
     if not isinstance(spec, dict) or set(spec) - {"targets", "commands"}:
         raise _fail(path, f"clients.{name}: expected only targets and commands")
     out: dict[str, tuple[str, ...]] = {}

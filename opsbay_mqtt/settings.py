@@ -6,13 +6,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opsbay_mqtt import keys
 from opsbay_mqtt.errors import ConfigError, Refused
-from opsbay_mqtt.policy import ClientPolicy
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics
 from opsbay_mqtt.transport import BrokerURL, TlsFiles
+
+if TYPE_CHECKING:  # the coordinator's client policies: imported by whoever reads them
+    from opsbay_mqtt.policy import ClientPolicy
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from opsbay_mqtt.errors import Refused
 
@@ -36,8 +36,7 @@ def mac(secret: bytes, obj: Mapping[str, Any]) -> str:
     return hmac.new(secret, canonical(obj), hashlib.sha256).hexdigest()
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(NamedTuple):  # not a dataclass: cheaper to define (see transport.TlsFiles)
     """Who holds a key: a client or a node, by name."""
 
     kind: str  # "client" or "node"
@@ -146,8 +145,7 @@ def _check_depth(obj: Any) -> None:
         stack.extend((v, depth + 1) for v in members if isinstance(v, dict | list))
 
 
-@dataclass(frozen=True)
-class Auth:
+class Auth(NamedTuple):
     kid: str
     ts: int
     nonce: str
