@@ -1,10 +1,17 @@
-"""transport: what importing it costs a process that never looks for a proxy."""
+"""transport: what importing it costs a process that never looks for a proxy, and a
+connection without a network thread."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
+import time
+import uuid
+
+from opsbay_mqtt.transport import BrokerURL, Connection, Inbound
+from tests.helpers import Broker, Watcher
 
 CODE = """
 import json, sys
@@ -38,3 +45,29 @@ def test_paho_is_imported_without_urllib_request_which_still_works_when_used() -
     assert got["real"] == "module"
     assert got["same"] is True
     assert got["proxies"] == {"http": "http://127.0.0.1:3128"}
+
+
+def test_an_unthreaded_connection_starts_no_thread_and_delivers(broker: Broker) -> None:
+    """`threaded=False`: the caller's thread drives paho (receive/pump); nothing runs behind
+    its back, and what it publishes reaches a plain subscriber and its own subscription."""
+    topic = f"unthreaded/{uuid.uuid4().hex[:8]}"
+    watcher = Watcher(broker.port, f"{topic}/#")
+    before = threading.active_count()
+    conn = Connection(
+        url=BrokerURL.parse(broker.url), client_id=f"t-{uuid.uuid4().hex[:8]}", threaded=False
+    )
+    try:
+        conn.connect(timeout_s=10)
+        conn.subscribe([(f"{topic}/+", 1)])
+        assert threading.active_count() == before
+        conn.publish_wait(f"{topic}/a", b'{"n": 1}')
+        got: list[Inbound] = []
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            got = conn.receive(0.2, 10)
+        assert [(m.topic, m.payload, m.qos) for m in got] == [(f"{topic}/a", b'{"n": 1}', 1)]
+        assert watcher.wait_for(lambda t, body, retained: t == f"{topic}/a", "the message")
+        assert threading.active_count() == before
+    finally:
+        conn.close()
+        watcher.close()
