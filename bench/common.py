@@ -167,6 +167,7 @@ class Procs:
         env: dict[str, str] | None = None,
         *,
         stdout_pipe: bool = False,
+        cwd: Path | None = None,
     ) -> subprocess.Popen[Any]:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
@@ -177,6 +178,7 @@ class Procs:
                 stdout=subprocess.PIPE if stdout_pipe else log,
                 stderr=log if stdout_pipe else subprocess.STDOUT,
                 env=env,
+                cwd=cwd,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,  # only prctl, before exec
             )

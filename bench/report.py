@@ -114,7 +114,15 @@ def verdict(rows: list[Row]) -> str:
     return text + (f" Missed: {'; '.join(missed)}." if missed else "")
 
 
-def document(info: RunInfo, rows: list[Row], notes: list[str], errors: list[str], kept: str) -> str:
+def document(
+    info: RunInfo,
+    rows: list[Row],
+    notes: list[str],
+    errors: list[str],
+    kept: str,
+    against: tuple[str | None, str | None] = (None, None),
+) -> str:
+    """The report; `against`: the earlier commit and the side-by-side table of `--against`."""
     load = "/".join(f"{x:.2f}" for x in info.load_before)
     load_after = "/".join(f"{x:.2f}" for x in info.load_after)
     mode = " Quick mode: small counts, the numbers mean nothing." if info.quick else ""
@@ -132,6 +140,8 @@ def document(info: RunInfo, rows: list[Row], notes: list[str], errors: list[str]
         f"- **Versions**: {versions()}",
         "- **Quick check** (CI): `.venv/bin/python -m bench --quick --out /tmp/bench.md` "
         "exits 0 when every figure could be measured",
+        "- **Before and after in one run**: `.venv/bin/python -m bench --only FIGURES "
+        "--against REF` follows each figure with the same figure of git commit REF",
         "",
         "## Results",
         "",
@@ -144,6 +154,15 @@ def document(info: RunInfo, rows: list[Row], notes: list[str], errors: list[str]
         "",
         verdict(rows),
     ]
+    ref, compared = against
+    if ref and compared:
+        parts += ["", f"## Against {ref}, in the same run", ""]
+        parts += [
+            f"Each figure above was followed by the same figure of commit `{ref}` (its package "
+            "and its own suite, from `git archive`); the rows both measure:",
+            "",
+            compared,
+        ]
     if errors:
         parts += ["", "**Figures that could not be measured in this run:**", ""]
         parts += [f"- {e}" for e in errors]

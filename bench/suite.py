@@ -4,6 +4,7 @@
     .venv/bin/python -m bench --quick --out /tmp/x.md # CI: small counts, exits 0 if all ran
     .venv/bin/python -m bench --only latency,store    # some figures (see --list)
     .venv/bin/python -m bench --only throughput --profile /tmp/prof   # py-spy profiles
+    .venv/bin/python -m bench --only cli,latency --against d91a920    # before/after, same run
 
 Exit codes: 0 every figure was measured (missed targets included, unless --strict), 1 a figure
 could not be measured (or, with --strict, a target was missed), 2 bad usage, 130 interrupted.
@@ -31,6 +32,7 @@ from types import FrameType
 from typing import NamedTuple
 
 from bench import (
+    against,
     fig_cli,
     fig_fleet,
     fig_intake,
@@ -39,7 +41,7 @@ from bench import (
     fig_throughput,
     report,
 )
-from bench.common import OPSBAY, REPO, Procs, Row, Suite
+from bench.common import OPSBAY, REPO, BenchError, Procs, Row, Suite
 
 
 class Figure(NamedTuple):
@@ -114,6 +116,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--profile", type=Path, metavar="DIR", help="record profiles into DIR (distorts numbers)"
     )
+    ap.add_argument(
+        "--against",
+        metavar="REF",
+        help="after each figure, run the same figure of git commit REF (its package and suite) "
+        "and put the two side by side: a before/after in the same run",
+    )
     return ap.parse_args(argv)
 
 
@@ -180,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rows: list[Row] = []
     errors: list[str] = []
+    earlier: dict[tuple[str, str], str] = {}
     try:
+        tree = against.unpack(args.against, workdir / "against") if args.against else None
         for fig in chosen:
             suite.say(f"{fig.title} ...")
             t = time.perf_counter()
@@ -195,6 +205,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows += got
             suite.say(f"{fig.title}: done in {time.perf_counter() - t:.1f} s")
+            if tree is not None:
+                suite.say(f"{fig.title}, as of {args.against} ...")
+                try:
+                    earlier.update(against.run_figure(suite, tree, fig.key))
+                except BenchError as e:
+                    errors.append(f"{fig.title} as of {args.against}: {e}")
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         for sig in previous:  # a second Ctrl-C must not cut the clean-up short
             signal.signal(sig, signal.SIG_IGN)
@@ -219,11 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(rows))
     print()
     print(report.verdict(rows))
+    compared = against.table(args.against, rows, earlier) if args.against else None
+    if compared is not None:
+        print()
+        print(compared)
     for error in errors:
         print(f"NOT MEASURED: {error}")
     if out is not None:
         notes = [n for f in chosen for n in f.notes]
-        text = report.document(info, rows, notes, errors, report.kept_part(out))
+        text = report.document(
+            info, rows, notes, errors, report.kept_part(out), (args.against, compared)
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text, encoding="utf-8")
         print(f"bench: wrote {out}", file=sys.stderr)
