@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import queue
 import select
 import socket
@@ -159,6 +160,10 @@ class Connection:
         self._idle = threading.Event()  # unthreaded: waited on between reconnection attempts
         # Unthreaded: paho writes from the thread that publishes; one thread at a time.
         self._io = threading.RLock() if not threaded else contextlib.nullcontext()
+        # Unthreaded: a write the socket could not take at once (a full buffer) wakes `pump`.
+        self._wake_r, self._wake_w = (-1, -1) if threaded else os.pipe()
+        for fd in (self._wake_r, self._wake_w) if not threaded else ():
+            os.set_blocking(fd, False)
         self.client_id = client_id
         self.inbox: queue.Queue[Inbound] = inbox if inbox is not None else queue.Queue()
         self.persistent = persistent
@@ -350,7 +355,9 @@ class Connection:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.MessageExpiryInterval = max(1, int(expiry_s))
         with self._io:
-            return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        self._wake_if_unwritten()
+        return info
 
     def publish_wait(
         self, topic: str, payload: bytes, *, timeout_s: float = 10.0, retain: bool = False
@@ -374,6 +381,12 @@ class Connection:
         if self.manual_ack and msg.qos > 0 and msg.topic != CONNECTED:
             with self._io:
                 self._client.ack(msg.mid, msg.qos)
+            self._wake_if_unwritten()
+
+    def _wake_if_unwritten(self) -> None:
+        if not self.threaded and self._client.want_write():
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wake_w, b"w")
 
     def close(self) -> None:
         """Disconnect cleanly, after queued QoS 1 publishes have gone out (bounded)."""
@@ -392,6 +405,11 @@ class Connection:
         finally:
             if self.threaded:
                 self._client.loop_stop()
+            else:
+                for fd in (self._wake_r, self._wake_w):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                self._wake_r = self._wake_w = -1
         self._connected.clear()
 
     # -- driving an unthreaded connection
@@ -419,17 +437,19 @@ class Connection:
             self._reconnect(timeout_s)
             return
         pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted, not polled
-        wait_ms = max(0, int(timeout_s * 1000))
-        reading = select.poll()
-        reading.register(sock, select.POLLIN)
         if pending is not None and pending():
             readable = True
-        elif c.want_write():
-            both = select.poll()
-            both.register(sock, select.POLLIN | select.POLLOUT)
-            readable = any(ev & ~select.POLLOUT for _, ev in both.poll(wait_ms))
         else:
-            readable = bool(reading.poll(wait_ms))
+            waiting = select.poll()
+            waiting.register(sock, select.POLLIN | (select.POLLOUT if c.want_write() else 0))
+            waiting.register(self._wake_r, select.POLLIN)
+            ready = dict(waiting.poll(max(0, int(timeout_s * 1000))))
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.read(self._wake_r, 4096)
+            readable = bool(ready.get(sock.fileno(), 0) & ~select.POLLOUT)
+        reading = select.poll()
+        reading.register(sock, select.POLLIN)
         rc = mqtt.MQTT_ERR_SUCCESS
         with self._io:
             for _ in range(most):  # loop_read reads a few packets a time: on while more waits
