@@ -6,7 +6,6 @@ when a command runs, as the rest of the package is, so that `opsbay --help` stay
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import signal
@@ -277,7 +276,7 @@ def _submit(
     with Client(cfg) as client:
         try:
             client.submit(
-                **dataclasses.asdict(p),
+                **p._asdict(),
                 job_id=job_id,
                 follow=True,
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import sys
@@ -199,7 +198,7 @@ def _submit(
 
     with Client(cfg) as client:
         jid = client.submit(
-            **dataclasses.asdict(args),
+            **args._asdict(),
             job_id=job_id,
             follow=follow and wait,
         )

@@ -8,11 +8,9 @@ is read through the `protocol` models."""
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from opsbay_mqtt import signing, states
 from opsbay_mqtt.errors import BrokerError, OpsbayError, Refused
@@ -49,12 +47,11 @@ class QueryFailed(OpsbayError):
         self.code = code
 
 
-@dataclass(frozen=True)
-class ClientConfig:
+class ClientConfig(NamedTuple):  # not a dataclass: cheaper to define on every CLI call
     url: BrokerURL
     topics: Topics
     keyring: Keyring
-    tls: TlsFiles = field(default_factory=TlsFiles)
+    tls: TlsFiles = TlsFiles()
     connect_timeout_s: float = 10.0
 
     @classmethod
@@ -68,7 +65,7 @@ class Client:
     def __init__(self, cfg: ClientConfig, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
-        self.reply_id = "c" + secrets.token_hex(8)
+        self.reply_id = "c" + signing.random_hex(8)
         # No network thread: this one thread publishes and reads, without hand-offs.
         self.conn = Connection(
             url=cfg.url, client_id=f"opsbay-cli-{self.reply_id}", tls=cfg.tls, threaded=False
@@ -140,7 +137,7 @@ class Client:
     def _publish_submit(self, msg: dict[str, Any]) -> None:
         # Signed afresh each time (new nonce); the coordinator knows the job id, so a retry
         # never makes a second job.
-        nonce = secrets.token_hex(16)
+        nonce = signing.random_hex(16)
         self._nonces.setdefault(msg["job_id"], set()).add(nonce)
         payload = signing.sign(msg, self.cfg.keyring, int(self.clock()), nonce)
         self.conn.publish_wait(self.cfg.topics.submit, payload)
@@ -200,7 +197,7 @@ class Client:
         self.conn.subscribe(
             [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
         )
-        nonce = secrets.token_hex(16)
+        nonce = signing.random_hex(16)
         self._nonces.setdefault(job_id, set()).add(nonce)
         body = {"v": PROTOCOL_VERSION, "type": "cancel", "job_id": job_id}
         payload = signing.sign(body, self.cfg.keyring, int(self.clock()), nonce)
@@ -290,7 +287,7 @@ class Client:
         if not self._reply_subscribed:
             self.conn.subscribe([(self.cfg.topics.rpc_reply(self.reply_id), 1)], wait=False)
             self._reply_subscribed = True
-        correlation = secrets.token_hex(8)
+        correlation = signing.random_hex(8)
         q = {
             "v": PROTOCOL_VERSION,
             "type": "query",

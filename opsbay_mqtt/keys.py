@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opsbay_mqtt.errors import ConfigError, Refused
-from opsbay_mqtt.signing import KID_RE, Identity, Keyring
+from opsbay_mqtt.signing import KID_RE, Identity, Keyring, random_hex
 from opsbay_mqtt.topics import NODE_NAME_RE
 
 if TYPE_CHECKING:  # policies are read only from key files that have them
@@ -133,8 +132,8 @@ def new_key(kind: str, name: str, now: dt.datetime) -> tuple[str, str]:
         raise Refused("bad_kind", "the kind of key is client or node")
     if not NODE_NAME_RE.fullmatch(name):
         raise Refused("bad_node_name", f"invalid name {name!r}: use 1-63 of A-Z a-z 0-9 . _ -")
-    kid = f"{name}-{now:%Y%m%d}-{secrets.token_hex(2)}"[-64:]
-    return kid, secrets.token_hex(32)
+    kid = f"{name}-{now:%Y%m%d}-{random_hex(2)}"[-64:]
+    return kid, random_hex(32)
 
 
 def key_entry(kid: str, kind: str, name: str, secret_hex: str) -> str:
@@ -145,6 +144,8 @@ def new_key_instructions(kind: str, name: str, prefix: str = "opsbay") -> tuple[
     """What `opsbay keys` prints, and the key file entry itself."""
     kid, secret_hex = new_key(kind, name, dt.datetime.now(dt.UTC))
     entry = key_entry(kid, kind, name, secret_hex)
+    import secrets  # only here: `secrets` imports `random`, which no other command needs
+
     password = secrets.token_urlsafe(18)
     if kind == "client":
         acl = (

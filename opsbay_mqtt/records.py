@@ -77,8 +77,7 @@ class Rejection:
     reason: str
 
 
-@dataclass(frozen=True)
-class SubmitArgs:
+class SubmitArgs(typing.NamedTuple):  # not a dataclass: cheaper to define on every CLI call
     """What someone asks to run, before a job id and an absolute deadline are chosen (the
     arguments of Client.submit, from the command line or a Cronicle job)."""
 

@@ -19,7 +19,6 @@ import time
 import types
 import urllib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -54,8 +53,7 @@ log = logging.getLogger(__name__)
 SESSION_EXPIRY_S = 14 * 24 * 3600
 
 
-@dataclass(frozen=True)
-class BrokerURL:
+class BrokerURL(NamedTuple):  # not a dataclass: cheaper to define (see TlsFiles)
     host: str
     port: int
     tls: bool
