@@ -7,7 +7,6 @@ when a command runs, as the rest of the package is, so that `opsbay --help` stay
 from __future__ import annotations
 
 import logging
-import queue
 import signal
 import sys
 import time
@@ -155,10 +154,10 @@ def _watch(
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                try:
-                    msg = conn.inbox.get(timeout=min(left, 1.0))
-                except queue.Empty:
+                got = conn.receive(min(left, 1.0), 1)
+                if not got:
                     continue
+                msg = got[0]
                 if msg.topic == CONNECTED:
                     typer.echo("opsbay: reconnected; events in between were missed", err=True)
                     continue

@@ -66,10 +66,7 @@ class Client:
         self.cfg = cfg
         self.clock = clock
         self.reply_id = "c" + signing.random_hex(8)
-        # No network thread: this one thread publishes and reads, without hand-offs.
-        self.conn = Connection(
-            url=cfg.url, client_id=f"opsbay-cli-{self.reply_id}", tls=cfg.tls, threaded=False
-        )
+        self.conn = Connection(url=cfg.url, client_id=f"opsbay-cli-{self.reply_id}", tls=cfg.tls)
         self._reply_subscribed = False
         self._unacknowledged: dict[str, dict[str, Any]] = {}
         self._submitted: dict[str, dict[str, Any]] = {}
@@ -135,8 +132,9 @@ class Client:
         return job_id
 
     def _publish_submit(self, msg: dict[str, Any]) -> None:
-        # Signed afresh each time (new nonce); the coordinator knows the job id, so a retry
-        # never makes a second job.
+        """A submission or cancel on `<prefix>/submit`, its nonce remembered (a refusal names
+        it). Signed afresh each time: the coordinator knows the job id, so a retry never makes
+        a second job."""
         nonce = signing.random_hex(16)
         self._nonces.setdefault(msg["job_id"], set()).add(nonce)
         payload = signing.sign(msg, self.cfg.keyring, int(self.clock()), nonce)
@@ -197,11 +195,7 @@ class Client:
         self.conn.subscribe(
             [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
         )
-        nonce = signing.random_hex(16)
-        self._nonces.setdefault(job_id, set()).add(nonce)
-        body = {"v": PROTOCOL_VERSION, "type": "cancel", "job_id": job_id}
-        payload = signing.sign(body, self.cfg.keyring, int(self.clock()), nonce)
-        self.conn.publish_wait(self.cfg.topics.submit, payload)
+        self._publish_submit({"v": PROTOCOL_VERSION, "type": "cancel", "job_id": job_id})
         return self.wait(job_id, timeout_s, until=lambda j: True)
 
     def _check_mine(self, job: Job) -> Job | Rejection:

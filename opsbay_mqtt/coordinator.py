@@ -25,8 +25,6 @@ from opsbay_mqtt.protocol import (
     Submit,
     decode,
     dispatch_body,
-    encode,
-    encode_unsigned,
     job_event_body,
     peek,
 )
@@ -81,11 +79,7 @@ class Coordinator:
     ) -> None:
         """Queue `msg` signed with `kid` (the reader's key), or unsigned when `kid` is None
         (a refusal for someone who proved no key we share)."""
-        if kid is None:
-            payload = encode_unsigned(msg)
-        else:
-            payload = encode(msg, self.cfg.keyring, int(self.clock()), kid=kid)
-        self.outbox.append(Outgoing(topic, payload, False, expiry_s))
+        self._send_body(topic, msg.model_dump(mode="json"), kid=kid, expiry_s=expiry_s)
 
     def _send_body(
         self, topic: str, body: dict[str, Any], *, kid: str | None, expiry_s: int | None = None

@@ -104,7 +104,6 @@ def run_coordinator(
         manual_ack=True,
         receive_max=1000,
         tls=settings.tls,
-        threaded=False,  # its one loop reads, handles and publishes: no hand-offs
     )
     log.info(
         "coordinator: connecting to %s (prefix %s, data %s)", settings.url, topics.prefix, data_dir
@@ -165,7 +164,6 @@ def run_worker(
         receive_max=1000,
         will=w.will,
         tls=settings.tls,
-        threaded=False,  # its loop reads; jobs publish their results as they end
     )
     log.info("worker %s: connecting to %s (prefix %s)", node, settings.url, settings.topics.prefix)
     conn.connect(retry=True)

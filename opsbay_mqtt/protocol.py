@@ -21,7 +21,14 @@ from pydantic import (
 
 from opsbay_mqtt import signing
 from opsbay_mqtt.errors import Refused
-from opsbay_mqtt.records import LIMIT_PATTERN, Job, as_dict, job_from_wire, message_body
+from opsbay_mqtt.records import (
+    LIMIT_PATTERN,
+    PROTOCOL_VERSION,
+    Job,
+    as_dict,
+    job_from_wire,
+    message_body,
+)
 from opsbay_mqtt.signing import Auth, Keyring
 from opsbay_mqtt.states import ExecState, JobState
 from opsbay_mqtt.topics import JOB_ID_RE, NODE_NAME_RE, REPLY_ID_RE
@@ -173,14 +180,20 @@ def job_event_body(job: Job, counts: dict[str, int]) -> dict[str, Any]:
     without validating again a job the coordinator built from messages it validated: pydantic
     took about a third of the coordinator's time per result."""
     total = sum(counts.values())
-    return {"v": 1, "type": "job", "job": as_dict(job), "counts": dict(counts), "total": total}
+    return {
+        "v": PROTOCOL_VERSION,
+        "type": "job",
+        "job": as_dict(job),
+        "counts": dict(counts),
+        "total": total,
+    }
 
 
 def dispatch_body(job: Job, node: str, start_by_ms: int) -> dict[str, Any]:
     """What `Dispatch(...).model_dump(mode="json")` returns for a stored job's execution on
     `node`, without validating again what was validated when the job was submitted."""
     return {
-        "v": 1,
+        "v": PROTOCOL_VERSION,
         "type": "dispatch",
         "job_id": job.job_id,
         "node": node,

@@ -129,12 +129,10 @@ class Will(NamedTuple):
 
 
 class Connection:
-    """One MQTT connection. Received messages go to `inbox`; reconnects are automatic.
-
-    By default paho's network thread reads and writes. With `threaded=False` there is no such
-    thread: one thread drives the connection with `receive()` (or `pump()`), and whatever any
-    thread publishes is written at once, under a lock. That saves a hand-off between threads
-    for every message in and out.
+    """One MQTT connection, without paho's network thread: the thread that uses it drives it
+    with `receive()` (or `pump()`), which reads into `inbox`, keeps it alive and reconnects when
+    it is lost; whatever any thread publishes is written at once, under a lock. No message is
+    handed between threads on its way in or out.
     """
 
     def __init__(
@@ -149,18 +147,16 @@ class Connection:
         tls: TlsFiles | None = None,
         keepalive_s: int = 30,
         receive_max: int | None = None,
-        threaded: bool = True,
     ) -> None:
         self.url = url
-        self.threaded = threaded
-        self._retry_at = 0.0  # unthreaded: when to try to reconnect next
+        self._retry_at = 0.0  # when to try to reconnect next
         self._retry_delay = 1.0
-        self._idle = threading.Event()  # unthreaded: waited on between reconnection attempts
-        # Unthreaded: paho writes from the thread that publishes; one thread at a time.
-        self._io = threading.RLock() if not threaded else contextlib.nullcontext()
-        # Unthreaded: a write the socket could not take at once (a full buffer) wakes `pump`.
-        self._wake_r, self._wake_w = (-1, -1) if threaded else os.pipe()
-        for fd in (self._wake_r, self._wake_w) if not threaded else ():
+        self._idle = threading.Event()  # waited on between reconnection attempts; set by close
+        # paho writes from the thread that publishes: one thread at a time.
+        self._io = threading.RLock()
+        # A write the socket could not take at once (a full buffer) wakes `pump`.
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         self.client_id = client_id
         self.inbox: queue.Queue[Inbound] = inbox if inbox is not None else queue.Queue()
@@ -170,7 +166,6 @@ class Connection:
         self._ever_connected = False
         self._closing = False
         self._connect_error: str | None = None
-        self._suback = threading.Condition()
         self._acked_mids: set[int] = set()
         self.keepalive_s = keepalive_s
         # MQTT 5: how many unacknowledged QoS 1 messages the broker may send us at once
@@ -190,7 +185,6 @@ class Connection:
                 protocol=MQTTProtocolVersion.MQTTv311,
                 clean_session=not persistent,
             )
-        c.reconnect_delay_set(min_delay=1, max_delay=30)
         if url.username:
             c.username_pw_set(url.username, url.password)
         if url.tls:
@@ -264,9 +258,7 @@ class Connection:
         self.inbox.put(Inbound(msg.topic, msg.payload, bool(msg.retain), msg.mid, msg.qos))
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
-        with self._suback:
-            self._acked_mids.add(mid)
-            self._suback.notify_all()
+        self._acked_mids.add(mid)
 
     # -- API
     @property
@@ -295,11 +287,10 @@ class Connection:
                 log.warning("cannot reach broker %s (%s); retrying in %.1f s", self.url, e, delay)
                 time.sleep(delay)  # backoff between connection attempts, not a wait on a condition
                 delay = min(delay * 2, 30.0)
-        if self.threaded:
-            self._client.loop_start()
         deadline = time.monotonic() + timeout_s
         warned = 0.0
-        while not self._wait_connected(0.05):
+        while not self._connected.is_set():
+            self.pump(0.05)
             if self._connect_error and not retry:
                 self.close()
                 raise BrokerError(self._connect_error)
@@ -324,20 +315,12 @@ class Connection:
         if not wait:
             return
         deadline = time.monotonic() + timeout_s
-        with self._suback:
-            while mid not in self._acked_mids:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise BrokerError(f"no SUBACK from broker {self.url} within {timeout_s:g} s")
-                if self.threaded:
-                    self._suback.wait(left)
-                else:  # the SUBACK is read here; its callback takes this lock again
-                    self._suback.release()
-                    try:
-                        self.pump(min(left, 0.05))
-                    finally:
-                        self._suback.acquire()
-            self._acked_mids.discard(mid)
+        while mid not in self._acked_mids:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerError(f"no SUBACK from broker {self.url} within {timeout_s:g} s")
+            self.pump(min(left, 0.05))
+        self._acked_mids.discard(mid)
 
     def publish(
         self,
@@ -364,12 +347,9 @@ class Connection:
         info = self.publish(topic, payload, retain=retain)
         deadline = time.monotonic() + timeout_s
         try:
-            if self.threaded:
-                info.wait_for_publish(timeout_s)
-            else:
-                while not info.is_published() and time.monotonic() < deadline:
-                    self.pump(min(0.05, deadline - time.monotonic()))
-        except (RuntimeError, ValueError) as e:
+            while not info.is_published() and time.monotonic() < deadline:
+                self.pump(min(0.05, deadline - time.monotonic()))
+        except (RuntimeError, ValueError) as e:  # paho: the message could not be sent
             raise BrokerError(f"publish to {topic} failed: {e}") from e
         if not info.is_published():
             raise BrokerError(f"broker {self.url} did not acknowledge a publish to {topic}")
@@ -382,7 +362,7 @@ class Connection:
             self._wake_if_unwritten()
 
     def _wake_if_unwritten(self) -> None:
-        if not self.threaded and self._client.want_write():
+        if self._client.want_write():
             with contextlib.suppress(BlockingIOError, OSError):
                 os.write(self._wake_w, b"w")
 
@@ -393,42 +373,33 @@ class Connection:
         try:
             with self._io:
                 self._client.disconnect()
-            if not self.threaded:  # what the socket did not take at once (bounded)
-                deadline = time.monotonic() + 2.0
-                while self._client.want_write() and time.monotonic() < deadline:
-                    with self._io:
-                        if self._client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
-                            break
-                    self._wait_writable(deadline - time.monotonic())
+            deadline = time.monotonic() + 2.0  # what the socket did not take at once (bounded)
+            while self._client.want_write() and time.monotonic() < deadline:
+                with self._io:
+                    if self._client.loop_write() != mqtt.MQTT_ERR_SUCCESS:
+                        break
+                self._wait_writable(deadline - time.monotonic())
         finally:
-            if self.threaded:
-                self._client.loop_stop()
-            else:
-                for fd in (self._wake_r, self._wake_w):
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                self._wake_r = self._wake_w = -1
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
         self._connected.clear()
 
-    # -- driving an unthreaded connection
+    # -- driving the connection
     def receive(self, timeout_s: float, most: int) -> list[Inbound]:
         """Up to `most` received messages, waiting up to `timeout_s` for the first one."""
+        self.pump(0.0 if self.inbox.qsize() else timeout_s, most)
         batch: list[Inbound] = []
-        try:
-            if self.threaded:
-                batch.append(self.inbox.get(timeout=timeout_s))
-            else:
-                self.pump(0.0 if self.inbox.qsize() else timeout_s, most)
+        with contextlib.suppress(queue.Empty):
             while len(batch) < most:
                 batch.append(self.inbox.get_nowait())
-        except queue.Empty:
-            pass
         return batch
 
     def pump(self, timeout_s: float, most: int = 1000) -> None:
-        """Unthreaded: wait up to `timeout_s` for the broker, read what has come (into `inbox`,
-        up to about `most` messages), write what is queued, keep the connection alive, and when
-        it is lost, reconnect with a growing delay (1 s to 30 s), as paho's thread would."""
+        """Wait up to `timeout_s` for the broker, read what has come (into `inbox`, up to about
+        `most` messages), write what is queued, keep the connection alive, and when it is lost,
+        reconnect with a growing delay (1 s to 30 s)."""
         c = self._client
         sock = c.socket()
         if sock is None:
@@ -485,9 +456,3 @@ class Connection:
             poll = select.poll()
             poll.register(sock, select.POLLOUT)
             poll.poll(int(timeout_s * 1000))
-
-    def _wait_connected(self, timeout_s: float) -> bool:
-        if self.threaded:
-            return self._connected.wait(timeout_s)
-        self.pump(timeout_s)
-        return self._connected.is_set()

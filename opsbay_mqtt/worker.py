@@ -396,14 +396,13 @@ class Worker:
                 self._publish(topic, self.info_payload(), retain=True)
 
     def shutdown(self) -> None:
-        """Wait for the jobs queued and running to end. Their results go out as they end: a
-        connection without a network thread is kept alive (and read) meanwhile."""
+        """Wait for the jobs queued and running to end. Their results go out as they end; the
+        connection is kept alive (and read) meanwhile."""
         self._pool.shutdown(wait=False, cancel_futures=False)
-        if self.conn is not None and not self.conn.threaded:
-            while True:
-                with self._lock:
-                    if not self._active:
-                        break
-                self.conn.pump(FLUSH_EVERY_S)
-                self.flush_live_output()
+        while self.conn is not None:
+            with self._lock:
+                if not self._active:
+                    break
+            self.conn.pump(FLUSH_EVERY_S)
+            self.flush_live_output()
         self._pool.shutdown(wait=True)

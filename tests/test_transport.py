@@ -48,14 +48,12 @@ def test_paho_is_imported_without_urllib_request_which_still_works_when_used() -
 
 
 def test_an_unthreaded_connection_starts_no_thread_and_delivers(broker: Broker) -> None:
-    """`threaded=False`: the caller's thread drives paho (receive/pump); nothing runs behind
+    """The caller's thread drives paho (receive/pump); nothing runs behind
     its back, and what it publishes reaches a plain subscriber and its own subscription."""
     topic = f"unthreaded/{uuid.uuid4().hex[:8]}"
     watcher = Watcher(broker.port, f"{topic}/#")
     before = threading.active_count()
-    conn = Connection(
-        url=BrokerURL.parse(broker.url), client_id=f"t-{uuid.uuid4().hex[:8]}", threaded=False
-    )
+    conn = Connection(url=BrokerURL.parse(broker.url), client_id=f"t-{uuid.uuid4().hex[:8]}")
     try:
         conn.connect(timeout_s=10)
         conn.subscribe([(f"{topic}/+", 1)])
