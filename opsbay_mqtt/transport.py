@@ -307,6 +307,10 @@ class Connection:
         """Subscribe (and again after every reconnect); wait for the broker's SUBACK unless
         `wait` is false: a broker handles one connection's packets in order, so a publish sent
         after the SUBSCRIBE is routed after the subscription exists."""
+        deadline = time.monotonic() + timeout_s
+        while not self._connected.is_set() and time.monotonic() < deadline:
+            # Lost (a broker restart): nothing reconnects but this thread, so do it first.
+            self.pump(min(0.05, deadline - time.monotonic()))
         self._subscriptions.extend(topics)
         with self._io:
             rc, mid = self._client.subscribe(topics)
@@ -314,7 +318,6 @@ class Connection:
             raise BrokerError(f"subscribe failed: {mqtt.error_string(rc)}")
         if not wait:
             return
-        deadline = time.monotonic() + timeout_s
         while mid not in self._acked_mids:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -9,9 +9,11 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from opsbay_mqtt.transport import BrokerURL, Connection, Inbound
-from tests.helpers import Broker, Watcher
+from tests.conftest import start_broker
+from tests.helpers import Broker, Watcher, stop_process, wait_until
 
 CODE = """
 import json, sys
@@ -69,3 +71,22 @@ def test_an_unthreaded_connection_starts_no_thread_and_delivers(broker: Broker) 
     finally:
         conn.close()
         watcher.close()
+
+
+def test_a_call_on_a_lost_connection_reconnects_first(tmp_path: Path) -> None:
+    """No thread reconnects behind the caller's back: after a broker restart, the next
+    subscribe does it (with the usual backoff) before it goes on, as paho's thread would have."""
+    broker = start_broker(tmp_path / "own-broker")
+    topic = f"lost/{uuid.uuid4().hex[:8]}"
+    conn = Connection(url=BrokerURL.parse(broker.url), client_id=f"t-{uuid.uuid4().hex[:8]}")
+    try:
+        conn.connect(timeout_s=10)
+        stop_process(broker.process)
+        wait_until(lambda: conn.pump(0.05) or not conn.connected, 10, "the connection lost")
+        broker = start_broker(tmp_path / "own-broker", port=broker.port)
+        conn.subscribe([(topic, 1)], wait=False)
+        conn.publish_wait(topic, b"{}")
+        assert conn.connected
+    finally:
+        conn.close()
+        stop_process(broker.process)
