@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from opsbay_mqtt.stack import (
     INSTALL_HINT,
@@ -19,6 +20,11 @@ from opsbay_mqtt.stack import (
     wait_for_port,
 )
 from tests.helpers import Broker, Bus
+
+# No time limit per generated example: on a busy 2-core machine hypothesis's default 200 ms
+# deadline failed a pure parsing test at random (a timing is not what any test here asserts).
+settings.register_profile("opsbay", deadline=None)
+settings.load_profile("opsbay")
 
 
 def free_port() -> int:
