@@ -91,33 +91,33 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> N
         keyring=Keyring.shared(bus.secret),
     )
     submitted: list[str] = []
-    try:
-        chaos_thread.start()
-        pace = SUBMIT_SECONDS / JOBS
-        client = Client(cfg).__enter__()
-        for i in range(JOBS):
-            job_id = f"{rng.getrandbits(128):032x}"
-            job_id = f"{job_id[:8]}-{job_id[8:12]}-4{job_id[13:16]}-8{job_id[17:20]}-{job_id[20:]}"
-            command = f"echo {i} >> {marks / job_id}; sleep 0.{rng.randrange(1, 4)}"
-            deadline = time.monotonic() + 60
-            while True:  # the broker may be restarting: retry, same job id, until accepted
-                try:
-                    client.submit(
-                        target=rng.choice(NODES), command=command, timeout_s=10, start_by_s=120,
-                        job_id=job_id,
-                    )  # fmt: skip
-                    break
-                except BrokerError:
-                    assert time.monotonic() < deadline, f"could not submit (seed {seed})"
-                    done.wait(0.2)  # pacing a retry, not waiting for a condition
-            submitted.append(job_id)
-            done.wait(pace)  # pacing the load
-        client.__exit__()
-        chaos_thread.join(60)
-    finally:
-        done.set()
-        chaos_thread.join(60)
-    try:
+    try:  # whatever fails, every process started here is stopped
+        try:
+            chaos_thread.start()
+            pace = SUBMIT_SECONDS / JOBS
+            client = Client(cfg).__enter__()
+            for i in range(JOBS):
+                h = f"{rng.getrandbits(128):032x}"
+                job_id = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-8{h[17:20]}-{h[20:]}"
+                command = f"echo {i} >> {marks / job_id}; sleep 0.{rng.randrange(1, 4)}"
+                deadline = time.monotonic() + 60
+                while True:  # the broker may be restarting: retry, same job id, until accepted
+                    try:
+                        client.submit(
+                            target=rng.choice(NODES), command=command, timeout_s=10, start_by_s=120,
+                            job_id=job_id,
+                        )  # fmt: skip
+                        break
+                    except BrokerError:
+                        assert time.monotonic() < deadline, f"could not submit (seed {seed})"
+                        done.wait(0.2)  # pacing a retry, not waiting for a condition
+                submitted.append(job_id)
+                done.wait(pace)  # pacing the load
+            client.__exit__()
+            chaos_thread.join(60)
+        finally:
+            done.set()
+            chaos_thread.join(60)
         for name, p in procs.items():  # whatever the chaos left dead comes back
             if p.poll() is not None:
                 restart(name)
