@@ -15,6 +15,19 @@ class BrokerError(OpsbayError):
     """The broker could not be reached or refused us."""
 
 
+class BrokerRefused(BrokerError):
+    """The broker answered a publish or subscribe with a failure reason code (MQTT 5 PUBACK or
+    SUBACK; MQTT 3.1.1 SUBACK 0x80): usually its ACL does not let this login use `topic`."""
+
+    def __init__(self, action: str, topic: str, reason: str, code: int, login: str | None) -> None:
+        who = f"login {login!r}" if login else "this (anonymous) login"
+        super().__init__(
+            f"the broker refused to let {who} {action} {topic}: {reason} (reason code {code}); "
+            "check the broker's ACL for this login"
+        )
+        self.action, self.topic, self.reason, self.code = action, topic, reason, code
+
+
 class Refused(OpsbayError):
     """A message was refused. `code` is a stable reason code, `str()` the text for a person."""
 

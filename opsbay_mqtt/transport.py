@@ -45,12 +45,27 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E40
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
-from opsbay_mqtt.errors import BrokerError, ConfigError  # noqa: E402
+from opsbay_mqtt.errors import BrokerError, BrokerRefused, ConfigError  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 # Long enough that a worker or coordinator offline for a long weekend keeps its queued messages.
 SESSION_EXPIRY_S = 14 * 24 * 3600
+
+# CONNACK reason codes that retrying cannot fix (MQTT 5 codes; paho maps MQTT 3.1.1's onto them):
+# what a person has to change, said once at ERROR level.
+PERMANENT_CONNACK = {
+    132: "the broker does not speak this MQTT version (try ?version=3.1.1 in the URL)",
+    133: "the broker does not accept this client id",
+    134: "check the user name and password in the broker URL",
+    135: "check the user name and password in the broker URL (Mosquitto answers a wrong "
+    "password this way) and the broker's password file",
+    138: "the broker has banned this client",
+    140: "the broker wants another authentication method",
+}
+SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT: another connection used our client id
+# Between attempts after an error that only a person can fix.
+PERMANENT_RETRY_S = 60.0
 
 
 class BrokerURL(NamedTuple):  # not a dataclass: cheaper to define (see TlsFiles)
@@ -101,6 +116,23 @@ class BrokerURL(NamedTuple):  # not a dataclass: cheaper to define (see TlsFiles
 
 # Small records are named tuples here: a frozen dataclass costs about 1 ms to define (its
 # methods are generated and compiled), and every `opsbay` call imports this module.
+def disconnect_reason(flags: Any, rc: Any) -> str:
+    """Why a connection ended, in words: paho reports a closed socket as 'Unspecified error'."""
+    if getattr(flags, "is_disconnect_packet_from_server", False):
+        if getattr(rc, "value", None) == SESSION_TAKEN_OVER:
+            return (
+                f"the broker says another connection took over this session ({rc}): is "
+                "another process running with the same client id?"
+            )
+        return f"the broker disconnected us: {rc}"
+    if getattr(rc, "value", 0) == 0:
+        return "closed"
+    return (
+        "the connection was closed by the broker or the network (the broker restarted, "
+        "or another client connected with the same client id)"
+    )
+
+
 class TlsFiles(NamedTuple):
     """CA bundle (default: the system's) and an optional client certificate for mqtts://."""
 
@@ -147,6 +179,7 @@ class Connection:
         tls: TlsFiles | None = None,
         keepalive_s: int = 30,
         receive_max: int | None = None,
+        on_refused: Callable[[BrokerRefused], None] | None = None,
     ) -> None:
         self.url = url
         self._retry_at = 0.0  # when to try to reconnect next
@@ -167,6 +200,17 @@ class Connection:
         self._closing = False
         self._connect_error: str | None = None
         self._acked_mids: set[int] = set()
+        # What the broker refused (MQTT 5 PUBACK / SUBACK failure codes), by packet id, and the
+        # topic of every QoS 1 publish until its PUBACK, to name it when refused.
+        self._in_flight: dict[int, str] = {}
+        self._refused_mids: dict[int, BrokerRefused] = {}
+        self._sub_topics: dict[int, list[str]] = {}
+        self.on_refused = on_refused
+        self.last_disconnect: str | None = None  # why the last connection ended, for a person
+        self.permanent_error = False  # the last attempt failed for a reason only a person fixes
+        self.reconnect = (
+            True  # False: once lost, the connection stays down (a worker stepping down)
+        )
         self.keepalive_s = keepalive_s
         # MQTT 5: how many unacknowledged QoS 1 messages the broker may send us at once
         # (Mosquitto's default is 20, which caps a busy coordinator's batches).
@@ -207,6 +251,7 @@ class Connection:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
+        c.on_publish = self._on_publish
         self._client = c
 
     # -- paho callbacks: convert and enqueue only
@@ -228,9 +273,13 @@ class Connection:
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
-            self._connect_error = f"broker {self.url} refused the connection: {rc}"
-            log.info("%s: %s", self.client_id, self._connect_error)
+            hint = PERMANENT_CONNACK.get(rc.value)
+            self.permanent_error = hint is not None
+            self._connect_error = f"broker {self.url} refused the connection: {rc}" + (
+                f"; {hint}" if hint else ""
+            )
             return
+        self.permanent_error = False
         if self._subscriptions:
             client.subscribe(self._subscriptions)
         self._connect_error = None
@@ -251,22 +300,86 @@ class Connection:
             )
         if self._connected.is_set() and not self._closing:
             self.reconnects += 1
-            log.warning("%s: disconnected from %s (%s)", self.client_id, self.url, rc)
+            self.last_disconnect = disconnect_reason(flags, rc)
+            log.warning(
+                "%s: disconnected from %s: %s", self.client_id, self.url, self.last_disconnect
+            )
         self._connected.clear()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self.inbox.put(Inbound(msg.topic, msg.payload, bool(msg.retain), msg.mid, msg.qos))
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
+        topics = self._sub_topics.pop(mid, [])
+        for topic, code in zip(topics, rcs, strict=False):
+            # MQTT 3.1.1 says no with 0x80, MQTT 5 with any code of 0x80 or more.
+            value = getattr(code, "value", code)
+            if value >= 0x80:
+                name = getattr(code, "getName", lambda: "Failure")()
+                self._refuse(
+                    mid,
+                    BrokerRefused(
+                        action="read", topic=topic, reason=name, code=value, login=self.url.username
+                    ),
+                )
         self._acked_mids.add(mid)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any) -> None:
+        topic = self._in_flight.pop(mid, None)
+        if topic is not None and getattr(rc, "is_failure", False):
+            self._refuse(
+                mid,
+                BrokerRefused(
+                    action="publish to",
+                    topic=topic,
+                    reason=rc.getName(),
+                    code=rc.value,
+                    login=self.url.username,
+                ),
+            )
+
+    def _refuse(self, mid: int, refused: BrokerRefused) -> None:
+        log.error("%s: %s", self.client_id, refused)
+        self._refused_mids[mid] = refused
+        if len(self._refused_mids) > 100:  # nobody asked about the oldest: forget it
+            self._refused_mids.pop(next(iter(self._refused_mids)))
+        if self.on_refused is not None:
+            self.on_refused(refused)
 
     # -- API
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def connect(self, timeout_s: float = 10.0, retry: bool = False) -> None:
-        """Connect and wait for the broker's CONNACK. With `retry`, keep trying with backoff."""
+    def connect(
+        self, timeout_s: float = 10.0, retry: bool = False, stop: threading.Event | None = None
+    ) -> bool:
+        """Connect and wait for the broker's CONNACK; raise `BrokerError` saying why not.
+
+        With `retry` (the daemons), keep trying instead: 0.5 s doubling to 30 s while the broker
+        cannot be reached, and every 60 s, logged as an error with what to fix, while it refuses
+        us for a reason only a person can fix (credentials, a certificate). Returns False, at
+        once, when `stop` is set meanwhile."""
+        stop = stop or threading.Event()
+        delay = 0.5
+        while not stop.is_set():
+            error, permanent = self._attempt(timeout_s)
+            if error is None:
+                return True
+            if not retry:
+                self.close()
+                raise BrokerError(error)
+            if permanent:
+                log.error("%s: %s; trying again in %g s", self.client_id, error, PERMANENT_RETRY_S)
+                stop.wait(PERMANENT_RETRY_S)
+            else:
+                log.warning("%s: %s; trying again in %.1f s", self.client_id, error, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+        return False
+
+    def _attempt(self, timeout_s: float) -> tuple[str | None, bool]:
+        """One connection attempt: (None, _) once connected, else (why not, is it permanent)."""
         options: dict[str, Any] = {}
         if self.url.mqtt5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -274,32 +387,32 @@ class Connection:
             if self.receive_max is not None:
                 props.ReceiveMaximum = self.receive_max
             options = {"clean_start": not self.persistent, "properties": props}
-        delay = 0.5
-        while True:
-            try:
-                self._client.connect(
-                    self.url.host, self.url.port, keepalive=self.keepalive_s, **options
-                )
-                break
-            except (OSError, ssl.SSLError) as e:
-                if not retry:
-                    raise BrokerError(f"cannot reach broker {self.url}: {e}") from e
-                log.warning("cannot reach broker %s (%s); retrying in %.1f s", self.url, e, delay)
-                time.sleep(delay)  # backoff between connection attempts, not a wait on a condition
-                delay = min(delay * 2, 30.0)
+        self._connect_error = None
+        try:
+            self._client.connect(
+                self.url.host, self.url.port, keepalive=self.keepalive_s, **options
+            )
+        except ssl.SSLCertVerificationError as e:
+            return (
+                f"the certificate of broker {self.url} does not verify ({e}); "
+                "give the CA that signed it with --ca-file / OPSBAY_CA_FILE, and make sure the "
+                "certificate names this host",
+                True,
+            )
+        except (OSError, ssl.SSLError) as e:
+            return f"cannot reach broker {self.url}: {e}", False
         deadline = time.monotonic() + timeout_s
-        warned = 0.0
         while not self._connected.is_set():
             self.pump(0.05)
-            if self._connect_error and not retry:
-                self.close()
-                raise BrokerError(self._connect_error)
-            if self._connect_error and time.monotonic() - warned > 30:
-                warned = time.monotonic()
-                log.warning("%s: %s; retrying", self.client_id, self._connect_error)
-            if time.monotonic() > deadline and not retry:
-                self.close()
-                raise BrokerError(f"no answer from broker {self.url} within {timeout_s:g} s")
+            if self._connect_error:
+                with self._io, contextlib.suppress(Exception):
+                    self._client.disconnect()
+                return self._connect_error, self.permanent_error
+            if time.monotonic() > deadline:
+                with self._io, contextlib.suppress(Exception):
+                    self._client.disconnect()
+                return f"no answer from broker {self.url} within {timeout_s:g} s", False
+        return None, False
 
     def subscribe(
         self, topics: list[tuple[str, int]], timeout_s: float = 10.0, wait: bool = True
@@ -314,6 +427,8 @@ class Connection:
         self._subscriptions.extend(topics)
         with self._io:
             rc, mid = self._client.subscribe(topics)
+            if mid is not None:
+                self._sub_topics[mid] = [t for t, _ in topics]
         if rc != mqtt.MQTT_ERR_SUCCESS:
             raise BrokerError(f"subscribe failed: {mqtt.error_string(rc)}")
         if not wait:
@@ -321,9 +436,20 @@ class Connection:
         while mid not in self._acked_mids:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise BrokerError(f"no SUBACK from broker {self.url} within {timeout_s:g} s")
+                raise BrokerError(
+                    f"no SUBACK from broker {self.url} within {timeout_s:g} s "
+                    f"(subscribing to {', '.join(t for t, _ in topics)})"
+                )
             self.pump(min(left, 0.05))
         self._acked_mids.discard(mid)
+        refused = self._refused_mids.pop(mid, None)
+        if refused is not None:
+            raise refused
+
+    def check_refused(self) -> None:
+        """Raise the first refusal nobody has asked about yet (a subscribe sent without waiting)."""
+        if self._refused_mids:
+            raise self._refused_mids.pop(next(iter(self._refused_mids)))
 
     def publish(
         self,
@@ -340,6 +466,10 @@ class Connection:
             props.MessageExpiryInterval = max(1, int(expiry_s))
         with self._io:
             info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                self._in_flight[info.mid] = topic
+                if len(self._in_flight) > 100_000:  # never acknowledged (a lost clean session)
+                    self._in_flight.pop(next(iter(self._in_flight)))
         self._wake_if_unwritten()
         return info
 
@@ -347,7 +477,10 @@ class Connection:
         self, topic: str, payload: bytes, *, timeout_s: float = 10.0, retain: bool = False
     ) -> None:
         """Publish at QoS 1 and wait for the broker's PUBACK."""
-        info = self.publish(topic, payload, retain=retain)
+        self.wait_published(self.publish(topic, payload, retain=retain), topic, timeout_s)
+
+    def wait_published(self, info: mqtt.MQTTMessageInfo, topic: str, timeout_s: float) -> None:
+        """Wait for the PUBACK of a QoS 1 publish (sent again on reconnection, if need be)."""
         deadline = time.monotonic() + timeout_s
         try:
             while not info.is_published() and time.monotonic() < deadline:
@@ -356,6 +489,9 @@ class Connection:
             raise BrokerError(f"publish to {topic} failed: {e}") from e
         if not info.is_published():
             raise BrokerError(f"broker {self.url} did not acknowledge a publish to {topic}")
+        refused = self._refused_mids.pop(info.mid, None)
+        if refused is not None:
+            raise refused
 
     def ack(self, msg: Inbound) -> None:
         """Acknowledge a message received with `manual_ack`, once it is safely handled."""
@@ -439,17 +575,35 @@ class Connection:
                 c.loop_misc()
 
     def _reconnect(self, timeout_s: float) -> None:
-        if self._closing:
+        if self._closing or not self.reconnect:
+            self._idle.wait(timeout_s)
             return
         now = time.monotonic()
         if now < self._retry_at:
             self._idle.wait(min(timeout_s, self._retry_at - now))
             return
-        self._retry_at = now + self._retry_delay
+        # Jittered (50-100 % of the delay): clients that lost the broker together, or two
+        # that take one session from each other, do not come back in step.
+        self._retry_at = now + self._retry_delay * (0.5 + os.urandom(1)[0] / 510)
         self._retry_delay = min(self._retry_delay * 2, 30.0)
+        if self.permanent_error:  # credentials or a certificate: only a person can fix it
+            self._retry_at = now + PERMANENT_RETRY_S
+            log.error(
+                "%s: %s; trying again in %g s",
+                self.client_id,
+                self._connect_error,
+                PERMANENT_RETRY_S,
+            )
         try:
             with self._io:
                 self._client.reconnect()
+        except ssl.SSLCertVerificationError as e:
+            log.error(
+                "%s: the certificate of broker %s does not verify (%s)",
+                self.client_id,
+                self.url,
+                e,
+            )
         except (OSError, ssl.SSLError) as e:
             log.warning("%s: cannot reach broker %s (%s); retrying", self.client_id, self.url, e)
 

@@ -11,7 +11,9 @@ import time
 import uuid
 from pathlib import Path
 
-from opsbay_mqtt.transport import BrokerURL, Connection, Inbound
+import pytest
+
+from opsbay_mqtt.transport import BrokerURL, Connection, Inbound, disconnect_reason
 from tests.conftest import start_broker
 from tests.helpers import Broker, Watcher, stop_process, wait_until
 
@@ -90,3 +92,31 @@ def test_a_call_on_a_lost_connection_reconnects_first(tmp_path: Path) -> None:
     finally:
         conn.close()
         stop_process(broker.process)
+
+
+class _Flags:
+    def __init__(self, from_server: bool) -> None:
+        self.is_disconnect_packet_from_server = from_server
+
+
+class _Code:
+    def __init__(self, value: int, name: str) -> None:
+        self.value, self.name = value, name
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@pytest.mark.parametrize(
+    ("from_server", "code", "said"),
+    [
+        (True, 142, "another connection took over this session"),
+        (True, 137, "the broker disconnected us: Server busy"),
+        (False, 128, "closed by the broker or the network"),  # paho: "Unspecified error"
+        (False, 0, "closed"),
+    ],
+)
+def test_a_disconnect_is_explained_in_words(from_server: bool, code: int, said: str) -> None:
+    names = {142: "Session taken over", 137: "Server busy", 128: "Unspecified error", 0: "Success"}
+    text = disconnect_reason(_Flags(from_server), _Code(code, names[code]))
+    assert said in text and "Unspecified" not in text
