@@ -120,7 +120,7 @@ def worker(directory: Path, synchronous: str, n: int = 600) -> str:
     from opsbay_mqtt.ledger import Ledger
     from opsbay_mqtt.worker import Worker, WorkerConfig
 
-    ledger = Ledger(directory / f"ledger-{synchronous}.db")
+    ledger = Ledger(directory / f"ledger-{synchronous}.db", node="n1")
     ledger.db.execute(f"PRAGMA synchronous={synchronous}")
     w = Worker(WorkerConfig(node="n1", topics=TOPICS, keyring=KEYRING), ledger)
     conn = _FakeConnection()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from opsbay_mqtt import statedir
 from opsbay_mqtt.cli import Quiet, app, bus_options, run, settings, setup_logging
 
 if TYPE_CHECKING:
@@ -115,14 +117,15 @@ def worker(
         typer.Option("--label", metavar="KEY=VALUE", help="A label for this node (repeatable)."),
     ] = None,
     state_dir: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--state-dir",
             metavar="DIR",
             envvar="OPSBAY_STATE_DIR",
-            help="Where the worker keeps its ledger of jobs.",
+            help="Where the worker keeps its ledger of jobs; a second worker on the same folder "
+            f"refuses to start (default: {statedir.DEFAULT_TEXT}).",
         ),
-    ] = Path("opsbay-state"),
+    ] = None,
     max_parallel: Annotated[
         int, typer.Option("--max-parallel", metavar="N", min=1, max=256, help="Jobs run at once.")
     ] = 8,
@@ -175,6 +178,10 @@ def worker(
     named = run(lambda: parse_named(define or []))
     policy = WorkerPolicy(allow=tuple(allow or ()), named=named, named_only=named_only)
     run(lambda: check_run_as(run_as))
+    if state_dir is None:
+        state_dir = run(
+            lambda: statedir.default_state_dir(name, euid=os.geteuid(), environ=os.environ)
+        )
     options = {
         "node": name,
         "labels": labels,

@@ -138,13 +138,15 @@ def run_worker(
     run_as: str | None,
     clean_env: bool,
 ) -> None:
+    from opsbay_mqtt import statedir
     from opsbay_mqtt.ledger import Ledger
     from opsbay_mqtt.worker import Worker, WorkerConfig
 
-    _make_dir(state_dir, "--state-dir / OPSBAY_STATE_DIR")
+    state_lock = statedir.lock(state_dir, node=node)  # one worker per folder
+    log.info("worker %s: state folder %s", node, state_dir)
     check_run_as(run_as)
     stop = _stop_on_signals()
-    ledger = Ledger(state_dir / "ledger.db")
+    ledger = Ledger(state_dir / "ledger.db", node=node)
     cfg = WorkerConfig(
         node=node,
         topics=settings.topics,

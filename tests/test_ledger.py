@@ -1,4 +1,5 @@
-"""ledger: a job id starts once, its result is kept, interrupted runs are found, old rows pruned."""
+"""ledger: a job id starts once per node, its result is kept, interrupted runs are found, old rows
+pruned; nodes sharing a file never see each other's entries; older files are migrated."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from opsbay_mqtt.ledger import Ledger
+from opsbay_mqtt.errors import ConfigError
+from opsbay_mqtt.ledger import SCHEMA_VERSION, Ledger
+from opsbay_mqtt.protocol import Result, encode
+from opsbay_mqtt.signing import Keyring
 
 MS = 1_700_000_000_000
 
@@ -25,7 +29,7 @@ def path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def ledger(path: Path) -> Iterator[Ledger]:
-    led = Ledger(path)
+    led = Ledger(path, node="n1")
     yield led
     led.close()
 
@@ -91,13 +95,13 @@ def test_interrupted_with_pids(ledger: Ledger) -> None:
 
 
 def test_interrupted_after_reopening(path: Path) -> None:
-    led = Ledger(path)
+    led = Ledger(path, node="n1")
     for n in (1, 2, 3):
         led.start(jid(n), MS + n)
     led.set_pid(jid(3), 77, 12.5)
     led.finish(jid(1), "succeeded", b"ok", MS + 10)
     led.close()
-    led = Ledger(path)
+    led = Ledger(path, node="n1")
     try:
         assert sorted(led.interrupted()) == [(jid(2), None, None), (jid(3), 77, 12.5)]
         assert led.start(jid(2), MS + 20) is False
@@ -108,9 +112,9 @@ def test_interrupted_after_reopening(path: Path) -> None:
 
 def test_interrupted_without_a_clean_close(path: Path) -> None:
     """A worker that dies never calls close(): what it started is still found."""
-    led = Ledger(path)
+    led = Ledger(path, node="n1")
     led.start(jid(1), MS)
-    other = Ledger(path)
+    other = Ledger(path, node="n1")
     try:
         assert running(other) == [jid(1)]
     finally:
@@ -119,7 +123,7 @@ def test_interrupted_without_a_clean_close(path: Path) -> None:
 
 
 def test_pruning_keeps_the_newest_finished_rows(path: Path) -> None:
-    led = Ledger(path, max_entries=10)
+    led = Ledger(path, node="n1", max_entries=10)
     try:
         led.start(jid(0), MS)  # running: never pruned
         for n in range(1, 100):
@@ -143,6 +147,129 @@ def test_pruning_keeps_the_newest_finished_rows(path: Path) -> None:
         led.close()
 
 
+def user_version(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    db.close()
+    return version
+
+
+def test_two_nodes_in_one_file_never_see_each_others_entries(path: Path) -> None:
+    a, b = Ledger(path, node="a"), Ledger(path, node="b")
+    try:
+        assert a.start(jid(1), MS) is True
+        assert b.get(jid(1)) is None
+        assert b.start(jid(1), MS) is True  # the same job for another node: its own run
+        a.set_pid(jid(1), 4242, 1.5)
+        a.finish(jid(1), "succeeded", b"a's result", MS + 1)
+        assert b.get(jid(1)) == ("running", None)
+        assert b.interrupted() == [(jid(1), None, None)]
+        assert a.interrupted() == []
+        b.finish(jid(1), "failed", b"b's result", MS + 2)
+        assert (a.get(jid(1)), b.get(jid(1))) == (
+            ("succeeded", b"a's result"),
+            ("failed", b"b's result"),
+        )
+        b.start(jid(2), MS)
+        assert (running(a), running(b)) == ([], [jid(2)])
+    finally:
+        a.close()
+        b.close()
+
+
+def test_pruning_one_node_keeps_the_other_nodes_entries(path: Path) -> None:
+    a, b = Ledger(path, node="a", max_entries=10), Ledger(path, node="b", max_entries=10)
+    try:
+        b.finish(jid(0), "succeeded", b"b", MS)  # b's oldest entry, older than all of a's
+        for n in range(1, 101):
+            a.finish(jid(n), "succeeded", b"a", MS + n)
+        assert a.get(jid(1)) is None and a.get(jid(100)) == ("succeeded", b"a")
+        assert b.get(jid(0)) == ("succeeded", b"b")
+    finally:
+        a.close()
+        b.close()
+
+
+def tables(path: Path) -> list[str]:
+    with sqlite3.connect(path) as db:
+        names = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    db.close()
+    return sorted(str(n) for (n,) in names)
+
+
+# The table as 0.1.0 made it, with the pid columns it gained later, and user_version 0.
+V1_SCHEMA = (
+    "CREATE TABLE ledger (job_id TEXT PRIMARY KEY, state TEXT NOT NULL, result BLOB, "
+    "updated_ms INTEGER NOT NULL, pid INTEGER, pid_started REAL)",
+    "CREATE INDEX ledger_by_time ON ledger (updated_ms)",
+)
+
+
+def make_v1(path: Path, *entries: tuple[str, str, bytes | None, int | None]) -> None:
+    with sqlite3.connect(path) as db:
+        for statement in V1_SCHEMA:
+            db.execute(statement)
+        for job_id, state, result, pid in entries:
+            db.execute(
+                "INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, state, result, MS, pid, 1.5 if pid else None),
+            )
+    db.close()
+
+
+def test_a_version_1_ledger_is_keyed_by_the_node_each_result_names(path: Path) -> None:
+    """Two workers that shared one file (the bug this fixes): each entry goes to its node."""
+    keyring = Keyring.shared("s")
+    ran_on_a = encode(Result(job_id=jid(1), node="a", state="succeeded"), keyring, MS // 1000)
+    ran_on_c = encode(Result(job_id=jid(2), node="c", state="failed"), keyring, MS // 1000)
+    make_v1(
+        path,
+        (jid(1), "succeeded", ran_on_a, None),
+        (jid(2), "failed", ran_on_c, None),
+        (jid(3), "running", None, 4242),  # no result: the node opening the file takes it
+        (jid(4), "lost", b"", None),
+        (jid(5), "succeeded", b"not json", None),
+        (jid(6), "succeeded", b'{"node": "../etc"}', None),
+    )
+    b = Ledger(path, node="b")
+    a, c = Ledger(path, node="a"), Ledger(path, node="c")
+    try:
+        assert user_version(path) == SCHEMA_VERSION == 2
+        assert tables(path) == ["ledger"]
+        assert a.get(jid(1)) == ("succeeded", ran_on_a)
+        assert c.get(jid(2)) == ("failed", ran_on_c)
+        assert b.interrupted() == [(jid(3), 4242, 1.5)]
+        assert [b.get(jid(n)) for n in (4, 5, 6)] == [
+            ("lost", b""),
+            ("succeeded", b"not json"),
+            ("succeeded", b'{"node": "../etc"}'),
+        ]
+        assert [n for n in range(1, 7) if a.get(jid(n))] == [1]
+        assert [n for n in range(1, 7) if c.get(jid(n))] == [2]
+        assert [n for n in range(1, 7) if b.get(jid(n))] == [3, 4, 5, 6]
+        assert a.start(jid(1), MS) is False and b.start(jid(1), MS) is True
+    finally:
+        for led in (a, b, c):
+            led.close()
+
+
+def test_a_new_ledger_is_made_at_the_current_version(path: Path) -> None:
+    Ledger(path, node="n1").close()
+    assert user_version(path) == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 99])
+def test_a_ledger_newer_than_this_code_is_refused(path: Path, version: int) -> None:
+    Ledger(path, node="n1").close()
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {version}")
+    db.close()
+    with pytest.raises(ConfigError) as e:
+        Ledger(path, node="n1")
+    assert str(path) in str(e.value) and f"schema version {version}" in str(e.value)
+    assert user_version(path) == version  # left as it was
+
+
 def test_a_ledger_from_the_previous_version_still_opens(path: Path) -> None:
     """A worker upgraded in place keeps its state directory: the old table has no pid columns."""
     with sqlite3.connect(path) as db:
@@ -152,7 +279,7 @@ def test_a_ledger_from_the_previous_version_still_opens(path: Path) -> None:
         )
         db.execute("INSERT INTO ledger VALUES (?, 'running', NULL, ?)", (jid(1), MS))
     db.close()
-    led = Ledger(path)
+    led = Ledger(path, node="n1")
     try:
         assert led.interrupted() == [(jid(1), None, None)]
         assert led.start(jid(2), MS) is True
@@ -160,3 +287,4 @@ def test_a_ledger_from_the_previous_version_still_opens(path: Path) -> None:
         assert sorted(led.interrupted()) == [(jid(1), None, None), (jid(2), 4242, 1.5)]
     finally:
         led.close()
+    assert user_version(path) == SCHEMA_VERSION

@@ -1,0 +1,105 @@
+"""A worker's state folder (its ledger of jobs): where it is by default, and the lock that
+gives one folder to one worker at a time."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+from opsbay_mqtt.errors import ConfigError
+
+SETTING = "--state-dir / OPSBAY_STATE_DIR"
+SYSTEM_BASE = Path("/var/lib/opsbay")
+DEFAULT_TEXT = (
+    "one per node: /var/lib/opsbay/NODE as root, otherwise $XDG_STATE_HOME/opsbay/NODE "
+    "(~/.local/state/opsbay/NODE)"
+)
+LOCK_FILE = "lock"
+
+
+def default_state_dir(node: str, *, euid: int, environ: Mapping[str, str]) -> Path:
+    """The state folder of the worker for `node` (a valid node name) when none is given: the
+    system's as root, the user's XDG state directory otherwise."""
+    if euid == 0:
+        return SYSTEM_BASE / node
+    return _xdg_state_home(environ) / "opsbay" / node
+
+
+def _xdg_state_home(environ: Mapping[str, str]) -> Path:
+    # The XDG Base Directory spec: an empty or relative XDG_STATE_HOME is ignored.
+    given = environ.get("XDG_STATE_HOME", "")
+    if os.path.isabs(given):
+        return Path(given)
+    home = environ.get("HOME", "")
+    if not os.path.isabs(home):
+        raise ConfigError(
+            f"{SETTING}: no default state folder without HOME or XDG_STATE_HOME (absolute "
+            "paths); set one of them, or give --state-dir"
+        )
+    return Path(home) / ".local" / "state"
+
+
+class StateLock:
+    """A worker's hold on its state folder, until `close()` or the end of its process."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # releases the flock
+            self._fd = -1
+
+    def __enter__(self) -> StateLock:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def lock(path: Path, *, node: str) -> StateLock:
+    """Create `path` if needed (mode 0700) and take it for this process, writing this pid and
+    `node` into `path/lock`; ConfigError, naming the holder, if another worker has it."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{SETTING}: cannot create {path}: {e}") from e
+    file = path / LOCK_FILE
+    try:
+        # Python opens it non-inheritable: a job never holds its worker's folder.
+        fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise ConfigError(f"{SETTING}: cannot open {file}: {e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise ConfigError(
+            f"state folder {path} is in use by another worker ({holder}): give each worker its "
+            f"own --state-dir (default: {DEFAULT_TEXT})"
+        ) from None
+    except OSError as e:
+        os.close(fd)
+        raise ConfigError(f"{SETTING}: cannot lock {file}: {e}") from e
+    # A process that died left its pid here, but its flock went with it: only now overwrite.
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {node}\n".encode(), 0)
+    return StateLock(path, fd)
+
+
+def _holder(fd: int) -> str:
+    """'pid 1234, node a', as the holder of the lock wrote it."""
+    try:
+        words = os.pread(fd, 256, 0).decode(errors="replace").split()
+    except OSError:
+        words = []
+    if not words or not words[0].isdigit():
+        return "pid not known yet"
+    return f"pid {words[0]}" + (f", node {words[1]}" if len(words) > 1 else "")
