@@ -95,6 +95,8 @@ class Coordinator:
     def handle(self, msg: Inbound) -> None:
         """Handle one inbound message inside a savepoint: on any error nothing of it is kept."""
         if msg.topic == CONNECTED:
+            # Reconnected: the broker may have lost what it held for us and for the nodes.
+            self.redispatch_pending()
             return
         mark = len(self.outbox)
         try:
@@ -148,6 +150,12 @@ class Coordinator:
                 return
             self._fresh_once(auth)
             now = self._now_ms()
+            if sub.accept_by_ms is not None and now > sub.accept_by_ms:
+                raise Refused(
+                    "too_late",
+                    f"arrived {now - sub.accept_by_ms} ms after the submitter stopped waiting for "
+                    "an acknowledgement (accept_by_ms); not run",
+                )
             if sub.start_by_ms > now + MAX_EXPIRY_S // 2 * 1000:
                 raise Refused("invalid", "start_by_ms is too far ahead (milliseconds expected)")
             known = (
@@ -369,10 +377,19 @@ class Coordinator:
             log.warning("refused a node message for %s: %s", topic_node, e)
             return
         seen, kid = msg.published_ms, auth.kid
-        if isinstance(msg, NodeStatus):
-            self.store.node_seen(
+        if isinstance(msg, NodeStatus) and msg.state == "conflict":
+            self.store.node_seen(msg.node, seen, kid=kid)
+            text = msg.reason or "two agents use this node name"
+            self.store.node_conflict(msg.node, self._now_ms(), text)
+            log.error("node %s: %s", msg.node, text)
+        elif isinstance(msg, NodeStatus):
+            recorded = self.store.node_seen(
                 msg.node, seen, kid=kid, state=msg.state, session=msg.session, seq=msg.seq
             )
+            if recorded and msg.state == "online":
+                # The node (re)connected: what the broker did not keep for it (a node never
+                # seen before, a broker restarted without its data) must reach it now.
+                self.redispatch_pending(msg.node)
         else:
             info = {"labels": msg.labels, "agent_version": msg.agent_version, "facts": msg.facts}
             self.store.node_seen(msg.node, seen, kid=kid, info=info)
@@ -426,18 +443,24 @@ class Coordinator:
         if deleted:
             log.info("retention: deleted %d finished jobs", deleted)
 
-    def redispatch_pending(self) -> None:
-        """On start: dispatch again every execution sent but not started (a crash may have lost
-        the first dispatch). Workers keep a ledger, so a duplicate never runs twice."""
+    def redispatch_pending(self, node: str | None = None) -> None:
+        """Dispatch again what was sent to `node` (default: every node) and not finished: on
+        start (a crash may have lost the first dispatch), when the coordinator reconnects, and
+        when a node comes online (the broker keeps nothing for a node it never saw, nor after
+        losing its data). Workers keep a ledger, so a duplicate never runs twice; for a job that
+        ran, the node sends its stored result again."""
         now = self._now_ms()
-        for job_id, node in self.store.dispatched_pending(now):
+        again = self.store.redispatchable(now, node)
+        if again:
+            log.info("sending %d unfinished dispatch(es) again to %s", len(again), node or "nodes")
+        for job_id, to in again:
             job = self.store.get_job(job_id, executions=False)
-            ex = self.store.execution(job_id, node)
+            ex = self.store.execution(job_id, to)
             assert job is not None and ex is not None
             try:
                 self._send_dispatch(job, ex)
             except Refused as e:  # e.g. the node's key was removed since
-                log.warning("job %s: cannot dispatch to %s again: %s", job_id, node, e)
+                log.warning("job %s: cannot dispatch to %s again: %s", job_id, to, e)
 
 
 def serve(coord: Coordinator, conn: Connection, stop: threading.Event) -> None:

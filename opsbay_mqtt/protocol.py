@@ -95,6 +95,9 @@ class Submit(Message):
     start_by_ms: Millis
     batch: Limit | None = None
     max_failures: Limit | None = None
+    # When the submitter stops waiting for the acknowledgement: arriving later, it is refused
+    # (`too_late`) and never stored, so a submission its sender gave up on never runs.
+    accept_by_ms: Millis | None = None
 
     @model_validator(mode="after")
     def _some_target(self) -> Submit:
@@ -257,10 +260,11 @@ class NodeStatus(Message):
 
     type: Literal["status"] = "status"
     node: NodeName
-    state: Literal["online", "offline"]
+    state: Literal["online", "offline", "conflict"]
     session: Millis
     seq: Annotated[int, Field(ge=0, lt=2**31)] = 0
     published_ms: Millis
+    reason: Text | None = None  # with "conflict": what happened, for a person
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -62,7 +62,9 @@ CREATE TABLE IF NOT EXISTS nodes (
     seq INTEGER NOT NULL DEFAULT 0,
     kid TEXT NOT NULL DEFAULT '',
     last_seen_ms INTEGER NOT NULL DEFAULT 0,
-    info TEXT NOT NULL DEFAULT '{}'
+    info TEXT NOT NULL DEFAULT '{}',
+    conflict TEXT,
+    conflict_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS nonces (
     kid TEXT NOT NULL,
@@ -109,7 +111,11 @@ class Store:
                     "max_failures": "TEXT",
                 },
                 "executions": {"start_by_ms": "INTEGER"},
-                "nodes": {"kid": "TEXT NOT NULL DEFAULT ''"},
+                "nodes": {
+                    "kid": "TEXT NOT NULL DEFAULT ''",
+                    "conflict": "TEXT",
+                    "conflict_ms": "INTEGER",
+                },
             }
         )
         self.db.execute("BEGIN")
@@ -263,12 +269,14 @@ class Store:
             (grace_ms, now_ms, grace_ms, now_ms),
         ).fetchall()
 
-    def dispatched_pending(self, now_ms: int) -> list[tuple[str, str]]:
-        """(job id, node) of executions sent to their node and still within start-by."""
+    def redispatchable(self, now_ms: int, node: str | None = None) -> list[tuple[str, str]]:
+        """(job id, node) of executions sent to their node (all nodes, or `node`) that may still
+        need the dispatch: pending within start-by, or running (the node re-sends the result)."""
+        where = "" if node is None else "node = ? AND "
         return self.db.execute(
-            "SELECT job_id, node FROM executions WHERE state = 'pending' "
-            "AND dispatched_ms IS NOT NULL AND start_by_ms > ?",
-            (now_ms,),
+            f"SELECT job_id, node FROM executions WHERE {where}dispatched_ms IS NOT NULL "
+            "AND ((state = 'pending' AND start_by_ms > ?) OR state = 'running')",
+            (*(() if node is None else (node,)), now_ms),
         ).fetchall()
 
     def open_count(self, node: str) -> int:
@@ -310,24 +318,35 @@ class Store:
         seq: int = 0,
         info: dict[str, Any] | None = None,
         kid: str | None = None,
-    ) -> None:
+    ) -> bool:
+        """Record that the node was heard from; True if `state` was recorded (a status is
+        recorded unless an older connection's than the one we know)."""
         self.db.execute(
             "INSERT INTO nodes (node, last_seen_ms, kid) VALUES (?, ?, coalesce(?, '')) "
             "ON CONFLICT (node) DO UPDATE SET last_seen_ms = max(last_seen_ms, "
             "excluded.last_seen_ms), kid = coalesce(?, kid)",
             (node, now_ms, kid, kid),
         )
+        applied = False
         if state is not None and session is not None:
             # A status from an older connection than the one we know never wins (late Wills).
-            self.db.execute(
+            cur = self.db.execute(
                 "UPDATE nodes SET state = ?, session = ?, seq = ? WHERE node = ? "
                 "AND (session < ? OR (session = ? AND seq <= ?))",
                 (state, session, seq, node, session, session, seq),
             )
+            applied = cur.rowcount == 1
         if info is not None:
             self.db.execute(
                 "UPDATE nodes SET info = ? WHERE node = ?", (json.dumps(info, sort_keys=True), node)
             )
+        return applied
+
+    def node_conflict(self, node: str, now_ms: int, text: str) -> None:
+        """Two agents used this node's name; `text` says what happened (shown by `nodes`)."""
+        self.db.execute(
+            "UPDATE nodes SET conflict = ?, conflict_ms = ? WHERE node = ?", (text, now_ms, node)
+        )
 
     def node_kid(self, node: str) -> str | None:
         """The key id the node last signed with."""
@@ -349,7 +368,8 @@ class Store:
 
     def list_nodes(self) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT node, state, session, seq, last_seen_ms, info FROM nodes ORDER BY node"
+            "SELECT node, state, session, seq, last_seen_ms, info, conflict, conflict_ms "
+            "FROM nodes ORDER BY node"
         ).fetchall()
         return [
             {
@@ -359,6 +379,7 @@ class Store:
                 "seq": seq,
                 "last_seen_ms": seen,
                 **json.loads(info),
+                **({"conflict": conflict, "conflict_ms": conflict_ms} if conflict else {}),
             }
-            for n, s, ses, seq, seen, info in rows
+            for n, s, ses, seq, seen, info, conflict, conflict_ms in rows
         ]

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig
-from opsbay_mqtt.protocol import Result, Submit, encode
+from opsbay_mqtt.protocol import NodeStatus, Result, Submit, encode
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import Topics
-from opsbay_mqtt.transport import Inbound
+from opsbay_mqtt.transport import CONNECTED, Inbound
 
 KEYS = Keyring.shared("unit-test-secret")
 T0 = 1_800_000_000.0
@@ -178,3 +178,72 @@ def test_a_start_by_already_past_is_expired_on_arrival_and_never_sent(coord: Coo
     job_id = submit(coord, start_by_s=-5)
     assert state(coord, job_id) == "expired"
     assert sent(coord, "/nodes/") == []
+
+
+def status(c: Coordinator, node: str, state: str, session: int, seq: int, **extra: object) -> None:
+    msg = NodeStatus(
+        node=node,
+        state=state,
+        session=session,
+        seq=seq,  # type: ignore[arg-type]
+        published_ms=int(clock(c).now * 1000),
+        **extra,
+    )  # type: ignore[arg-type]
+    c.handle(Inbound(f"t/nodes/{node}/status", encode(msg, KEYS, int(clock(c).now))))
+
+
+def test_a_node_coming_online_gets_its_unfinished_dispatches_again(coord: Coordinator) -> None:
+    pending = submit(coord)  # to a node never seen: the broker kept nothing for it
+    running = submit(coord)
+    report(coord, running, "running", started_ms=int(T0 * 1000))
+    done = submit(coord, node="n2")
+    report(coord, done, "succeeded", node="n2", exit_code=0)
+    coord.outbox.clear()
+    status(coord, "n1", "online", session=1, seq=1)
+    again = sorted(str(d["job_id"]) for d in sent(coord, "/nodes/n1/jobs"))
+    assert again == sorted([pending, running])  # the running one's node re-sends its result
+    coord.outbox.clear()
+    status(coord, "n1", "offline", session=1, seq=1)
+    status(coord, "n1", "online", session=1, seq=0)  # older than what we know: not news
+    status(coord, "n2", "online", session=1, seq=1)  # nothing unfinished there
+    assert sent(coord, "/jobs") == []
+    clock(coord).now += 61  # past the pending one's start-by: no use sending it
+    status(coord, "n1", "online", session=2, seq=1)
+    assert [d["job_id"] for d in sent(coord, "/nodes/n1/jobs")] == [running]
+
+
+def test_the_coordinator_reconnecting_sends_every_unfinished_dispatch_again(
+    coord: Coordinator,
+) -> None:
+    first, second = submit(coord), submit(coord, node="n2")
+    coord.outbox.clear()
+    coord.handle(Inbound(CONNECTED, b""))
+    assert {str(d["job_id"]) for d in sent(coord, "/jobs")} == {first, second}
+
+
+def test_a_submission_arriving_after_its_accept_by_is_refused_and_not_stored(
+    coord: Coordinator,
+) -> None:
+    now = clock(coord).now
+    msg = Submit(
+        job_id=str(uuid.uuid4()), target="n1", command="true", timeout_s=10,
+        start_by_ms=int((now + 60) * 1000), accept_by_ms=int((now - 1) * 1000),
+    )  # fmt: skip
+    coord.handle(Inbound("t/submit", encode(msg, KEYS, int(now))))
+    assert coord.store.get_job(msg.job_id) is None
+    assert sent(coord, "/nodes/") == []
+    (refusal,) = sent(coord, f"/jobs/{msg.job_id}")
+    assert (refusal["type"], refusal["code"]) == ("rejected", "too_late")
+    on_time = msg.model_copy(update={"accept_by_ms": int((now + 1) * 1000)})
+    coord.handle(Inbound("t/submit", encode(on_time, KEYS, int(now))))
+    assert state(coord, msg.job_id) == "pending"
+
+
+def test_a_conflict_reported_by_a_node_is_recorded_and_leaves_its_status(
+    coord: Coordinator,
+) -> None:
+    status(coord, "dup", "online", session=5, seq=1)
+    status(coord, "dup", "conflict", session=9, seq=1, reason="two agents: this one stopped")
+    (node,) = coord.store.list_nodes()
+    assert (node["state"], node["session"]) == ("online", 5)
+    assert node["conflict"] == "two agents: this one stopped"

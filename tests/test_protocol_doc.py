@@ -194,7 +194,7 @@ def test_submit_vector_wire_message_is_what_sign_makes_and_decode_accepts() -> N
     assert msg.model_dump(mode="json", exclude_unset=True) == body
     # "The submissions of the vectors leave out the fields that have a default": read as such.
     left_out = {k: x for k, x in msg.model_dump(mode="json").items() if k not in body}
-    assert left_out == {"where": {}, "batch": None, "max_failures": None}
+    assert left_out == {"where": {}, "batch": None, "max_failures": None, "accept_by_ms": None}
 
 
 # -- the rest of the contract, checked against the code

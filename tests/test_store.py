@@ -144,19 +144,25 @@ def test_list_filters(
     ]
 
 
-def test_overdue_and_dispatched_pending(store: Store) -> None:
+def test_overdue_and_redispatchable(store: Store) -> None:
     store.insert_job(make_job(1, nodes=("a", "b", "h")))  # timeout 60 s
     sent = Execution(node="a", state="pending", dispatched_ms=1_000, start_by_ms=10_000)
     store.upsert_execution(jid(1), sent)
     store.upsert_execution(jid(1), Execution(node="b", state="succeeded", exit_code=0))
     store.insert_job(make_job(2, nodes=("c",)))
-    store.upsert_execution(jid(2), Execution(node="c", state="running", started_ms=5_000))
+    running = Execution(
+        node="c", state="running", dispatched_ms=4_000, start_by_ms=6_000, started_ms=5_000
+    )
+    store.upsert_execution(jid(2), running)
     # h is held back (never dispatched): no deadline runs for it yet
     assert store.overdue(10_000, 500) == []
     assert store.overdue(10_501, 500) == [(jid(1), "a")]
     assert sorted(store.overdue(65_501, 500)) == [(jid(1), "a"), (jid(2), "c")]
-    assert store.dispatched_pending(9_999) == [(jid(1), "a")]
-    assert store.dispatched_pending(10_000) == []
+    # Sent and unfinished: pending within start-by, or running (its result may be lost).
+    assert sorted(store.redispatchable(9_999)) == [(jid(1), "a"), (jid(2), "c")]
+    assert store.redispatchable(10_000) == [(jid(2), "c")]
+    assert store.redispatchable(9_999, node="a") == [(jid(1), "a")]
+    assert store.redispatchable(9_999, node="h") == []
     assert store.count_terminal() == 1
 
 
