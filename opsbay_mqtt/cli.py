@@ -195,24 +195,39 @@ def fail(code: int, text: str) -> NoReturn:
     raise typer.Exit(code)
 
 
+def exit_for(e: Exception) -> tuple[int, str] | None:
+    """The exit code and message for one of this package's errors (None: not one of ours).
+    The one mapping, used by every command and the Cronicle plugin."""
+    from opsbay_mqtt import render
+    from opsbay_mqtt.client import NotAcknowledged, QueryFailed, WaitTimeout
+    from opsbay_mqtt.errors import BrokerError, BrokerRefused, ConfigError, Refused
+
+    if isinstance(e, ConfigError):
+        return render.EXIT_CONFIG, str(e)
+    if isinstance(e, BrokerRefused):  # the broker's ACL: a permission, as for a refusal
+        return render.EXIT_REJECTED, str(e)
+    if isinstance(e, BrokerError | NotAcknowledged):
+        return render.EXIT_UNAVAILABLE, str(e)
+    if isinstance(e, WaitTimeout):
+        return render.EXIT_WAIT_GAVE_UP, f"{e}; the job goes on (see `opsbay result`)"
+    if isinstance(e, QueryFailed):
+        return render.EXIT_NOT_FOUND if e.code == "not_found" else render.EXIT_REJECTED, str(e)
+    if isinstance(e, Refused):
+        return render.EXIT_USAGE if e.code.startswith("bad_") else render.EXIT_REJECTED, e.text
+    return None
+
+
 def run(fn: Callable[[], Any]) -> Any:
     """Call `fn`, turning this package's errors into a message and an exit code."""
-    from opsbay_mqtt import render
-    from opsbay_mqtt.client import QueryFailed, WaitTimeout
-    from opsbay_mqtt.errors import BrokerError, ConfigError, Refused
+    from opsbay_mqtt.errors import OpsbayError
 
     try:
         return fn()
-    except ConfigError as e:
-        fail(render.EXIT_CONFIG, str(e))
-    except BrokerError as e:
-        fail(render.EXIT_UNAVAILABLE, str(e))
-    except WaitTimeout as e:
-        fail(render.EXIT_WAIT_GAVE_UP, f"{e}; the job goes on (see `opsbay result`)")
-    except QueryFailed as e:
-        fail(render.EXIT_NOT_FOUND if e.code == "not_found" else render.EXIT_REJECTED, str(e))
-    except Refused as e:
-        fail(render.EXIT_USAGE if e.code.startswith("bad_") else render.EXIT_REJECTED, e.text)
+    except OpsbayError as e:
+        mapped = exit_for(e)
+        if mapped is None:
+            raise
+        fail(*mapped)
 
 
 def settings(bus: BusOptions, role: str, name: str | None = None) -> Any:

@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from opsbay_mqtt.records import Job, Rejection, SubmitArgs
     from opsbay_mqtt.settings import BusOptions
 
-ACK_TIMEOUT_S = 10.0
+
+def _notice(text: str) -> None:
+    typer.echo(f"opsbay: {text}", err=True)
 
 
 def _client_config(bus: BusOptions, verbose: bool) -> ClientConfig:
@@ -119,6 +121,17 @@ def submit(
             help="Stop waiting after this long (exit 75); the job goes on.",
         ),
     ] = None,
+    ack_timeout: Annotated[
+        str,
+        typer.Option(
+            "--ack-timeout",
+            metavar="DURATION",
+            envvar="OPSBAY_ACK_TIMEOUT",
+            help="How long to keep sending the submission until a coordinator acknowledges it "
+            "(after 10 s without one, say so on stderr). Then exit 69: the job will never run, "
+            "since a coordinator refuses a submission that arrives later.",
+        ),
+    ] = "60s",
     follow: Annotated[
         bool | None,
         typer.Option(
@@ -149,8 +162,9 @@ def submit(
     Prints the job id once the coordinator has accepted it. With --wait, prints the output and
     exits 0 if every node succeeded; one node that failed: the command's exit code; otherwise
     124 timed out, 77 rejected, 68 expired (not started by its start-by deadline), 70 lost,
-    80 cancelled, 1 failed on several nodes; 75 gave up waiting (the job goes on), 69 broker or
-    coordinator unreachable, 78 bad setting, 2 bad usage.
+    80 cancelled, 1 failed on several nodes; 75 gave up waiting (the job goes on), 69 broker
+    unreachable or no coordinator acknowledged the job within --ack-timeout (it never runs),
+    78 bad setting, 2 bad usage.
     """
     from opsbay_mqtt.policy import parse_labels
 
@@ -172,11 +186,12 @@ def submit(
         if value is not None and not re.fullmatch(LIMIT_PATTERN, value):
             fail(2, f"{name}: {value!r} is not a count (10) or a share (25%)")
     wait_s = run(lambda: parse_duration(wait_timeout, "--wait-timeout")) if wait_timeout else None
+    ack_s = run(lambda: parse_duration(ack_timeout, "--ack-timeout"))
     if follow is None:
         follow = wait and not json_out and sys.stdout.isatty()
     run(
         lambda: _submit(
-            cfg, args, job_id, wait, wait_s, bool(follow), cancel_on_interrupt, json_out
+            cfg, args, job_id, wait, wait_s, ack_s, bool(follow), cancel_on_interrupt, json_out
         )
     )
 
@@ -187,31 +202,25 @@ def _submit(
     job_id: str | None,
     wait: bool,
     wait_s: int | None,
+    ack_s: int,
     follow: bool,
     cancel_on_interrupt: bool,
     json_out: bool,
 ) -> None:
     from opsbay_mqtt import render
-    from opsbay_mqtt.client import Client, WaitTimeout
+    from opsbay_mqtt.client import Client
     from opsbay_mqtt.records import Rejection
     from opsbay_mqtt.waiting import WaitView
 
-    with Client(cfg) as client:
+    with Client(cfg, notice=_notice) as client:
         jid = client.submit(
             **args._asdict(),
             job_id=job_id,
             follow=follow and wait,
+            accept_s=ack_s,
         )
         if not wait:
-            try:
-                got = client.wait(jid, ACK_TIMEOUT_S, until=lambda j: True)
-            except WaitTimeout:
-                typer.echo(jid)
-                fail(
-                    render.EXIT_WAIT_GAVE_UP,
-                    f"job {jid}: published, but the coordinator has not acknowledged it within "
-                    f"{ACK_TIMEOUT_S:g} s; it will be processed when the coordinator reads it",
-                )
+            got = client.wait(jid, None, until=lambda j: True)
             if isinstance(got, Rejection):
                 _rejected(got)
             typer.echo(json.dumps(render.public_job(got), indent=2) if json_out else jid)
@@ -296,7 +305,7 @@ def cancel(
     wait_s = run(lambda: parse_duration(wait_timeout, "--wait-timeout")) if wait_timeout else None
 
     def do() -> Job:
-        with Client(cfg) as c:
+        with Client(cfg, notice=_notice) as c:
             got = c.cancel(job_id)
             if isinstance(got, Rejection):
                 _rejected(got)
@@ -333,7 +342,7 @@ def result(
     cfg = _client_config(bus, verbose)
 
     def fetch() -> Job:
-        with Client(cfg) as c:
+        with Client(cfg, notice=_notice) as c:
             return c.result(job_id)
 
     job = run(fetch)
@@ -374,7 +383,7 @@ def results(
     cfg = _client_config(bus, verbose)
 
     def fetch() -> list[Job]:
-        with Client(cfg) as c:
+        with Client(cfg, notice=_notice) as c:
             return c.results(node=node, state=state, limit=limit)
 
     jobs = run(fetch)
@@ -408,7 +417,7 @@ def nodes(
     cfg = _client_config(bus, verbose)
 
     def fetch() -> list[dict[str, Any]]:
-        with Client(cfg) as c:
+        with Client(cfg, notice=_notice) as c:
             return c.nodes(where=labels, node_state=state)
 
     found = run(fetch)

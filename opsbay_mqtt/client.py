@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from opsbay_mqtt import signing, states
-from opsbay_mqtt.errors import BrokerError, OpsbayError, Refused
+from opsbay_mqtt.errors import BrokerError, BrokerRefused, OpsbayError, Refused
 from opsbay_mqtt.records import (
     PROTOCOL_VERSION,
     Execution,
@@ -35,10 +35,34 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_EVERY_S = 5.0  # when no event arrives for this long, ask the coordinator directly
+ACK_TIMEOUT_S = 60.0  # default: how long a submission is sent again until a coordinator takes it
+ACK_WARN_S = 10.0  # then say on stderr that nobody has answered yet, and what to check
+RESEND_FIRST_S, RESEND_MAX_S = 1.0, 8.0  # re-publish an unacknowledged request: 1, 2, 4, 8, 8 s
+CONFIRM_S = 5.0  # after giving up, ask the coordinator once whether it has the job after all
 
 
 class WaitTimeout(OpsbayError):
     """The caller's wait ran out; the job goes on."""
+
+
+class NotAcknowledged(OpsbayError):
+    """No coordinator acknowledged a submission or cancel in time."""
+
+
+class _Asking:
+    """A submission or cancel not yet acknowledged: when to send it again, when to say so,
+    when to give up."""
+
+    def __init__(self, msg: dict[str, Any], now: float, give_up_s: float) -> None:
+        self.msg = msg
+        self.started = now
+        self.delay = RESEND_FIRST_S
+        self.resend_at = now + RESEND_FIRST_S
+        self.warn_at = now + ACK_WARN_S if give_up_s > ACK_WARN_S else float("inf")
+        self.give_up_at = now + give_up_s
+
+    def due(self) -> float:
+        return min(self.resend_at, self.warn_at, self.give_up_at)
 
 
 class QueryFailed(OpsbayError):
@@ -62,13 +86,19 @@ class ClientConfig(NamedTuple):  # not a dataclass: cheaper to define on every C
 class Client:
     """One short-lived connection for a CLI call. Use as a context manager."""
 
-    def __init__(self, cfg: ClientConfig, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cfg: ClientConfig,
+        clock: Callable[[], float] = time.time,
+        notice: Callable[[str], None] = log.warning,
+    ) -> None:
         self.cfg = cfg
         self.clock = clock
+        self.notice = notice  # what the caller should hear while it waits (the CLI: stderr)
         self.reply_id = "c" + signing.random_hex(8)
         self.conn = Connection(url=cfg.url, client_id=f"opsbay-cli-{self.reply_id}", tls=cfg.tls)
         self._reply_subscribed = False
-        self._unacknowledged: dict[str, dict[str, Any]] = {}
+        self._unacknowledged: dict[str, _Asking] = {}
         self._submitted: dict[str, dict[str, Any]] = {}
         self._nonces: dict[str, set[str]] = {}
         self._views: dict[str, dict[str, Execution]] = {}
@@ -82,11 +112,15 @@ class Client:
         self.conn.close()
 
     def _next(self, deadline: float) -> Inbound | None:
+        self.conn.check_refused()  # a subscription the broker refused: say so now
         left = deadline - time.monotonic()
         if left <= 0:
             return None
         got = self.conn.receive(min(left, POLL_EVERY_S), 1)
         return got[0] if got else None
+
+    def _where(self) -> str:
+        return f"broker {self.cfg.url}, prefix {self.cfg.topics.prefix!r}"
 
     # -- submit and wait
     def submit(
@@ -101,9 +135,12 @@ class Client:
         batch: str | None = None,
         max_failures: str | None = None,
         follow: bool = False,
+        accept_s: float = ACK_TIMEOUT_S,
     ) -> str:
         """Publish a submission (after subscribing to its events, and with `follow` to its
-        live output); return the job id."""
+        live output); return the job id. `wait` publishes it again until a coordinator
+        acknowledges it, for up to `accept_s`; a coordinator refuses it (`too_late`) after that,
+        so a submission given up on never runs."""
         job_id = validate_job_id(job_id) if job_id else new_job_id()
         if not target and not where:
             raise Refused("bad_target", "give a target (--target), labels (--where), or both")
@@ -121,15 +158,62 @@ class Client:
             "start_by_ms": int(self.clock() * 1000) + start_by_s * 1000,
             "batch": batch,
             "max_failures": max_failures,
+            "accept_by_ms": int(self.clock() * 1000 + accept_s * 1000),
         }
         topics = [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
         if follow:
             topics.append((self.cfg.topics.job_output(job_id), 0))
         self.conn.subscribe(topics, wait=False)
-        self._unacknowledged[job_id] = msg
+        self._unacknowledged[job_id] = _Asking(msg, time.monotonic(), accept_s)
         self._submitted[job_id] = msg
         self._publish_submit(msg)
         return job_id
+
+    def _keep_asking(self, job_id: str) -> Job | None:
+        """While a submission or cancel is unacknowledged: send it again (1, 2, 4, 8 s apart:
+        a broker drops what arrives before the coordinator subscribes), say after 10 s that
+        nobody answers, and at its deadline give up, unless the coordinator, asked directly,
+        has the job after all (then that job is returned)."""
+        asking = self._unacknowledged.get(job_id)
+        now = time.monotonic()
+        if asking is None or now < asking.due():
+            return None
+        kind = "cancel" if asking.msg["type"] == "cancel" else "submission"
+        if now >= asking.give_up_at:
+            try:
+                job = self.result(job_id, timeout_s=CONFIRM_S)
+            except (QueryFailed, BrokerError):
+                job = None
+            if job is not None and kind == "submission":
+                self._unacknowledged.pop(job_id, None)
+                return job
+            waited = now - asking.started
+            if kind == "cancel":
+                raise NotAcknowledged(
+                    f"job {job_id}: no coordinator acknowledged the cancel within {waited:.0f} s "
+                    f"({self._where()}); a coordinator that reads it later still applies it. "
+                    "Is `opsbay coordinator` running, with the same --broker and --prefix?"
+                )
+            raise NotAcknowledged(
+                f"job {job_id}: no coordinator acknowledged the submission within {waited:.0f} s "
+                f"({self._where()}); it will never run: a coordinator that reads it later "
+                "refuses it (too_late). Is `opsbay coordinator` running, with the same --broker "
+                "and --prefix?"
+            )
+        if now >= asking.warn_at:
+            asking.warn_at = float("inf")
+            self.notice(
+                f"job {job_id}: no coordinator has acknowledged the {kind} after "
+                f"{now - asking.started:.0f} s ({self._where()}); still trying for "
+                f"{asking.give_up_at - now:.0f} s. Is `opsbay coordinator` running, with the "
+                "same --broker and --prefix?"
+            )
+        if now >= asking.resend_at:
+            log.info("job %s: not acknowledged yet; sending the %s again", job_id, kind)
+            self._publish_submit(asking.msg)
+            asking.delay = min(asking.delay * 2, RESEND_MAX_S)
+            asking.resend_at = now + asking.delay
+        return None
 
     def _publish_submit(self, msg: dict[str, Any]) -> None:
         """A submission or cancel on `<prefix>/submit`, its nonce remembered (a refusal names
@@ -190,13 +274,16 @@ class Client:
         return self.result(job.job_id)
 
     def cancel(self, job_id: str, timeout_s: float = 10.0) -> Job | Rejection:
-        """Ask the coordinator to cancel a job; return the job as it stands once it answers."""
+        """Ask the coordinator to cancel a job; return the job as it stands once it answers
+        (the cancel is sent again until it does, for up to `timeout_s`)."""
         validate_job_id(job_id)
         self.conn.subscribe(
             [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
         )
-        self._publish_submit({"v": PROTOCOL_VERSION, "type": "cancel", "job_id": job_id})
-        return self.wait(job_id, timeout_s, until=lambda j: True)
+        msg = {"v": PROTOCOL_VERSION, "type": "cancel", "job_id": job_id}
+        self._unacknowledged[job_id] = _Asking(msg, time.monotonic(), timeout_s)
+        self._publish_submit(msg)
+        return self.wait(job_id, None, until=lambda j: True)
 
     def _check_mine(self, job: Job) -> Job | Rejection:
         """A job we submitted must be what we submitted (not another under the same id)."""
@@ -221,12 +308,19 @@ class Client:
         `on_output`, live output chunks (submit with follow=True) are passed on as they come."""
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else float("inf"))
         last_heard = time.monotonic()
+        silent_since = 0.0  # when the coordinator stopped answering our queries
         while True:
-            msg = self._next(deadline)
-            if msg is not None and msg.topic == CONNECTED and job_id in self._unacknowledged:
-                # The connection dropped before the coordinator acknowledged: submit again.
-                log.info("job %s: reconnected before an acknowledgement; submitting again", job_id)
-                self._publish_submit(self._unacknowledged[job_id])
+            confirmed = self._keep_asking(job_id)
+            if confirmed is not None:  # not acknowledged, but the coordinator has it
+                checked = self._check_mine(confirmed)
+                if isinstance(checked, Rejection) or until(checked):
+                    return checked
+            asking = self._unacknowledged.get(job_id)
+            msg = self._next(min(deadline, asking.due()) if asking else deadline)
+            if msg is not None and msg.topic == CONNECTED and asking is not None:
+                # The connection dropped before the coordinator acknowledged: send it again.
+                log.info("job %s: reconnected before an acknowledgement; sending again", job_id)
+                self._publish_submit(asking.msg)
             if msg is not None and on_output is not None and "/output/" in msg.topic:
                 chunk = self._output(msg, job_id)
                 if chunk is not None:
@@ -247,6 +341,8 @@ class Client:
                 continue
             if time.monotonic() >= deadline:
                 raise WaitTimeout(f"job {job_id}: gave up waiting after {timeout_s:g} s")
+            if job_id in self._unacknowledged:
+                continue  # not taken yet: sending it again is how we ask
             if msg is not None or time.monotonic() - last_heard >= POLL_EVERY_S:
                 # Reconnected, or quiet for a while: events may have been missed; ask.
                 last_heard = time.monotonic()
@@ -256,8 +352,20 @@ class Client:
                     if e.code != "not_found":
                         raise
                     continue
-                except BrokerError:
+                except BrokerRefused:
+                    raise
+                except BrokerError as e:
+                    if not silent_since:  # once per outage: why nothing is happening
+                        silent_since = time.monotonic()
+                        bound = "" if timeout_s is None else f" (for up to {timeout_s:g} s)"
+                        self.notice(
+                            f"job {job_id}: the coordinator is not answering ({e}); still "
+                            f"waiting for the job's outcome{bound}"
+                        )
                     continue
+                if silent_since:
+                    self.notice(f"job {job_id}: the coordinator answers again")
+                    silent_since = 0.0
                 checked = self._check_mine(job)
                 if isinstance(checked, Rejection) or until(checked):
                     return checked
@@ -278,6 +386,9 @@ class Client:
 
     # -- queries
     def query(self, query: str, timeout_s: float = 10.0, **params: Any) -> Any:
+        """Ask the coordinator; its answer's data. Sent again (1, 2, 4 s apart) until answered
+        or `timeout_s` runs out: a query the broker dropped (no coordinator subscribed at that
+        moment) is asked again; each copy is signed afresh, and only one answer is read."""
         if not self._reply_subscribed:
             self.conn.subscribe([(self.cfg.topics.rpc_reply(self.reply_id), 1)], wait=False)
             self._reply_subscribed = True
@@ -290,20 +401,26 @@ class Client:
             "correlation": correlation,
             **params,
         }
-        self.conn.publish_wait(
-            self.cfg.topics.rpc_request, signing.sign(q, self.cfg.keyring, int(self.clock()))
-        )
         deadline = time.monotonic() + timeout_s
+        delay, resend_at = RESEND_FIRST_S, 0.0
         reply_topic = self.cfg.topics.rpc_reply(self.reply_id)
         stash: list[Inbound] = []
         try:
             while True:
-                msg = self._next(deadline)
+                if time.monotonic() >= resend_at:
+                    self.conn.publish_wait(
+                        self.cfg.topics.rpc_request,
+                        signing.sign(q, self.cfg.keyring, int(self.clock())),
+                        timeout_s=max(1.0, deadline - time.monotonic()),
+                    )
+                    resend_at, delay = time.monotonic() + delay, min(delay * 2, RESEND_MAX_S)
+                msg = self._next(min(deadline, resend_at))
                 if msg is None:
                     if time.monotonic() >= deadline:
                         raise BrokerError(
                             f"no answer from the coordinator within {timeout_s:g} s "
-                            "(is it running, on the same broker and prefix?)"
+                            f"({self._where()}): is `opsbay coordinator` running, with the "
+                            "same --broker and --prefix?"
                         )
                     continue
                 if msg.topic != reply_topic:
