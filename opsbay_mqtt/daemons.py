@@ -108,7 +108,10 @@ def run_coordinator(
     log.info(
         "coordinator: connecting to %s (prefix %s, data %s)", settings.url, topics.prefix, data_dir
     )
-    conn.connect(retry=True)
+    if not conn.connect(retry=True, stop=stop):
+        store.close()
+        log.info("coordinator: stopped before the broker accepted the connection")
+        return
     conn.subscribe(
         [
             (topics.submit, 1),
@@ -166,20 +169,39 @@ def run_worker(
         receive_max=1000,
         will=w.will,
         tls=settings.tls,
+        on_refused=w.on_refused,
     )
     log.info("worker %s: connecting to %s (prefix %s)", node, settings.url, settings.topics.prefix)
-    conn.connect(retry=True)
-    conn.subscribe([(settings.topics.node_jobs(node), 1)])
+    if not conn.connect(retry=True, stop=stop):
+        log.info("worker %s: stopped before the broker accepted the connection", node)
+        ledger.close()
+        state_lock.close()
+        return
+    # Its own status topic too: to see that the broker lets it read and write there, and to
+    # find another agent using the same node name.
+    topics = settings.topics
+    conn.subscribe([(topics.node_jobs(node), 1), (topics.node_status(node), 1)])
     log.info("worker %s: ready", node)
     try:
         w.serve(conn, stop)
     finally:
         log.info("worker %s: stopping; waiting for running jobs", node)
         w.shutdown()
-        try:
-            w.publish_offline()
-        except Exception:
-            log.warning("worker %s: could not publish offline status", node)
+        if w.fatal is None:  # stepping down, the other agent's status must stay
+            try:
+                w.publish_offline()
+            except Exception:
+                log.warning("worker %s: could not publish offline status", node)
+        w.report_conflict(
+            lambda: Connection(
+                url=settings.url,
+                client_id=client_id("worker", settings.topics, node) + ":conflict",
+                tls=settings.tls,
+            )
+        )
         conn.close()
         ledger.close()
+        state_lock.close()
         log.info("worker %s: stopped", node)
+    if w.fatal is not None:
+        raise ConfigError(f"worker {node}: {w.fatal}")

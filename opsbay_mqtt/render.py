@@ -69,6 +69,8 @@ def public_node(node: dict[str, Any], now_ms: int) -> dict[str, Any]:
     seen = d.pop("last_seen_ms", 0)
     d["last_seen"] = iso(seen) if seen else None
     d["last_seen_ago_s"] = (now_ms - seen) // 1000 if seen else None
+    if "conflict_ms" in d:  # two agents used this node's name: when, and what happened
+        d["conflict_at"] = iso(d.pop("conflict_ms"))
     return d
 
 
@@ -126,15 +128,19 @@ def jobs_table(jobs: list[Job]) -> str:
 
 
 def nodes_table(nodes: list[dict[str, Any]], now_ms: int) -> str:
-    rows = []
+    rows, conflicts = [], []
     for n in nodes:
         p = public_node(n, now_ms)
+        if p.get("conflict"):
+            conflicts.append(
+                f"{p['node']}: two agents used this name ({p['conflict_at']}): {p['conflict']}"
+            )
         f = p.get("facts") or {}
         labels = ",".join(f"{k}={v}" for k, v in sorted((p.get("labels") or {}).items()))
         rows.append(
             [
                 p["node"],
-                p["state"],
+                p["state"] + (" (conflict)" if p.get("conflict") else ""),
                 _ago(p["last_seen_ago_s"]),
                 str(f.get("hostname", "-")),
                 str(f.get("distro") or f.get("os") or "-"),
@@ -149,7 +155,7 @@ def nodes_table(nodes: list[dict[str, Any]], now_ms: int) -> str:
         )
     headers = ["NODE", "STATUS", "LAST SEEN", "HOSTNAME", "OS", "ARCH", "KERNEL", "UPTIME",
                "CPUS", "MEMORY", "DISK FREE", "LABELS"]  # fmt: skip
-    return table(headers, rows)
+    return "\n".join([table(headers, rows), *conflicts])
 
 
 def job_summary(job: Job) -> str:

@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import pwd
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ from typing import Any
 import psutil
 
 from opsbay_mqtt import __version__, authz, runner, sysinfo
-from opsbay_mqtt.errors import Refused
+from opsbay_mqtt.errors import BrokerRefused, Refused
 from opsbay_mqtt.ledger import Ledger
 from opsbay_mqtt.livelog import FLUSH_EVERY_S, LiveOutput
 from opsbay_mqtt.policy import WorkerPolicy
@@ -38,6 +39,7 @@ from opsbay_mqtt.transport import CONNECTED, Connection, Inbound, Will
 log = logging.getLogger(__name__)
 
 WILL_DELAY_S = 3
+ECHO_WITHIN_S = 10.0  # our own online status must come back from the broker by then
 CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -97,6 +99,14 @@ class Worker:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(config.max_parallel, thread_name_prefix="job")
         self.conn: Connection | None = None
+        # Why this worker cannot go on (another agent uses the node's name, the broker refuses
+        # its messages): set, the loop ends and the process exits non-zero with it.
+        self.fatal: str | None = None
+        self._echo_due = float("inf")  # when our own status should have come back by
+        self._found: dict[int, int] = {}  # session -> seq of other agents' retained statuses
+        self._newer_seen: set[int] = set()
+        self._reconnected = False  # after our first connection: retained statuses are news
+        self._conflict: bytes | None = None  # stepping down: our `conflict` status
 
     def _now_s(self) -> int:
         return int(self.clock())
@@ -144,6 +154,121 @@ class Worker:
         t = self.cfg.topics
         self._publish(t.node_info(self.cfg.node), self.info_payload(), retain=True)
         self._publish(t.node_status(self.cfg.node), self._status("online"), retain=True)
+        self._echo_due = min(self._echo_due, time.monotonic() + ECHO_WITHIN_S)
+
+    # -- the node's own status: is another agent using this node's name?
+    def on_own_status(self, msg: Inbound) -> None:
+        """Every agent reads its node's status topic. Our own status coming back shows that the
+        broker lets us write and read there. Two agents with one node name share a client id:
+        the broker lets one hold the session at a time, and both would reconnect and take it
+        from each other for ever. The agent that was there first keeps the name; the one that
+        started later stops (`step_down`) once it has proof the other is alive: a status of
+        the older session with a connection attempt (`seq`) newer than the one it found when it
+        started, that is, the older agent connected again after we came online. (A status the
+        broker had retained from before we started proves nothing: its agent may have died.)"""
+        try:
+            status, auth = decode(msg.payload, self.cfg.keyring, expect=(NodeStatus,))
+            assert isinstance(status, NodeStatus)
+            authz.require_node(auth, self.cfg.node)
+            if status.node != self.cfg.node:
+                raise Refused("wrong_node", f"status of node {status.node!r} on our topic")
+        except Refused as e:
+            log.warning("ignored a message on this node's status topic: %s", e)
+            return
+        if status.session == self.session:
+            if status.state == "online":
+                self._echo_due = float("inf")
+            return
+        if status.state == "conflict":
+            return
+        if status.session > self.session:  # a newer agent: it stops by the rule above
+            if status.session not in self._newer_seen and status.state == "online":
+                self._newer_seen.add(status.session)
+                log.error(
+                    "another agent with the node name %r (session %d) connected; it should stop "
+                    "by itself and leave the name to this one",
+                    self.cfg.node,
+                    status.session,
+                )
+            return
+        if msg.retain and not self._reconnected:  # found when we started: the baseline
+            self._found.setdefault(status.session, status.seq)
+            return
+        found = self._found.get(status.session)
+        again = status.seq > found if found is not None else status.state == "online"
+        if again:
+            self.step_down(
+                f"another agent with the node name {self.cfg.node!r} was already running and "
+                f"is still connecting (its session {status.session}, ours {self.session}): a "
+                "cloned machine, or an old agent left running? This agent, started later, "
+                "stops; stop the other one or give every machine its own --node name"
+            )
+
+    def check_echo(self) -> None:
+        if time.monotonic() < self._echo_due:
+            return
+        self._echo_due = float("inf")
+        login = self.conn.url.username if self.conn is not None else None
+        log.error(
+            "this node's own status did not come back from the broker within %g s: the broker "
+            "does not let login %r read (or write) %s. The shipped ACL needs the login to be "
+            "the node name and `pattern readwrite <prefix>/nodes/%%u/status`. Until then, a "
+            "second agent with this node name cannot be detected",
+            ECHO_WITHIN_S,
+            login,
+            self.cfg.topics.node_status(self.cfg.node),
+        )
+
+    def step_down(self, why: str) -> None:
+        """Stop for good: stop running jobs and never reconnect, so the other agent keeps the
+        session; then (`report_conflict`) tell the coordinator, not retained: the other
+        agent's status stays."""
+        if self.fatal is not None:
+            return
+        self.fatal = why
+        log.error("worker %s: %s", self.cfg.node, why)
+        conflict = NodeStatus(
+            node=self.cfg.node,
+            state="conflict",
+            session=self.session,
+            seq=self.seq,
+            published_ms=self._now_ms(),
+            reason=f"{why} (host {socket.gethostname()}, pid {os.getpid()})"[:1024],
+        )
+        self._conflict = encode(conflict, self.cfg.keyring, self._now_s())
+        if self.conn is not None:
+            self.conn.reconnect = False  # while its jobs end: the other agent holds the session
+        with self._lock:
+            for control in self._active.values():
+                control.cancel("the agent stopped: another agent uses this node name")
+
+    def report_conflict(self, side: Callable[[], Connection]) -> None:
+        """Last thing before stepping down: tell the coordinator why, over a connection of its
+        own (`side`: another client id, a clean session), so that the agent that keeps the
+        name is not disconnected once more."""
+        if self._conflict is None:
+            return
+        conn = side()
+        try:
+            conn.connect(timeout_s=5.0)
+            conn.publish_wait(
+                self.cfg.topics.node_status(self.cfg.node), self._conflict, timeout_s=5
+            )
+        except Exception as e:
+            log.warning("worker %s: could not report the conflict: %s", self.cfg.node, e)
+        finally:
+            conn.close()
+
+    def on_refused(self, refused: BrokerRefused) -> None:
+        """The broker refused one of our messages: this agent cannot work (its status, results
+        or output would never arrive)."""
+        if self.fatal is None:
+            login = self.conn.url.username if self.conn is not None else None
+            self.fatal = (
+                f"{refused}. The shipped ACL lets a login write only under "
+                f"{self.cfg.topics.prefix}/nodes/<login>/ and .../results/<login>/, so the "
+                f"broker login ({login or 'none'}) must be the node name ({self.cfg.node})"
+            )
 
     def publish_offline(self) -> None:
         assert self.conn is not None
@@ -206,9 +331,14 @@ class Worker:
     def _check(self, msg: Inbound) -> Dispatch | Cancel | None:
         """Decode and verify one message for this node; None (acknowledged) if refused."""
         if msg.topic == CONNECTED:
+            self._reconnected = True
             self.publish_birth()
             return None
         node = self.cfg.node
+        if msg.topic == self.cfg.topics.node_status(node):
+            self.on_own_status(msg)
+            self._ack(msg)
+            return None
         try:
             dispatch, auth = decode(msg.payload, self.cfg.keyring, expect=(Dispatch, Cancel))
             assert isinstance(dispatch, Dispatch | Cancel)
@@ -302,6 +432,7 @@ class Worker:
             )
             return
         if not self.ledger.start(d.job_id, self._now_ms()):
+            self._ack(msg)
             return  # another dispatch of it got here first
         started = self._now_ms()
         running = self._result(d.job_id, "running", started_ms=started)
@@ -385,11 +516,12 @@ class Worker:
         self.publish_birth()
         self.report_interrupted()
         next_info = time.monotonic() + self.cfg.info_interval_s
-        while not stop.is_set():
+        while not stop.is_set() and self.fatal is None:
             batch = conn.receive(FLUSH_EVERY_S, 1000)
             if batch:
                 self.handle_batch(batch)
             self.flush_live_output()
+            self.check_echo()
             if time.monotonic() >= next_info:
                 next_info = time.monotonic() + self.cfg.info_interval_s
                 topic = self.cfg.topics.node_info(self.cfg.node)
