@@ -200,7 +200,8 @@ def cronicle(bus: BusOptions, verbose: Verbose = False) -> None:
     Broker and key come from the environment, as for every opsbay command (Cronicle passes its
     own environment to Plugins): OPSBAY_BROKER, OPSBAY_SECRET_FILE (or OPSBAY_KEY_FILE), ...
 
-    Stdout: job output as `[node] line`; `{"progress": done/total}` as nodes finish; last,
+    Stdout: job output as `[node] line`, and the plugin's own notes as `opsbay: ...` lines in
+    order with it; `{"progress": x}` as nodes start (a tenth of a node's share) and finish; last,
     `{"complete": 1, "code": N, "description": ...}` with N as `submit --wait` exits (0, the
     command's code, 124 timed out, 77 rejected, 68 expired, 70 lost, 80 cancelled, 69 broker
     unreachable, 78 bad setting, 2 bad params). Cronicle's Abort cancels the job. Exits 0,
@@ -227,18 +228,15 @@ def cronicle(bus: BusOptions, verbose: Verbose = False) -> None:
     out.complete(code, description, **extra)
 
 
-def _err(text: str) -> None:
-    typer.echo(text, err=True)
-
-
 def _plugin(
     bus: BusOptions, cronicle_job: dict[str, Any], out: PluginOut
 ) -> tuple[int, str, dict[str, Any]]:
     """Submit, follow and summarise; (code, description, extra keys of the complete line)."""
     from opsbay_mqtt import render
-    from opsbay_mqtt.client import ClientConfig, QueryFailed
+    from opsbay_mqtt.cli import exit_for
+    from opsbay_mqtt.client import ClientConfig
     from opsbay_mqtt.cronicle import BadInput, plugin_params
-    from opsbay_mqtt.errors import BrokerError, ConfigError, Refused
+    from opsbay_mqtt.errors import OpsbayError
     from opsbay_mqtt.settings import resolve
 
     try:
@@ -249,16 +247,11 @@ def _plugin(
         s = resolve(bus, "client")
         cfg = ClientConfig.of(s)
         return _submit(cfg, params, str(cronicle_job.get("id", "?")), out)
-    except ConfigError as e:
-        return render.EXIT_CONFIG, f"opsbay: {e}", {}
-    except BrokerError as e:
-        return render.EXIT_UNAVAILABLE, f"opsbay: {e}", {}
-    except QueryFailed as e:
-        code = render.EXIT_NOT_FOUND if e.code == "not_found" else render.EXIT_REJECTED
-        return code, f"opsbay: {e}", {}
-    except Refused as e:
-        code = render.EXIT_USAGE if e.code.startswith("bad_") else render.EXIT_REJECTED
-        return code, f"opsbay: {e}", {}
+    except OpsbayError as e:
+        mapped = exit_for(e)
+        if mapped is None:
+            raise
+        return mapped[0], f"opsbay: {mapped[1]}", {}
 
 
 def _submit(
@@ -271,23 +264,24 @@ def _submit(
     from opsbay_mqtt.topics import new_job_id
 
     job_id = new_job_id()  # ours before submitting, so an abort at any point can cancel it
-    follow = Follow(out, _err)
-    with Client(cfg) as client:
+    # The plugin's notes go to stdout with the output, so Cronicle's log keeps them in order.
+    follow = Follow(out)
+    with Client(cfg, notice=lambda text: out.note(f"opsbay: {text}")) as client:
         try:
             client.submit(
                 **p._asdict(),
                 job_id=job_id,
                 follow=True,
             )
-            _err(f"opsbay: Cronicle job {cronicle_id}: opsbay job {job_id} submitted")
+            out.note(f"opsbay: Cronicle job {cronicle_id}: opsbay job {job_id} submitted")
             got = client.wait(job_id, None, on_update=follow.update, on_output=follow.output)
         except KeyboardInterrupt:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one abort is enough; finish it
-            _err(f"opsbay: job {job_id}: aborted by Cronicle; cancelling it")
+            out.note(f"opsbay: job {job_id}: aborted by Cronicle; cancelling it")
             try:
                 client.cancel(job_id, timeout_s=5)
             except Exception as e:  # aborting: report and end, whatever went wrong
-                _err(f"opsbay: job {job_id}: cancel not confirmed ({e})")
+                out.note(f"opsbay: job {job_id}: cancel not confirmed ({e})")
             return render.EXIT_CANCELLED, f"opsbay job {job_id}: aborted; cancel sent", {}
     if isinstance(got, Rejection):
         return render.EXIT_REJECTED, f"opsbay job {job_id} rejected: {got.code}: {got.reason}", {}

@@ -19,8 +19,10 @@ does with a Plugin's streams, lib/job.js with jhuckaby/pixl-json-stream:
   `code` means 0. After the first `complete` line Cronicle processes no further JSON, so it is
   the last line written. `table` (`title`, `header`, `rows`, `caption`) may ride along and is
   shown on the Job Details page. `code` is compared loosely (`!= 0`); integers are used here.
-- STDERR is not parsed: Cronicle appends it to the job log as it is. This plugin's own notes
-  (job id, per-node outcomes) go there.
+- STDERR is not parsed: Cronicle appends it to the job log as it is, as it reads it. It is a
+  second pipe, so its lines land among stdout's in no set order: this plugin's notes on the
+  output (where some is missing, each node's outcome) go to stdout, as `opsbay: ` lines, after
+  the output they are about.
 - Abort (the Abort button, or the event's timeout) sends SIGTERM, then SIGKILL after the
   server's `child_kill_timeout` (10 s by default): the opsbay job is then cancelled.
 - If the Plugin exits without a `complete` line Cronicle fails the job with "Process exited
@@ -42,11 +44,11 @@ from opsbay_mqtt.errors import ConfigError, OpsbayError
 from opsbay_mqtt.policy import parse_labels
 from opsbay_mqtt.protocol import Output
 from opsbay_mqtt.records import LIMIT_PATTERN, Job, SubmitArgs
-from opsbay_mqtt.watchlog import split_lines
+from opsbay_mqtt.waiting import OutputAssembly, Shown
 
 MAX_INPUT_BYTES = 16 * 1024 * 1024
-MAX_PARTIAL_LINE = 64 * 1024  # a line longer than this is passed on in pieces
 MAX_DESCRIPTION = 2000
+RUNNING_SHARE = 0.1  # of a node's part of the progress, once it runs
 
 
 class BadInput(OpsbayError):
@@ -143,6 +145,11 @@ class PluginOut:
         for line in labelled(node, lines):
             self._write(line)
 
+    def note(self, text: str) -> None:
+        """One of the plugin's own lines for the log, `opsbay: ...`, in order with the output."""
+        assert text.startswith("opsbay: ")
+        self._write(text)
+
     def complete(self, code: int, description: str, **extra: Any) -> None:
         self.send(complete=1, code=code, description=description, **extra)
         self.completed = True
@@ -150,26 +157,23 @@ class PluginOut:
 
 @dataclass
 class Follow:
-    """Progress and live output while the job runs; the stored output of a node whose live
-    output was incomplete (live output is QoS 0 and rate-limited) once it is done."""
+    """Progress and each node's output while the job runs; as each node finishes, the rest of
+    its output (`waiting.OutputAssembly`: from the stored result where live output, QoS 0 and
+    rate-limited, was incomplete) and then its outcome. All on stdout, so Cronicle's log keeps
+    them in order."""
 
     out: PluginOut
-    err: Callable[[str], None]
     progress: float = 0.0
     reported: set[str] = field(default_factory=set)
-    next_seq: dict[str, int] = field(default_factory=dict)
-    gaps: set[str] = field(default_factory=set)
-    live_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
-    partial: dict[tuple[str, str], str] = field(default_factory=dict)
+    assembly: OutputAssembly = field(default_factory=OutputAssembly)
 
     def update(self, job: Job) -> None:
-        done = [ex for ex in job.executions if states.is_terminal(ex.state)]
-        for ex in done:
-            if ex.node not in self.reported:
+        for ex in job.executions:
+            if states.is_terminal(ex.state) and ex.node not in self.reported:
                 self.reported.add(ex.node)
-                self.err(f"opsbay: {ex.node}: {outcome(ex.state, ex.exit_code, ex.reason)}")
-        if job.executions:
-            self._progress(len(done) / len(job.executions))
+                self._show(self.assembly.finish(ex))
+                self.out.note(f"opsbay: {ex.node}: {outcome(ex.state, ex.exit_code, ex.reason)}")
+        self._progress(progress(job))
 
     def _progress(self, value: float) -> None:
         if value > self.progress:
@@ -177,35 +181,27 @@ class Follow:
             self.out.send(progress=round(value, 4))
 
     def output(self, chunk: Output) -> None:
-        if chunk.seq != self.next_seq.get(chunk.node, 0) or chunk.dropped:
-            self.gaps.add(chunk.node)
-        self.next_seq[chunk.node] = chunk.seq + 1
-        key = (chunk.node, chunk.stream)
-        self.live_bytes[key] = self.live_bytes.get(key, 0) + len(chunk.data.encode("utf-8"))
-        *lines, rest = (self.partial.pop(key, "") + chunk.data).split("\n")
-        if len(rest) > MAX_PARTIAL_LINE:
-            lines.append(rest)
-        elif rest:
-            self.partial[key] = rest
-        self.out.labelled(chunk.node, lines)
+        self._show(self.assembly.live(chunk))
+
+    def _show(self, shown: list[Shown]) -> None:
+        for item in shown:
+            self.out.labelled(item.node, [item.text])  # a line, or a note: `… ` what is missing
 
     def finish(self, job: Job) -> None:
-        for (node, _), rest in sorted(self.partial.items()):
-            self.out.labelled(node, [rest])
-        self.partial.clear()
-        for ex in job.executions:
-            live = {s: self.live_bytes.get((ex.node, s), 0) for s in ("stdout", "stderr")}
-            missed = live["stdout"] < ex.stdout_bytes or live["stderr"] < ex.stderr_bytes
-            if ex.node in self.gaps or missed:
-                self.err(f"opsbay: {ex.node}: live output was incomplete; the stored output:")
-                self.out.labelled(ex.node, split_lines(ex.stdout) + split_lines(ex.stderr))
-            if ex.truncated:
-                self.err(
-                    f"opsbay: {ex.node}: stored output truncated: {ex.stdout_bytes} bytes of "
-                    f"stdout, {ex.stderr_bytes} of stderr (head and tail kept)"
-                )
         self.update(job)
         self._progress(1.0)
+
+
+def progress(job: Job) -> float:
+    """How far the job is, from 0 to 1: each node's part is done when its execution is over,
+    and a tenth done while it runs."""
+    if not job.executions:
+        return 0.0
+    done = sum(
+        1.0 if states.is_terminal(x.state) else RUNNING_SHARE if x.state == "running" else 0.0
+        for x in job.executions
+    )
+    return done / len(job.executions)
 
 
 def outcome(state: str, exit_code: int | None, reason: str | None) -> str:

@@ -1,9 +1,13 @@
-"""What `submit --wait` shows while it waits and when it is done: progress across nodes, live
-output, and each node's output labelled by node (I/O at the edge; the text comes from render)."""
+"""What `submit --wait` and the Cronicle plugin show of a job while they wait for it: each node's
+output, assembled from its live chunks and its stored result (pure: `OutputAssembly`), and for
+`submit --wait` progress across nodes and the output labelled by node (I/O at the edge:
+`WaitView`)."""
 
 from __future__ import annotations
 
+import re
 import sys
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from opsbay_mqtt import states
@@ -12,35 +16,264 @@ from opsbay_mqtt.records import Execution, Job
 if TYPE_CHECKING:
     from opsbay_mqtt.protocol import Output
 
+STREAMS = ("stdout", "stderr")
+MAX_PARTIAL_LINE = 64 * 1024  # characters: a longer line is passed on in pieces
+REORDER_WINDOW = 4  # chunks held back while an earlier one is missing, before it counts as lost
+# How runner.HeadTail marks the middle of an output it did not keep.
+_OMITTED = re.compile(r"\n\[\.\.\. opsbay: (\d+) bytes omitted \.\.\.\]\n")
+# What decoding the head and the tail apart makes of a character cut at their edges.
+_CUT_AT_END, _CUT_AT_START = re.compile(r"\ufffd\Z"), re.compile(r"\A\ufffd{1,3}")
+_NOT_KEPT = "not received live, not kept in the stored result"
 
-def _labelled(text: str, node: str) -> str:
-    lines = text.splitlines(keepends=True)
-    return "".join(
-        f"[{node}] {line}" if line.endswith("\n") else f"[{node}] {line}\n" for line in lines
-    )
+
+@dataclass(frozen=True)
+class Line:
+    """A line of a node's output as the command wrote it. `end` is "\\n", or "" for an output's
+    last line without one (and for the pieces of a line too long to hold)."""
+
+    node: str
+    stream: str
+    text: str
+    end: str = "\n"
+
+
+@dataclass(frozen=True)
+class Note:
+    """A line about a node's output, not of it: where some is missing, and why. `stream` is
+    None when it concerns both."""
+
+    node: str
+    stream: str | None
+    text: str  # starts with "… "
+
+
+Shown = Line | Note
+
+
+@dataclass
+class _Stream:
+    shown: int = 0  # UTF-8 bytes of the output shown so far, up to the end of a `Line`
+    last: bytes = b""  # the last `Line` shown: the stored result must hold it just before `shown`
+    partial: str = ""  # received live after that, not shown yet: the line being written
+    clean: bool = True  # no U+FFFD received: then the bytes of the text are the bytes written
+
+
+@dataclass
+class _Node:
+    streams: dict[str, _Stream] = field(default_factory=lambda: {s: _Stream() for s in STREAMS})
+    next_seq: int = 0
+    held: dict[int, Output] = field(default_factory=dict)  # arrived before an earlier one
+    live: bool = True  # until the first gap: live output after it is not shown
+    done: bool = False
+
+
+class OutputAssembly:
+    """Each node's output shown once, in order, never made up: from its live chunks while it
+    runs, then from its stored result (pure).
+
+    Live output (QoS 0, rate-limited) can miss chunks (a gap in `seq`) or bytes (`dropped`);
+    the stored result is complete but keeps only the head and tail of a long output (and the
+    coordinator may keep only the tail of that). So:
+    - Chunks are taken in `seq` order (a few held back while one is missing); a line is shown
+      once complete, so a line is never split or glued at a chunk's edge.
+    - At a node's first gap its live output stops, with a note: what comes after a gap cannot
+      be placed without guessing, and the line being written is not glued to it.
+    - When the node is done, each stream resumes from its stored result exactly where the lines
+      shown end (a byte offset, checked against the last line shown). A line cut where the stored
+      result stops keeping is left out, and a note says how many bytes are missing there. If the
+      stored result does not line up, a note says so and it is shown whole.
+    - When live output was complete, only its last line without a "\\n" is left to show.
+    """
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, _Node] = {}
+
+    def live(self, chunk: Output) -> list[Shown]:
+        """What a live chunk adds: the lines it completes, or a note at the node's first gap."""
+        n = self._nodes.setdefault(chunk.node, _Node())
+        if n.done or not n.live or chunk.seq < n.next_seq:
+            return []  # after the end, after a gap, or seen before
+        n.held.setdefault(chunk.seq, chunk)
+        shown: list[Shown] = []
+        while n.next_seq in n.held:
+            c = n.held.pop(n.next_seq)
+            if c.dropped:  # dropped before this chunk (the rate limit), or within it: a gap
+                return shown + _stop(c.node, n, f"{c.dropped:,} bytes left out by the rate limit")
+            n.next_seq += 1
+            shown += _take(c, n.streams[c.stream])
+        if len(n.held) > REORDER_WINDOW:
+            shown += _stop(chunk.node, n, "a chunk of it was lost")
+        return shown
+
+    def finish(self, ex: Execution) -> list[Shown]:
+        """The rest of a node's output once its execution is over (nothing the second time)."""
+        n = self._nodes.setdefault(ex.node, _Node())
+        if n.done:
+            return []
+        n.done = True
+        live: list[Shown] = []
+        stored: list[Shown] = []
+        for name in STREAMS:
+            s = n.streams[name]
+            text, total = (
+                (ex.stdout, ex.stdout_bytes) if name == "stdout" else (ex.stderr, ex.stderr_bytes)
+            )
+            if s.clean and s.shown + _size(s.partial) == total:  # all of it came live
+                live += [Line(ex.node, name, s.partial, "")] if s.partial else []
+            elif total == 0 and not text:  # nothing stored (never ran, or lost): live is all
+                live += [Line(ex.node, name, s.partial, "")] if s.partial else []
+                if not n.live and s.shown:
+                    live.append(Note(ex.node, name, f"… the rest of {name} is not known"))
+            else:
+                stored += _from_stored(ex.node, name, s, text, total, ex.truncated)
+        if not n.live and stored:
+            stored.insert(
+                0, Note(ex.node, None, "… the rest of its output, from the stored result:")
+            )
+        return live + stored
+
+
+def _size(text: str) -> int:
+    return len(_utf8(text))
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")  # JSON can carry a lone surrogate
+
+
+def _take(c: Output, s: _Stream) -> list[Shown]:
+    s.clean = s.clean and "\ufffd" not in c.data
+    *lines, rest = (s.partial + c.data).split("\n")
+    complete = [Line(c.node, c.stream, line) for line in lines]
+    if len(rest) > MAX_PARTIAL_LINE:
+        complete.append(Line(c.node, c.stream, rest, ""))
+        rest = ""
+    s.partial = rest
+    for line in complete:
+        s.last = _utf8(line.text + line.end)
+        s.shown += len(s.last)
+    return list(complete)
+
+
+def _stop(node: str, n: _Node, why: str) -> list[Shown]:
+    n.live = False
+    n.held.clear()
+    for s in n.streams.values():
+        s.partial = ""  # never glued to what follows the gap; the stored result has it
+    text = f"… live output stops here ({why}); the rest follows from the stored result"
+    return [Note(node, None, f"{text} once {node} is done")]
+
+
+def _from_stored(
+    node: str, stream: str, s: _Stream, stored: str, total: int, truncated: bool
+) -> list[Shown]:
+    pieces, total = _pieces(stored, total, truncated)
+    shown = _resume(node, stream, pieces, total, s.shown, s.last, s.clean)
+    if shown is not None:
+        return shown
+    whole = _resume(node, stream, pieces, total, 0, b"", True)
+    assert whole is not None  # from the start, there is nothing to line up with
+    said = f"… the stored {stream} does not line up with the output above; here it is whole:"
+    return [Note(node, stream, said), *whole]
+
+
+def _pieces(text: str, total: int, truncated: bool) -> tuple[list[tuple[int, bytes]], int]:
+    """The stored output as (offset, bytes) pieces of the output `total` bytes long, and that
+    length. Truncated: runner.HeadTail's head and tail, `cap` bytes each around its marker,
+    decoded apart (so a character cut at either edge is a U+FFFD, left out here); or, cut by
+    the coordinator to fit in one message, the end of that (then a head cut short is left out:
+    where it ends is not known to the byte)."""
+    data = _utf8(text)
+    if truncated:
+        for m in _OMITTED.finditer(text):
+            cap, odd = divmod(total - int(m[1]), 2)
+            head = _utf8(_CUT_AT_END.sub("", text[: m.start()]))
+            tail = _utf8(_CUT_AT_START.sub("", text[m.end() :]))
+            if not odd and len(head) <= cap and cap - 3 <= len(tail) <= cap:  # that marker
+                whole_head = [(0, head)] if len(head) >= cap - 3 else []
+                return [*whole_head, (total - len(tail), tail)], total
+        if len(data) <= total:
+            return [(total - len(data), data)], total
+    # All of it: counted as text, as live output is (the same bytes, unless not UTF-8).
+    return [(0, data)], len(data)
+
+
+def _resume(
+    node: str,
+    stream: str,
+    pieces: list[tuple[int, bytes]],
+    total: int,
+    pos: int,
+    last: bytes,
+    clean: bool,
+) -> list[Shown] | None:
+    """What the stored pieces hold after the first `pos` bytes, which were shown ending with
+    `last`; None if they do not line up with that."""
+    if pos > total:
+        return None
+    shown: list[Shown] = []
+    for start, data in pieces:
+        if start + len(data) <= pos:
+            continue  # shown already
+        if start <= pos:  # continues what was shown: check that it does
+            k = pos - start
+            placed = start == 0 or (clean and "\ufffd".encode() not in data)
+            seen = data[:k]
+            if not placed or not (seen.endswith(last) or last.endswith(seen)):
+                return None
+            body = data[k:]
+        else:  # after bytes not kept: its first line may be cut, so it starts after that
+            cut = data.find(b"\n")
+            if cut < 0:
+                continue
+            body = data[cut + 1 :]
+            missing = start + cut + 1 - pos
+            said = f"… {missing:,} bytes of {stream} not shown here: {_NOT_KEPT}"
+            shown.append(Note(node, stream, said))
+        try:
+            *lines, rest = body.decode("utf-8", "surrogatepass").split("\n")
+        except UnicodeDecodeError:  # the offsets do not fall between characters
+            return None
+        shown += [Line(node, stream, line) for line in lines]
+        end = start + len(data)
+        if end == total and rest:
+            shown.append(Line(node, stream, rest, ""))  # the last line, without a "\n"
+            rest = ""
+        pos = end - _size(rest)  # a line cut where the piece ends is left out
+    if pos < total:
+        said = f"… the last {total - pos:,} bytes of {stream} are not shown: {_NOT_KEPT}"
+        shown.append(Note(node, stream, said))
+    return shown
+
+
+# ---------------------------------------------------------------------------- submit --wait
+
+
+def _many(job: Job) -> bool:
+    return len(job.executions) > 1 or bool(job.executions and job.target != job.executions[0].node)
 
 
 class WaitView:
     """Progress on stderr (one live line on a terminal, plain lines otherwise), live output if
     followed, and the final output. One execution prints its output as it is; several print
-    theirs line by line, labelled `[node]`."""
+    theirs line by line, labelled `[node]`, each node's rest and outcome as it finishes."""
 
     def __init__(self, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
         self.out, self.err = out, err
         self.tty = err.isatty()
         self.reported: set[str] = set()  # nodes whose outcome was printed
-        self.streamed: dict[str, int] = {}  # node -> next expected output seq
-        self.gaps: set[str] = set()  # nodes whose live output missed chunks
+        self.followed: set[str] = set()  # nodes whose live output came
+        self.assembly = OutputAssembly()
         self._status_shown = False
 
     def update(self, job: Job) -> None:
-        many = len(job.executions) > 1 or (job.executions and job.target != job.executions[0].node)
-        if not many:
+        if not _many(job):
             return
         for ex in job.executions:
             if states.is_terminal(ex.state) and ex.node not in self.reported:
                 self.reported.add(ex.node)
                 self._clear()
+                self._show(self.assembly.finish(ex), labelled=True)
                 self.err.write(f"opsbay: {ex.node}: {_outcome(ex)}\n")
         if self.tty:
             done = sum(states.is_terminal(x.state) for x in job.executions)
@@ -61,30 +294,40 @@ class WaitView:
             self._status_shown = False
 
     def output(self, chunk: Output, labelled: bool) -> None:
-        """A live chunk. Kept in order; a missed one is noted (the final result is complete)."""
-        expected = self.streamed.get(chunk.node, 0)
-        if chunk.seq != expected or chunk.dropped:
-            self.gaps.add(chunk.node)
-        self.streamed[chunk.node] = chunk.seq + 1
-        self._clear()
-        stream = self.out if chunk.stream == "stdout" else self.err
-        stream.write(_labelled(chunk.data, chunk.node) if labelled else chunk.data)
-        stream.flush()
+        """A live chunk: its complete lines, in order; a note where live output stops."""
+        self.followed.add(chunk.node)
+        shown = self.assembly.live(chunk)
+        if shown:
+            self._clear()
+            self._show(shown, labelled)
+
+    def _show(self, shown: list[Shown], labelled: bool) -> None:
+        """Lines to stdout or stderr as the command wrote them; notes to stderr, except among
+        labelled output, where they stand in the stream they are about."""
+        for item in shown:
+            if isinstance(item, Line):
+                to = self.out if item.stream == "stdout" else self.err
+                text = f"[{item.node}] {item.text}\n" if labelled else item.text + item.end
+            else:
+                to = self.out if labelled and item.stream != "stderr" else self.err
+                text = f"[{item.node}] " if labelled else f"opsbay: {item.node}: "
+                text += item.text + "\n"
+            (self.err if to is self.out else self.out).flush()  # keep the two in order
+            to.write(text)
+        self.out.flush()
+        self.err.flush()
 
     def finish(self, job: Job) -> None:
-        """The final output: whatever was not already shown live, and each node's outcome."""
+        """The final output: whatever was not already shown, and each node's outcome."""
         self._clear()
-        many = len(job.executions) > 1 or (job.executions and job.target != job.executions[0].node)
+        many = _many(job)
         for ex in job.executions:
-            shown = ex.node in self.streamed and ex.node not in self.gaps and not ex.truncated
-            if not shown:
-                if ex.node in self.gaps:
-                    self.err.write(
-                        f"opsbay: {ex.node}: live output was incomplete; the stored output:\n"
-                    )
-                self.out.write(_labelled(ex.stdout, ex.node) if many else ex.stdout)
+            if many or ex.node in self.followed:
+                self._show(self.assembly.finish(ex), labelled=many)
+            else:
+                self.out.write(ex.stdout)
                 self.out.flush()
-                self.err.write(_labelled(ex.stderr, ex.node) if many else ex.stderr)
+                self.err.write(ex.stderr)
             if ex.node not in self.reported and ex.state != "succeeded":
                 self.err.write(f"opsbay: job {job.job_id} on {ex.node}: {_outcome(ex)}\n")
             if ex.truncated:

@@ -14,7 +14,6 @@ import pytest
 from opsbay_mqtt.cli import parse_duration
 from opsbay_mqtt.cronicle import (
     MAX_DESCRIPTION,
-    MAX_PARTIAL_LINE,
     BadInput,
     Follow,
     PluginOut,
@@ -23,12 +22,14 @@ from opsbay_mqtt.cronicle import (
     labelled,
     outcome,
     plugin_params,
+    progress,
     read_job,
     record,
     table,
 )
 from opsbay_mqtt.protocol import Output
 from opsbay_mqtt.records import Execution, Job
+from opsbay_mqtt.waiting import MAX_PARTIAL_LINE
 from tests.helpers import sample_job
 
 JOB = "6f1c2b1e-8a4d-4c3e-9f0a-1b2c3d4e5f60"
@@ -61,13 +62,13 @@ def chunk(
 
 
 class Plugin:
-    """A Follow writing to memory: Cronicle's stdout as lines, stderr as notes."""
+    """A Follow writing to memory: Cronicle's stdout as lines (its stderr must stay empty)."""
 
     def __init__(self) -> None:
         self.stream = io.BytesIO()
         self.out = PluginOut(self.stream)
-        self.notes: list[str] = []
-        self.follow = Follow(self.out, self.notes.append)
+        self.stderr: list[str] = []
+        self.follow = Follow(self.out, self.stderr.append)
 
     def lines(self) -> list[str]:
         text = self.stream.getvalue().decode("utf-8")
@@ -373,40 +374,43 @@ def test_live_output_is_labelled_line_by_line(chunks: list[Output], output: list
     assert all(not CRONICLE_RECORD.match(line) for line in p.lines())
 
 
+STOPPED = (
+    "[n1] … live output stops here ({}); the rest follows from the stored result once n1 is done"
+)
+FROM_STORED = "[n1] … the rest of its output, from the stored result:"
+
+
 @pytest.mark.parametrize(
-    ("chunks", "execution", "output", "notes"),
+    ("chunks", "execution", "output"),
     [
         # all of it seen live: nothing again
         (
             [chunk("one\n"), chunk("two\n", seq=1)],
             ex("n1", "succeeded", 0, stdout="one\ntwo\n", stdout_bytes=8),
-            ["[n1] one", "[n1] two"],
-            ["opsbay: n1: succeeded (exit 0)"],
+            ["[n1] one", "[n1] two", "opsbay: n1: succeeded (exit 0)"],
         ),
-        # a last line without `\n` is written at the end
+        # a last line without `\n` is written at the end, once
         (
             [chunk("one\nhalf")],
             ex("n1", "succeeded", 0, stdout="one\nhalf", stdout_bytes=8),
-            ["[n1] one", "[n1] half"],
-            ["opsbay: n1: succeeded (exit 0)"],
+            ["[n1] one", "[n1] half", "opsbay: n1: succeeded (exit 0)"],
         ),
-        # a chunk missed: the stored output follows
+        # a chunk missed: the stored output follows on from the last line shown
         (
             [chunk("one\n"), chunk("three\n", seq=2)],
             ex("n1", "failed", 1, stdout="one\ntwo\nthree\n", stdout_bytes=14),
-            ["[n1] one", "[n1] three", "[n1] one", "[n1] two", "[n1] three"],
-            [
-                "opsbay: n1: live output was incomplete; the stored output:",
-                "opsbay: n1: failed (exit 1)",
-            ],
+            ["[n1] one", "[n1] two", "[n1] three", "opsbay: n1: failed (exit 1)"],
         ),
-        # bytes dropped by the rate limit
+        # bytes dropped by the rate limit: live output stops; never glued across the gap
         (
-            [chunk("tail\n", dropped=10)],
-            ex("n1", "succeeded", 0, stdout="0123456789tail\n", stdout_bytes=15),
-            ["[n1] tail", "[n1] 0123456789tail"],
+            [chunk("zero\non"), chunk("e\ntail\n", seq=1, dropped=10)],
+            ex("n1", "succeeded", 0, stdout="zero\none\n0123456789tail\n", stdout_bytes=24),
             [
-                "opsbay: n1: live output was incomplete; the stored output:",
+                "[n1] zero",
+                STOPPED.format("10 bytes left out by the rate limit"),
+                FROM_STORED,
+                "[n1] one",
+                "[n1] 0123456789tail",
                 "opsbay: n1: succeeded (exit 0)",
             ],
         ),
@@ -414,30 +418,39 @@ def test_live_output_is_labelled_line_by_line(chunks: list[Output], output: list
         (
             [],
             ex("n1", "failed", 2, stdout="o\n", stderr="e1\ne2", stdout_bytes=2, stderr_bytes=5),
-            ["[n1] o", "[n1] e1", "[n1] e2"],
-            [
-                "opsbay: n1: live output was incomplete; the stored output:",
-                "opsbay: n1: failed (exit 2)",
-            ],
+            ["[n1] o", "[n1] e1", "[n1] e2", "opsbay: n1: failed (exit 2)"],
         ),
         # stored output is labelled too, whatever it holds
         (
             [],
             ex("n1", "failed", 1, stderr='{"complete":1,"code":0}\n', stderr_bytes=24),
-            ['[n1] {"complete":1,"code":0}'],
-            [
-                "opsbay: n1: live output was incomplete; the stored output:",
-                "opsbay: n1: failed (exit 1)",
-            ],
+            ['[n1] {"complete":1,"code":0}', "opsbay: n1: failed (exit 1)"],
         ),
-        # truncated: said so, and the kept head and tail are not written twice
+        # truncated, but all of it came live: nothing more
         (
             [chunk("all of it\n")],
             ex("n1", "succeeded", 0, stdout="all of it\n", stdout_bytes=10, truncated=True),
-            ["[n1] all of it"],
+            ["[n1] all of it", "opsbay: n1: succeeded (exit 0)"],
+        ),
+        # truncated and not seen live: the head, where the middle is missing, the tail
+        (
+            [],
+            ex(
+                "n1",
+                "succeeded",
+                0,
+                stdout="1\n2\n3\n4\n5\n6\n[... opsbay: 8 bytes omitted ...]\n0\n11\n12\n13\n",
+                stdout_bytes=30,
+                truncated=True,
+            ),
             [
-                "opsbay: n1: stored output truncated: 10 bytes of stdout, 0 of stderr "
-                "(head and tail kept)",
+                # `seq 13` with 11 bytes kept at each end: not 6 or 10, which are cut
+                *(f"[n1] {i}" for i in range(1, 6)),
+                "[n1] … 11 bytes of stdout not shown here: "
+                "not received live, not kept in the stored result",
+                "[n1] 11",
+                "[n1] 12",
+                "[n1] 13",
                 "opsbay: n1: succeeded (exit 0)",
             ],
         ),
@@ -445,21 +458,45 @@ def test_live_output_is_labelled_line_by_line(chunks: list[Output], output: list
         (
             [],
             ex("n1", "expired", None, reason="not started in time"),
-            [],
             ["opsbay: n1: expired: not started in time"],
         ),
     ],
 )
 def test_finish_writes_what_live_output_missed(
-    chunks: list[Output], execution: Execution, output: list[str], notes: list[str]
+    chunks: list[Output], execution: Execution, output: list[str]
 ) -> None:
     p = Plugin()
     for c in chunks:
         p.follow.output(c)
     p.follow.finish(job(execution, state=execution.state))
     assert p.output() == output
-    assert p.notes == notes
     assert p.progress() == [1.0]
+    assert p.stderr == []
+
+
+def test_each_node_s_rest_and_outcome_follow_its_output_as_it_finishes() -> None:
+    p = Plugin()
+    f = p.follow
+    f.update(job(ex("a", "running"), ex("b", "running"), state="running"))
+    f.output(chunk("a1\na2", node="a"))
+    f.output(chunk("b1\n", node="b"))
+    f.update(job(ex("a", "succeeded", 0, stdout="a1\na2\n", stdout_bytes=6), ex("b", "running")))
+    f.output(chunk("b2\n", node="b", seq=1))
+    f.finish(
+        job(ex("a", "succeeded", 0), ex("b", "failed", 1, stdout="b1\nb2\nb3\n", stdout_bytes=9))
+    )
+    assert p.lines() == [
+        '{"progress": 0.1}',
+        "[a] a1",
+        "[b] b1",
+        "[a] a2",
+        "opsbay: a: succeeded (exit 0)",
+        '{"progress": 0.55}',
+        "[b] b2",
+        "[b] b3",
+        "opsbay: b: failed (exit 1)",
+        '{"progress": 1.0}',
+    ]
 
 
 def test_progress_only_goes_forward_and_each_outcome_is_noted_once() -> None:
@@ -476,13 +513,32 @@ def test_progress_only_goes_forward_and_each_outcome_is_noted_once() -> None:
     ]:
         p.follow.update(view)
     p.follow.finish(job(done_a, ex("b", "lost"), failed_c, state="failed"))
-    assert p.progress() == [0.3333, 0.6667, 1.0]
-    assert p.notes == [
+    assert p.lines() == [
+        '{"progress": 0.0667}',
         "opsbay: a: succeeded (exit 0)",
+        '{"progress": 0.3667}',
         "opsbay: c: failed (exit 3): boom",
+        '{"progress": 0.6667}',
         "opsbay: b: lost",
+        '{"progress": 1.0}',
     ]
-    assert all(CRONICLE_RECORD.match(line) for line in p.lines())
+
+
+@pytest.mark.parametrize(
+    ("states", "value"),
+    [
+        ([], 0.0),
+        (["pending"], 0.0),
+        (["running"], 0.1),
+        (["pending", "running"], 0.05),
+        (["succeeded", "running"], 0.55),
+        (["failed", "expired", "cancelled", "pending"], 0.75),
+        (["succeeded", "lost"], 1.0),
+    ],
+)
+def test_progress(states: list[str], value: float) -> None:
+    j = job(*(ex(f"n{i}", s) for i, s in enumerate(states)), state="running")
+    assert progress(j) == pytest.approx(value)
 
 
 # -- the outcome

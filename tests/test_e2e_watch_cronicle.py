@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ KNOWN_KEYS = {"progress", "complete", "code", "description", "table"}
 # What Cronicle takes for a JSON record, with JavaScript's `.` (no line terminators).
 CRONICLE_RECORD = re.compile(r"^\s*\{[^\n\r\u2028\u2029]+\}\s*\Z")
 LABELLED = re.compile(r"^\[([A-Za-z0-9][A-Za-z0-9._-]{0,62})\] (.*)\Z", re.DOTALL)
+NOTE = re.compile(r"^opsbay: (.*)\Z", re.DOTALL)  # the plugin's own notes, in the log
+GAP = "\u2026 "  # how a line saying that output is missing starts, after its `[node] `
 
 
 # -- helpers
@@ -110,20 +113,31 @@ class PluginRun:
     progress: list[float]
     complete: dict[str, Any]
     complete_line: str
+    notes: list[str]
+    log: list[str]  # every line in the order Cronicle gets it, records included
+
+    def shown(self, node: str) -> list[str]:
+        return [line for n, line in self.output if n == node]
 
 
 def check_protocol(stdout: bytes) -> PluginRun:
-    """Every line is `[node] ` output (never a record for Cronicle) or a one-line JSON object
-    with known keys; progress never goes back; one `complete`, last."""
+    """Every line is `[node] ` output or an `opsbay: ` note (never a record for Cronicle), or
+    a one-line JSON object with known keys; progress never goes back; one `complete`, last."""
     text = stdout.decode("utf-8")
     assert text.endswith("\n"), f"the last line is not terminated: {text!r}"
     output: list[tuple[str, str]] = []
+    notes: list[str] = []
     records: list[tuple[str, dict[str, Any]]] = []
-    for line in text[:-1].split("\n"):
+    log = text[:-1].split("\n")
+    for line in log:
         labelled = LABELLED.match(line)
-        if labelled:
+        note = NOTE.match(line)
+        if labelled or note:
             assert not CRONICLE_RECORD.match(line)
-            output.append((labelled.group(1), labelled.group(2)))
+            if labelled:
+                output.append((labelled.group(1), labelled.group(2)))
+            else:
+                notes.append(line)
             continue
         assert CRONICLE_RECORD.match(line), f"neither output nor a record: {line!r}"
         record = json.loads(line)
@@ -138,7 +152,7 @@ def check_protocol(stdout: bytes) -> PluginRun:
     assert text.endswith(line + "\n"), "output after the complete line"
     assert complete["complete"] == 1 and type(complete["code"]) is int
     assert isinstance(complete["description"], str) and complete["description"]
-    return PluginRun(output, progress, complete, line)
+    return PluginRun(output, progress, complete, line, notes, log)
 
 
 def results(bus: Bus) -> list[dict[str, Any]]:
@@ -243,7 +257,9 @@ def test_cronicle_success_passes_output_and_completes_with_0(running: Bus) -> No
     assert got.returncode == 0, got.stderr
     run = check_protocol(got.stdout)
     assert run.output == [("n1", "hello from cronicle")]
-    assert run.progress == [1.0]
+    assert run.notes == ["opsbay: n1: succeeded (exit 0)"]
+    assert run.log.index("[n1] hello from cronicle") < run.log.index(run.notes[0])
+    assert run.progress in ([0.1, 1.0], [1.0])  # running (unless seen only once done), done
     assert run.complete["code"] == 0
     assert "succeeded" in run.complete["description"]
     assert run.complete["table"]["rows"][0][:3] == ["n1", "succeeded", 0]
@@ -288,7 +304,9 @@ def test_cronicle_fan_out_by_labels_reports_progress_per_node(bus: Bus) -> None:
     got = plugin(bus, cronicle_input(target="", where="role=web", command="echo fanned-out"))
     assert got.returncode == 0, got.stderr
     run = check_protocol(got.stdout)
-    assert run.progress == [0.5, 1.0]
+    # a twentieth per node running, a half per node done
+    assert set(run.progress) <= {0.05, 0.1, 0.5, 0.55, 1.0} and run.progress[-1] == 1.0
+    assert len(run.progress) >= 2, run.progress
     assert sorted(run.output) == [("n1", "fanned-out"), ("n2", "fanned-out")]
     assert run.complete["code"] == 0
     assert sorted(row[0] for row in run.complete["table"]["rows"]) == ["n1", "n2"]
@@ -358,3 +376,83 @@ def test_cronicle_reports_bad_params_and_settings_to_cronicle(
     run = check_protocol(got.stdout)
     assert run.complete["code"] == code
     assert says in run.complete["description"]
+
+
+def seq_problems(lines: list[str], last: int) -> list[str]:
+    """What is wrong with `seq 1 last` as shown: a line seq never printed, a line shown twice or
+    out of order, lines left out with no line saying so."""
+    problems: list[str] = []
+    expected, said_missing, seen = 1, False, set()
+    for line in lines:
+        if line.startswith(GAP):
+            said_missing = True
+            continue
+        if not (line.isdigit() and 1 <= int(line) <= last):
+            problems.append(f"a line seq never printed: {line!r}")
+            continue
+        n = int(line)
+        if n in seen:
+            problems.append(f"shown twice: {n}")
+        elif n < expected:
+            problems.append(f"out of order: {n} after {expected - 1}")
+        elif n > expected and not said_missing:
+            problems.append(f"{expected}..{n - 1} left out, nothing says so")
+        seen.add(n)
+        expected, said_missing = max(expected, n + 1), False
+    if expected <= last and not said_missing:
+        problems.append(f"{expected}..{last} left out at the end, nothing says so")
+    return problems
+
+
+def test_cronicle_large_fast_output_is_shown_once_in_order_or_says_what_is_missing(
+    running: Bus,
+) -> None:
+    """Issue 11, 7: `seq 1 100000` on two nodes, far beyond the live rate limit and the
+    stored result's head and tail."""
+    last = 100_000
+    running.worker("n2")
+    got = plugin(running, cronicle_input(target="n1,n2", command=f"seq 1 {last}"))
+    assert got.returncode == 0, got.stderr
+    run = check_protocol(got.stdout)
+    assert run.complete["code"] == 0, run.complete
+
+    problems = {node: seq_problems(run.shown(node), last) for node in ("n1", "n2")}
+    kinds = {node: Counter(re.sub(r"'.*'|\d+", "#", x) for x in p) for node, p in problems.items()}
+    assert problems == {"n1": [], "n2": []}, (
+        f"{kinds}; the first: { {n: p[:4] for n, p in problems.items()} }"
+    )
+    for node in ("n1", "n2"):
+        numbers = [int(line) for line in run.shown(node) if not line.startswith(GAP)]
+        assert numbers[0] == 1 and numbers[-1] == last, (node, numbers[:3], numbers[-3:])
+        if len(numbers) < last:  # beyond what live output and the stored result keep
+            assert any("bytes" in line for line in run.shown(node) if line.startswith(GAP))
+
+    # The log in order: each node's outcome after all of its output, progress while they run.
+    for node in ("n1", "n2"):
+        outcome = run.log.index(f"opsbay: {node}: succeeded (exit 0)")
+        assert not [x for x in run.log[outcome:] if x.startswith(f"[{node}] ")], node
+    first_outcome = min(i for i, x in enumerate(run.log) if NOTE.match(x) and "succeeded" in x)
+    assert any('"progress"' in x for x in run.log[:first_outcome]), run.log[:first_outcome][-5:]
+    assert run.progress[-1] == 1.0
+
+
+@pytest.mark.parametrize("follow", ["--follow", "--no-follow"])
+def test_submit_wait_large_fast_output_is_shown_once_in_order_or_says_what_is_missing(
+    running: Bus, follow: str
+) -> None:
+    """The same through `submit --wait`, which assembles output the same way."""
+    last = 100_000
+    running.worker("n2")
+    got = running.cli("submit", "-t", "n1,n2", "-c", f"seq 1 {last}", "--wait", follow)
+    assert got.returncode == 0, got.stderr
+    shown: dict[str, list[str]] = {"n1": [], "n2": []}
+    for line in got.stdout.splitlines():
+        labelled = LABELLED.match(line)
+        assert labelled, line
+        shown[labelled.group(1)].append(labelled.group(2))
+    problems = {node: seq_problems(lines, last)[:4] for node, lines in shown.items()}
+    assert problems == {"n1": [], "n2": []}
+    assert {line for line in got.stderr.splitlines() if ": succeeded (exit 0)" in line} == {
+        "opsbay: n1: succeeded (exit 0)",
+        "opsbay: n2: succeeded (exit 0)",
+    }
