@@ -9,6 +9,7 @@ import os
 import pwd
 import re
 import secrets
+import signal
 import subprocess
 import threading
 import uuid
@@ -461,3 +462,51 @@ def test_a_wrong_broker_password_makes_the_cli_exit_69(tls_bus: Bus, secure: Sec
     assert out.returncode == 69, out.stderr
     assert "Not authorized" in out.stderr, out.stderr
     assert secure.passwords["ci"] not in out.stderr, "the CLI printed the broker password"
+
+
+# --- a broker that says no is heard (issue 11, 5 and 6) ---------------------------------------
+
+
+def test_a_login_that_may_not_submit_is_told_so_at_once_with_exit_77(
+    tls_bus: Bus, secure: SecureBroker
+) -> None:
+    out = tls_bus.cli("submit", "-t", "web-01", "-c", "true", "--wait", timeout=30,
+                      **login(secure, "watcher"))  # fmt: skip
+    assert out.returncode == 77, out.stderr
+    assert "the broker refused to let login 'watcher' publish to opsbay/submit" in out.stderr
+    assert "Not authorized" in out.stderr and "ACL" in out.stderr, out.stderr
+
+
+def test_a_query_the_broker_refuses_is_not_blamed_on_the_coordinator(
+    tls_bus: Bus, secure: SecureBroker
+) -> None:
+    out = nodes_cli(tls_bus, **login(secure, "watcher"))
+    assert out.returncode == 77, out.stderr
+    assert "publish to opsbay/rpc/request" in out.stderr, out.stderr
+    assert "coordinator" not in out.stderr, out.stderr
+
+
+def test_a_worker_whose_login_is_not_its_node_name_stops_and_says_why(
+    tls_bus: Bus, secure: SecureBroker
+) -> None:
+    p = tls_bus.start("worker-mismatch", "worker", "--node", "web-01-new", "--state-dir",
+                      str(tls_bus.tmp / "mismatch"), **login(secure, "web-02"))  # fmt: skip
+    assert p.wait(30) == 78, tls_bus.log("worker-mismatch")
+    said = tls_bus.log("worker-mismatch")
+    assert "refused to let login 'web-02' publish to opsbay/nodes/web-01-new/" in said, said
+    assert "the broker login (web-02) must be the node name (web-01-new)" in said, said
+
+
+def test_a_worker_with_a_wrong_password_logs_what_to_fix_and_stops_on_sigterm(
+    tls_bus: Bus, secure: SecureBroker
+) -> None:
+    wrong = f"mqtts://web-02:not-{secure.passwords['web-02']}@localhost:{secure.tls_port}"
+    p = tls_bus.start("worker-badpass", "worker", "--node", "web-02", "--state-dir",
+                      str(tls_bus.tmp / "badpass"), OPSBAY_BROKER=wrong,
+                      OPSBAY_CA_FILE=str(secure.ca))  # fmt: skip
+    tls_bus.wait_log("worker-badpass", "trying again in 60 s")
+    said = tls_bus.log("worker-badpass")
+    assert "ERROR" in said and "check the user name and password in the broker URL" in said
+    assert secure.passwords["web-02"] not in said, "the password was logged"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(5) == 0, tls_bus.log("worker-badpass")

@@ -1,6 +1,7 @@
 """Fault injection: hundreds of jobs while workers and the coordinator are killed (-9) and
-restarted at random and the broker restarts once. Afterwards every accepted job has exactly one
-terminal state, `opsbay result` agrees with the store, and no command ran twice.
+restarted at random and the broker restarts twice: once with its persistence file, once without
+(every session, queued message and retained status lost). Afterwards every accepted job has
+exactly one terminal state, `opsbay result` agrees with the store, and no command ran twice.
 
 The seed is printed; replay a failure with OPSBAY_FAULT_SEED=<seed>. OPSBAY_FAULT_JOBS sets the
 number of jobs (default 300)."""
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from opsbay_mqtt.client import Client, ClientConfig
+from opsbay_mqtt.client import Client, ClientConfig, NotAcknowledged
 from opsbay_mqtt.errors import BrokerError
+from opsbay_mqtt.records import Rejection
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.states import TERMINAL
 from opsbay_mqtt.topics import Topics
@@ -69,13 +71,16 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> N
             procs[name] = bus.worker(name)
 
     def chaos() -> None:
-        broker_at = rng.randrange(FAULTS)
+        keeps, wipes = rng.sample(range(FAULTS), 2)
         for i in range(FAULTS):
             if done.wait(rng.uniform(0.3, SUBMIT_SECONDS / FAULTS)):
                 return
-            if i == broker_at:
-                faults.append("broker restart")
+            if i in (keeps, wipes):
+                faults.append("broker restart" + (" without its data" if i == wipes else ""))
                 stop_process(bus.broker.process)
+                if i == wipes:
+                    for f in (tmp_path / "broker" / "broker-data").glob("*"):
+                        f.unlink()
                 bus.broker = start_broker(tmp_path / "broker", port=broker.port)
                 continue
             name = rng.choice(["coordinator", *NODES])
@@ -91,6 +96,7 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> N
         keyring=Keyring.shared(bus.secret),
     )
     submitted: list[str] = []
+    given_up: list[str] = []  # never acknowledged: must never run
     try:  # whatever fails, every process started here is stopped
         try:
             chaos_thread.start()
@@ -105,13 +111,19 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> N
                     try:
                         client.submit(
                             target=rng.choice(NODES), command=command, timeout_s=10, start_by_s=120,
-                            job_id=job_id,
+                            job_id=job_id, accept_s=20,
                         )  # fmt: skip
+                        # As `opsbay submit` does: sent again until a coordinator takes it.
+                        got = client.wait(job_id, None, until=lambda j: True)
+                        assert not isinstance(got, Rejection), (got, seed)
+                        submitted.append(job_id)
+                        break
+                    except NotAcknowledged:
+                        given_up.append(job_id)
                         break
                     except BrokerError:
                         assert time.monotonic() < deadline, f"could not submit (seed {seed})"
                         done.wait(0.2)  # pacing a retry, not waiting for a condition
-                submitted.append(job_id)
                 done.wait(pace)  # pacing the load
             client.__exit__()
             chaos_thread.join(60)
@@ -140,7 +152,9 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> N
             assert len(lines) <= 1, f"job {job_id} ran {len(lines)} times ({context})"
             if state == "succeeded":
                 assert len(lines) == 1, (job_id, context)
-        print(f"states: {states}; faults: {faults}")
+        for job_id in given_up:  # the submitter gave up: never stored, never run
+            assert job_id not in record and not (marks / job_id).exists(), (job_id, context)
+        print(f"states: {states}; faults: {faults}; given up: {len(given_up)}")
         assert states.get("succeeded", 0) > JOBS // 2, (states, context)
 
         # Terminal means final: no job was announced with two different terminal states.
