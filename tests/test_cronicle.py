@@ -62,13 +62,13 @@ def chunk(
 
 
 class Plugin:
-    """A Follow writing to memory: Cronicle's stdout as lines (its stderr must stay empty)."""
+    """A Follow writing to memory: Cronicle's stdout as lines (it has nowhere else to write:
+    notes go to stdout, in order with the output)."""
 
     def __init__(self) -> None:
         self.stream = io.BytesIO()
         self.out = PluginOut(self.stream)
-        self.stderr: list[str] = []
-        self.follow = Follow(self.out, self.stderr.append)
+        self.follow = Follow(self.out)
 
     def lines(self) -> list[str]:
         text = self.stream.getvalue().decode("utf-8")
@@ -471,7 +471,6 @@ def test_finish_writes_what_live_output_missed(
     p.follow.finish(job(execution, state=execution.state))
     assert p.output() == output
     assert p.progress() == [1.0]
-    assert p.stderr == []
 
 
 def test_each_node_s_rest_and_outcome_follow_its_output_as_it_finishes() -> None:
