@@ -135,11 +135,13 @@ class Coordinator:
     # -- submissions and cancels (both arrive on <prefix>/submit)
     def on_submit(self, payload: bytes) -> None:
         auth: Auth | None = None
+        remembered = False  # this message's nonce, recorded by _fresh_once
         try:
             msg, auth = decode(payload, self.cfg.keyring, expect=(Submit, Cancel))
             client = authz.client_name(auth)
             if isinstance(msg, Cancel):
                 self._fresh_once(auth)
+                remembered = True
                 self.on_cancel(msg, client, auth)
                 return
             assert isinstance(msg, Submit)
@@ -149,6 +151,7 @@ class Coordinator:
                 self._resubmitted(sub, client, existing)
                 return
             self._fresh_once(auth)
+            remembered = True
             now = self._now_ms()
             if sub.accept_by_ms is not None and now > sub.accept_by_ms:
                 raise Refused(
@@ -170,6 +173,10 @@ class Coordinator:
                         "or running; try again later",
                     )
         except Refused as e:  # not stored: the same job id may be submitted again
+            if remembered and auth is not None:
+                # ... and the same bytes too: sent again, they must get the real reason again,
+                # not `replay` (nothing was done that a replay could repeat).
+                self.store.forget_nonce(auth.kid, auth.nonce)
             self._reject(payload, e, auth)
             return
         try:

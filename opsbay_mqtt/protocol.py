@@ -6,6 +6,7 @@ every failure as one `Refused` with a reason code; nothing else escapes.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -341,7 +342,16 @@ def peek(payload: bytes) -> tuple[str | None, str | None]:
     try:
         obj = signing.parse(payload)
     except Refused:
-        return None, None
+        # Refused as bad_json (a float, a duplicate key) may still name its job and nonce:
+        # read them leniently, so the refusal reaches its sender.
+        try:
+            if len(payload) > signing.MAX_PAYLOAD_BYTES:
+                return None, None
+            obj = json.loads(payload.decode("utf-8"))
+        except (ValueError, RecursionError):
+            return None, None
+        if not isinstance(obj, dict):
+            return None, None
     job_id, auth = obj.get("job_id"), obj.get("auth")
     nonce = auth.get("nonce") if isinstance(auth, dict) else None
     return (

@@ -156,6 +156,9 @@ class Store:
         )
         return cur.rowcount == 1
 
+    def forget_nonce(self, kid: str, nonce: str) -> None:
+        self.db.execute("DELETE FROM nonces WHERE kid = ? AND nonce = ?", (kid, nonce))
+
     def forget_nonces_before(self, ts: int) -> None:
         self.db.execute("DELETE FROM nonces WHERE ts < ?", (ts,))
 
