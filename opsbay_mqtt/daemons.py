@@ -84,6 +84,16 @@ def run_coordinator(
         except Refused as e:
             raise ConfigError(f"--allow-node / OPSBAY_ALLOW_NODES: {e.text}") from e
     stop = _stop_on_signals()
+    unbounded = sorted(
+        {who.name for who in settings.keyring.identities.values() if who.kind == "client"}
+        - set(settings.clients)
+    )
+    if unbounded:  # the default is open: say so where the operator looks
+        log.warning(
+            "coordinator: client(s) %s have no [clients.NAME] section in the key file: they may "
+            "target every node and run any command (see docs/security.md)",
+            ", ".join(unbounded),
+        )
     store = Store(data_dir / "opsbay.db")
     cfg = CoordinatorConfig(
         topics=settings.topics,
