@@ -257,14 +257,18 @@ def test_cronicle_success_passes_output_and_completes_with_0(running: Bus) -> No
     assert got.returncode == 0, got.stderr
     run = check_protocol(got.stdout)
     assert run.output == [("n1", "hello from cronicle")]
-    assert run.notes == ["opsbay: n1: succeeded (exit 0)"]
-    assert run.log.index("[n1] hello from cronicle") < run.log.index(run.notes[0])
+    submitted, outcome = run.notes  # both in the log, in order with the output
+    assert re.fullmatch(r"opsbay: Cronicle job \S+: opsbay job \S+ submitted", submitted)
+    assert outcome == "opsbay: n1: succeeded (exit 0)"
+    assert run.log.index(submitted) < run.log.index("[n1] hello from cronicle")
+    assert run.log.index("[n1] hello from cronicle") < run.log.index(outcome)
     assert run.progress in ([0.1, 1.0], [1.0])  # running (unless seen only once done), done
     assert run.complete["code"] == 0
     assert "succeeded" in run.complete["description"]
     assert run.complete["table"]["rows"][0][:3] == ["n1", "succeeded", 0]
     job_id = run.complete["description"].split()[2].rstrip(":")
-    assert f"opsbay job {job_id} submitted" in got.stderr.decode()
+    assert f"opsbay job {job_id} submitted" in submitted
+    assert got.stderr == b""  # Cronicle writes stderr straight into its log, out of order
     assert running.cli_json("result", job_id)["state"] == "succeeded"
 
 
