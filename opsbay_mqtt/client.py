@@ -103,6 +103,7 @@ class Client:
         self._nonces: dict[str, set[str]] = {}
         self._views: dict[str, dict[str, Execution]] = {}
         self._totals: dict[str, int] = {}
+        self._unverifiable_output = False  # said once: live output we cannot verify
 
     def __enter__(self) -> Client:
         self.conn.connect(self.cfg.connect_timeout_s)
@@ -378,6 +379,13 @@ class Client:
             chunk, _ = decode(msg.payload, self.cfg.keyring, expect=(Output,))
         except Refused as e:
             log.debug("ignored an output chunk on %s: %s", msg.topic, e)
+            if e.code == "unknown_key" and not self._unverifiable_output:
+                self._unverifiable_output = True
+                self.notice(
+                    f"job {job_id}: live output is signed with a node's own key, which this "
+                    "client does not hold (per-identity keys): each node's output is shown "
+                    "when it finishes, from its stored result"
+                )
             return None
         assert isinstance(chunk, Output)
         if kind != "output" or (chunk.job_id, chunk.node) != (job_id, fields["node"]):

@@ -243,3 +243,14 @@ def test_no_secret_in_logs_help_or_results(bus: Bus, ids: Keys) -> None:
         for s in [*secrets_, "a-wrong-secret"]:
             assert s not in log, f"a secret in the {name} log"
             assert s not in results
+
+
+def test_live_output_a_client_cannot_verify_is_said_once_and_shown_at_the_end(
+    bus: Bus, ids: Keys
+) -> None:
+    command = "for i in 1 2 3; do echo line $i; done; sleep 0.5; echo done"
+    out = bus.cli("submit", "-t", "n1", "-c", command, "--wait", "--follow", **as_(ids, "admin"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "line 1\nline 2\nline 3\ndone\n"
+    said = [ln for ln in out.stderr.splitlines() if "live output is signed" in ln]
+    assert len(said) == 1, out.stderr
