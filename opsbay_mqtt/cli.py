@@ -42,7 +42,9 @@ _BUS_OPTIONS: dict[str, tuple[Any, Any]] = {
                 metavar="URL",
                 envvar="OPSBAY_BROKER",
                 help="Broker URL: mqtt://[user:pass@]host[:port], or mqtts://... for TLS; "
-                "add ?version=3.1.1 for an MQTT 3.1.1 broker.",
+                "add ?version=3.1.1 for an MQTT 3.1.1 broker. Percent-encode a user or password "
+                "holding @ : / ? # % or spaces (# as %23, / as %2F, @ as %40). A bad URL exits "
+                "78 (a setting); the password is never shown.",
             ),
         ],
         DEFAULT_BROKER,
@@ -137,6 +139,7 @@ _BUS_OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 # Commands whose options are not worked out yet: `finish_commands` does it for the commands
@@ -152,6 +155,8 @@ def bus_options(fn: F) -> F:
         from opsbay_mqtt.settings import BusOptions
 
         given = {name: kwargs.pop(name) for name in _BUS_OPTIONS}
+        if given["secret"] is not None:
+            run(lambda: _utf8_setting(given["secret"], "--secret / OPSBAY_SECRET"))
         return fn(bus=BusOptions(**given), **kwargs)
 
     def finish() -> None:
@@ -177,6 +182,16 @@ def bus_options(fn: F) -> F:
     return typing.cast(F, wrapper)
 
 
+def _utf8_setting(value: str, setting: str) -> None:
+    """A setting must be text: bytes that are not UTF-8 arrive as lone surrogates."""
+    from opsbay_mqtt.errors import ConfigError
+
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{setting}: not valid UTF-8") from None
+
+
 def finish_commands() -> None:
     """Work out the options of the commands registered now (before typer builds them)."""
     for command in app.registered_commands:
@@ -199,9 +214,12 @@ def exit_for(e: Exception) -> tuple[int, str] | None:
     """The exit code and message for one of this package's errors (None: not one of ours).
     The one mapping, used by every command and the Cronicle plugin."""
     from opsbay_mqtt import render
+    from opsbay_mqtt.cliargs import UsageError
     from opsbay_mqtt.client import NotAcknowledged, QueryFailed, WaitTimeout
     from opsbay_mqtt.errors import BrokerError, BrokerRefused, ConfigError, Refused
 
+    if isinstance(e, UsageError):  # what was typed (a ConfigError too: checked first)
+        return render.EXIT_USAGE, str(e)
     if isinstance(e, ConfigError):
         return render.EXIT_CONFIG, str(e)
     if isinstance(e, BrokerRefused):  # the broker's ACL: a permission, as for a refusal
@@ -237,16 +255,39 @@ def settings(bus: BusOptions, role: str, name: str | None = None) -> Any:
 
 
 def parse_duration(text: str, option: str) -> int:
-    """'90', '90s', '15m', '2h', '1d' -> seconds."""
+    """'90', '90s', '15m', '2h', '1d' -> seconds (1 s to 3650 days), or UsageError (a
+    ConfigError) naming `option`; the run timeout (`option` --timeout or the Cronicle param
+    'timeout') at most 7 days."""
+    from opsbay_mqtt import cliargs
+
+    if option in ("--timeout", "param 'timeout'"):
+        return cliargs.parse_timeout(text, option)
+    return cliargs.parse_duration(text, option)
+
+
+def given_in_environment(flags: tuple[str, ...], envvar: str) -> bool:
+    """Whether an option came from its environment variable (set, not empty, and none of its
+    flags on the command line): a bad value is then a setting (exit 78), not bad usage (2)."""
+    typed = any(a in flags or a.split("=", 1)[0] in flags for a in sys.argv[1:])
+    return not typed and bool(os.environ.get(envvar))
+
+
+def usage_or_setting(flags: tuple[str, ...], envvar: str, fn: Callable[[], T]) -> T:
+    """`run(fn)`, where a UsageError about an option that came from its environment variable
+    is a setting (78) rather than bad usage (2)."""
+    from opsbay_mqtt.cliargs import UsageError
     from opsbay_mqtt.errors import ConfigError
 
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    t = text.strip().lower()
-    mult = units.get(t[-1:], 0)
-    number = t[:-1] if mult else t
-    if not number.isdigit() or int(number) <= 0:
-        raise ConfigError(f"{option}: {text!r} is not a duration like 30, 90s, 15m, 2h or 1d")
-    return int(number) * (mult or 1)
+    def checked() -> T:
+        try:
+            return fn()
+        except UsageError as e:
+            if given_in_environment(flags, envvar):
+                said = str(e).removeprefix(f"{e.option}: ")
+                raise ConfigError(f"{e.option} (from {envvar}): {said}") from e
+            raise
+
+    return typing.cast(T, run(checked))
 
 
 # Which module defines each command: a call imports (and typer builds) only the one it needs.

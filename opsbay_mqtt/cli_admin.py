@@ -11,7 +11,16 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from opsbay_mqtt import statedir
-from opsbay_mqtt.cli import Quiet, app, bus_options, run, settings, setup_logging
+from opsbay_mqtt.cli import (
+    Quiet,
+    app,
+    bus_options,
+    given_in_environment,
+    run,
+    settings,
+    setup_logging,
+    usage_or_setting,
+)
 
 if TYPE_CHECKING:
     from opsbay_mqtt.settings import BusOptions
@@ -82,13 +91,20 @@ def coordinator(
     quiet: Quiet = False,
 ) -> None:
     """Run the coordinator: validate, record and dispatch jobs; answer queries."""
+    from opsbay_mqtt import cliargs
     from opsbay_mqtt.daemons import run_coordinator
 
     setup_logging(logging.WARNING if quiet else logging.INFO)
-    s = settings(bus, "coordinator")
     allowed = None
     if allow_node:
-        allowed = frozenset(n.strip() for item in allow_node for n in item.split(",") if n.strip())
+        names = [n.strip() for item in allow_node for n in item.split(",") if n.strip()]
+        usage_or_setting(
+            ("--allow-node",),
+            "OPSBAY_ALLOW_NODES",
+            lambda: [cliargs.check_node(n, "--allow-node") for n in names],
+        )
+        allowed = frozenset(names)
+    s = settings(bus, "coordinator")
     limits = {
         "window_s": window,
         "lost_grace_s": lost_grace,
@@ -168,14 +184,13 @@ def worker(
     """Run the worker agent for one node: receive its jobs, run them, report back."""
     from opsbay_mqtt import agent
     from opsbay_mqtt.daemons import check_run_as, default_node_name, run_worker
-    from opsbay_mqtt.policy import WorkerPolicy, parse_labels, parse_named
+    from opsbay_mqtt.policy import WorkerPolicy
 
     level = logging.WARNING if quiet else logging.INFO
     setup_logging(level)
-    name = run(lambda: default_node_name(node))
+    name = run(lambda: default_node_name(_node_name(node)))
+    labels, named = run(lambda: _worker_args(label or [], define or [], allow or []))
     s = settings(bus, "node", name)
-    labels = run(lambda: parse_labels(label or []))
-    named = run(lambda: parse_named(define or []))
     policy = WorkerPolicy(allow=tuple(allow or ()), named=named, named_only=named_only)
     run(lambda: check_run_as(run_as))
     if state_dir is None:
@@ -193,6 +208,48 @@ def worker(
     }
     agent.become(bus, level, options)  # from here on, without this parser (returns if it can't)
     run(lambda: run_worker(s, **options))
+
+
+def _node_name(node: str | None) -> str | None:
+    """The node's name as given, checked (None: the host's name). Empty is an error, not the
+    host's name: 2 from --node, 78 from OPSBAY_NODE (which may come from a unit file)."""
+    from opsbay_mqtt import cliargs
+    from opsbay_mqtt.errors import ConfigError
+
+    if node is None and os.environ.get("OPSBAY_NODE") == "":
+        raise ConfigError("OPSBAY_NODE is set but empty: give this node's name, or unset it")
+    if node is None:
+        return None
+    env = given_in_environment(("--node",), "OPSBAY_NODE")
+    try:
+        return cliargs.check_node(node, "--node")
+    except cliargs.UsageError as e:
+        if env:
+            raise ConfigError(f"OPSBAY_NODE: {str(e).removeprefix('--node: ')}") from e
+        raise
+
+
+def _worker_args(
+    label: list[str], define: list[str], allow: list[str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """--label, --define and --allow as typed: labels and named commands, or UsageError."""
+    from opsbay_mqtt import cliargs
+    from opsbay_mqtt.errors import ConfigError
+    from opsbay_mqtt.policy import parse_named
+
+    labels = cliargs.parse_labels(label, "--label")
+    for item in define:
+        cliargs.utf8(item, "--define")
+    for pattern in allow:
+        cliargs.utf8(pattern, "--allow")
+    try:
+        named = parse_named(define)
+    except ConfigError as e:
+        said = str(e).removeprefix("--define: ")
+        raise cliargs.UsageError(
+            "--define", f"{said}: NAME is 1-64 of A-Z a-z 0-9 . _ -, COMMAND not empty"
+        ) from e
+    return labels, named
 
 
 @app.command()

@@ -93,8 +93,7 @@ def watch(
     Ctrl-C, --count or --for. Signatures are checked with the key given (OPSBAY_SECRET,
     OPSBAY_KEY_FILE); without one, or for messages signed with a key we do not hold, lines are
     marked unverified: anyone who may publish to the broker could have sent them."""
-    from opsbay_mqtt import render
-    from opsbay_mqtt.topics import validate_node
+    from opsbay_mqtt import cliargs, render
     from opsbay_mqtt.watchlog import (
         JOB_PREFIX_RE,
         human_lines,
@@ -106,10 +105,13 @@ def watch(
 
     setup_logging(logging.INFO if verbose else logging.WARNING)
     if job is not None and not JOB_PREFIX_RE.fullmatch(job):
-        fail(render.EXIT_USAGE, f"--job: {job!r} is not a job id (or the start of one)")
+        fail(
+            render.EXIT_USAGE,
+            f"--job: {job!r} is not a job id or the start of one: 1-36 of 0-9 a-f and -",
+        )
     if node is not None:
         name = node
-        run(lambda: validate_node(name))
+        run(lambda: cliargs.check_node(name, "--node"))
     stop_after = run(lambda: parse_duration(for_, "--for")) if for_ else None
     url, topics, tls, keyring = run(lambda: _watch_settings(bus))
     subs = subscriptions(topics, job, node, output)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import sys
 import time
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TextIO, cast
 
 import typer
 
@@ -20,6 +22,7 @@ from opsbay_mqtt.cli import (
     run,
     settings,
     setup_logging,
+    usage_or_setting,
 )
 
 if TYPE_CHECKING:
@@ -57,14 +60,24 @@ Where = Annotated[
 def submit(
     bus: BusOptions,
     command: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--command",
             "-c",
             metavar="COMMAND",
-            help="Shell command (run by /bin/sh -c), or @NAME for a command the node defines.",
+            help="Shell command (run by /bin/sh -c), or @NAME for a command the node defines; "
+            "- reads it from stdin. 1 to 65536 bytes of UTF-8.",
         ),
-    ],
+    ] = None,
+    command_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--command-file",
+            metavar="FILE",
+            help="Read the command from this file (- for stdin): for a command longer than a "
+            "command line may be. Give --command or --command-file, not both.",
+        ),
+    ] = None,
     target: Annotated[
         str,
         typer.Option(
@@ -81,7 +94,8 @@ def submit(
         typer.Option(
             "--timeout",
             metavar="DURATION",
-            help="Run timeout (30, 90s, 15m, 2h): the process group is killed when it is hit.",
+            help="Run timeout (30, 90s, 15m, 2h; at most 7d): the process group is killed "
+            "when it is hit.",
         ),
     ] = "10m",
     start_by: Annotated[
@@ -97,7 +111,9 @@ def submit(
     batch: Annotated[
         str | None,
         typer.Option(
-            "--batch", metavar="N|N%", help="Run at most this many nodes (or share) at once."
+            "--batch",
+            metavar="N|N%",
+            help="Run at most this many nodes (or share) at once (at least 1).",
         ),
     ] = None,
     max_failures: Annotated[
@@ -160,33 +176,25 @@ def submit(
     """Submit a job for one node or many.
 
     Prints the job id once the coordinator has accepted it. With --wait, prints the output and
-    exits 0 if every node succeeded; one node that failed: the command's exit code; otherwise
-    124 timed out, 77 rejected, 68 expired (not started by its start-by deadline), 70 lost,
-    80 cancelled, 1 failed on several nodes; 75 gave up waiting (the job goes on), 69 broker
-    unreachable or no coordinator acknowledged the job within --ack-timeout (it never runs),
-    78 bad setting, 2 bad usage.
+    exits 0 if every node succeeded. A job on one node that failed exits with the command's
+    exit code; a job on several nodes whose worst outcome is a failure exits 1 (never one
+    node's code). Otherwise, by the worst outcome: 124 timed out, 77 rejected, 68 expired (not
+    started by its start-by deadline), 70 lost, 80 cancelled; 75 gave up waiting (the job goes
+    on), 69 broker unreachable or no coordinator acknowledged the job within --ack-timeout (it
+    never runs). Before anything is sent: 2 an invalid option value, 78 a bad setting.
     """
-    from opsbay_mqtt.policy import parse_labels
-
-    cfg = _client_config(bus, verbose)
-    from opsbay_mqtt.records import SubmitArgs
-
-    args = SubmitArgs(
-        target=target,
-        where=run(lambda: parse_labels(where or [], "--where")),
-        command=command,
-        timeout_s=run(lambda: parse_duration(timeout, "--timeout")),
-        start_by_s=run(lambda: parse_duration(start_by, "--start-by")),
-        batch=batch,
-        max_failures=max_failures,
+    args, job_id = run(
+        lambda: _submit_args(
+            command, command_file, target, where, timeout, start_by, batch, max_failures, job_id
+        )
     )
-    from opsbay_mqtt.records import LIMIT_PATTERN
-
-    for name, value in (("--batch", batch), ("--max-failures", max_failures)):
-        if value is not None and not re.fullmatch(LIMIT_PATTERN, value):
-            fail(2, f"{name}: {value!r} is not a count (10) or a share (25%)")
     wait_s = run(lambda: parse_duration(wait_timeout, "--wait-timeout")) if wait_timeout else None
-    ack_s = run(lambda: parse_duration(ack_timeout, "--ack-timeout"))
+    ack_s = usage_or_setting(
+        ("--ack-timeout",),
+        "OPSBAY_ACK_TIMEOUT",
+        lambda: parse_duration(ack_timeout, "--ack-timeout"),
+    )
+    cfg = _client_config(bus, verbose)
     if follow is None:
         follow = wait and not json_out and sys.stdout.isatty()
     run(
@@ -194,6 +202,109 @@ def submit(
             cfg, args, job_id, wait, wait_s, ack_s, bool(follow), cancel_on_interrupt, json_out
         )
     )
+
+
+def _submit_args(
+    command: str | None,
+    command_file: Path | None,
+    target: str,
+    where: list[str] | None,
+    timeout: str,
+    start_by: str,
+    batch: str | None,
+    max_failures: str | None,
+    job_id: str | None,
+) -> tuple[SubmitArgs, str | None]:
+    """What was typed, checked as the coordinator would check it (UsageError otherwise)."""
+    from opsbay_mqtt import cliargs
+    from opsbay_mqtt.records import SubmitArgs
+
+    labels = cliargs.parse_labels(where or [], "--where")
+    if target:
+        cliargs.check_target(target)
+    elif not labels:
+        raise cliargs.UsageError("--target", "give a target (--target), labels (--where), or both")
+    args = SubmitArgs(
+        target=target,
+        where=labels,
+        command=_command(command, command_file),
+        timeout_s=cliargs.parse_timeout(timeout),
+        start_by_s=cliargs.parse_duration(start_by, "--start-by"),
+        batch=None if batch is None else cliargs.check_limit(batch, "--batch", at_least_one=True),
+        max_failures=(
+            None
+            if max_failures is None
+            else cliargs.check_limit(max_failures, "--max-failures", at_least_one=False)
+        ),
+    )
+    return args, None if job_id is None else cliargs.check_job_id(job_id, "--job-id")
+
+
+def _command(command: str | None, command_file: Path | None) -> str:
+    """The command: given, or read from a file or stdin (`-`), at most 64 KiB of UTF-8."""
+    from opsbay_mqtt import cliargs
+
+    if (command is None) == (command_file is None):
+        raise cliargs.UsageError(
+            "--command",
+            "give the command to run with --command (- reads it from stdin) or --command-file, "
+            "one of them",
+        )
+    if command is not None and command != "-":
+        return cliargs.check_command(command)
+    option = "--command -" if command is not None else "--command-file"
+    path = None if command is not None or str(command_file) == "-" else command_file
+    try:
+        if path is None:
+            data = sys.stdin.buffer.read(cliargs.MAX_COMMAND_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(cliargs.MAX_COMMAND_BYTES + 1)
+    except OSError as e:
+        raise cliargs.UsageError(option, f"cannot read {path or 'stdin'}: {e.strerror}") from e
+    return cliargs.decode_command(data, option)
+
+
+class _Visible(io.TextIOBase):
+    """A terminal's stream that shows control characters escaped (newlines and tabs kept):
+    a job's output must not drive the operator's terminal. On stderr, `WaitView`'s own
+    progress line (a carriage return, then digits and words) and its erasure pass through."""
+
+    _OWN = re.compile(r"\r\x1b\[K|\r[0-9]+/[0-9]+ done, [0-9]+ running, [0-9]+ not succeeded")
+
+    def __init__(self, stream: TextIO, progress: bool) -> None:
+        self.stream, self.progress = stream, progress
+
+    def write(self, text: str) -> int:
+        from opsbay_mqtt import render
+
+        if not (self.progress and self._OWN.fullmatch(text)):
+            text = render.visible(text, keep_newlines=True)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+def _for_terminal(stream: TextIO, progress: bool = False) -> TextIO:
+    return cast(TextIO, _Visible(stream, progress)) if stream.isatty() else stream
+
+
+def _write(text: str) -> None:
+    """To stdout as it is, byte for byte (typer.echo would strip escape sequences when stdout
+    is not a terminal), or escaped on a terminal; a final newline added if missing."""
+    from opsbay_mqtt import render
+
+    if sys.stdout.isatty():
+        text = render.visible(text, keep_newlines=True)
+    if not text.endswith("\n"):
+        text += "\n"
+    sys.stdout.flush()
+    sys.stdout.buffer.write(text.encode("utf-8", "replace"))
+    sys.stdout.buffer.flush()
 
 
 def _submit(
@@ -225,7 +336,7 @@ def _submit(
                 _rejected(got)
             typer.echo(json.dumps(render.public_job(got), indent=2) if json_out else jid)
             return
-        view = WaitView()
+        view = WaitView(out=_for_terminal(sys.stdout), err=_for_terminal(sys.stderr, True))
         labelled = (
             "," in args.target or "*" in args.target or "?" in args.target or bool(args.where)
         )
@@ -245,7 +356,8 @@ def _submit(
     else:
         view.finish(got)
         if got.state == "rejected" and got.reason_code:
-            typer.echo(f"opsbay: job {jid} rejected: {got.reason_code}: {got.reason}", err=True)
+            why = f"opsbay: job {jid} rejected: {got.reason_code}: {got.reason}"
+            typer.echo(render.visible(why) if sys.stderr.isatty() else why, err=True)
     raise typer.Exit(render.exit_code(got))
 
 
@@ -296,17 +408,19 @@ def cancel(
     whole process group, TERM then KILL); a node that is offline gets the cancel before the
     job when it returns. Prints the job as it stands once the coordinator has taken the
     cancel (exit 0); with --wait, once every node has answered."""
-    from opsbay_mqtt import render, states
-    from opsbay_mqtt.client import Client, WaitTimeout
+    from opsbay_mqtt import cliargs, render, states
+    from opsbay_mqtt.client import Client, QueryFailed, WaitTimeout
     from opsbay_mqtt.records import Rejection
 
-    cfg = _client_config(bus, verbose)
-
+    run(lambda: cliargs.check_job_id(job_id))
     wait_s = run(lambda: parse_duration(wait_timeout, "--wait-timeout")) if wait_timeout else None
+    cfg = _client_config(bus, verbose)
 
     def do() -> Job:
         with Client(cfg, notice=_notice) as c:
             got = c.cancel(job_id)
+            if isinstance(got, Rejection) and got.code == "not_found":
+                raise QueryFailed(got.code, got.reason)  # as `result` says it: exit 66
             if isinstance(got, Rejection):
                 _rejected(got)
             if not wait:
@@ -320,9 +434,10 @@ def cancel(
             return done
 
     job = run(do)
-    typer.echo(
-        json.dumps(render.public_job(job), indent=2) if json_out else render.job_summary(job)
-    )
+    if json_out:
+        typer.echo(json.dumps(render.public_job(job), indent=2))
+    else:
+        _write(render.job_summary(job))
     if wait:
         raise typer.Exit(render.exit_code(job))
 
@@ -336,9 +451,10 @@ def result(
     verbose: Verbose = False,
 ) -> None:
     """Show a job's stored outcome. Exits as `submit --wait` would (75 while still running)."""
-    from opsbay_mqtt import render
+    from opsbay_mqtt import cliargs, render
     from opsbay_mqtt.client import Client
 
+    run(lambda: cliargs.check_job_id(job_id))
     cfg = _client_config(bus, verbose)
 
     def fetch() -> Job:
@@ -349,11 +465,12 @@ def result(
     if json_out:
         typer.echo(json.dumps(render.public_job(job), indent=2))
     else:
-        typer.echo(render.job_summary(job))
+        # The output as the command wrote it (escaped on a terminal: see _write).
+        _write(render.job_summary(job))
         for ex in job.executions:
             for name, text in (("stdout", ex.stdout), ("stderr", ex.stderr)):
                 if text:
-                    typer.echo(f"--- {name} ({ex.node})\n{text}", nl=not text.endswith("\n"))
+                    _write(f"--- {name} ({ex.node})\n{text}")
     raise typer.Exit(render.exit_code(job))
 
 
@@ -374,10 +491,12 @@ def results(
     verbose: Verbose = False,
 ) -> None:
     """List recent jobs, newest first (output cut to its last 200 characters: see `result`)."""
-    from opsbay_mqtt import render
+    from opsbay_mqtt import cliargs, render
     from opsbay_mqtt.client import Client
     from opsbay_mqtt.states import JOB_STATES
 
+    if node is not None:
+        run(lambda: cliargs.check_node(node, "--node"))
     if state is not None and state not in JOB_STATES:
         fail(render.EXIT_USAGE, f"--state: {state!r} is not one of {', '.join(JOB_STATES)}")
     cfg = _client_config(bus, verbose)
@@ -390,7 +509,7 @@ def results(
     if json_out:
         typer.echo(json.dumps([render.public_job(j) for j in jobs], indent=2))
     else:
-        typer.echo(render.jobs_table(jobs))
+        _write(render.jobs_table(jobs))
 
 
 @app.command()
@@ -407,13 +526,12 @@ def nodes(
 ) -> None:
     """List known nodes: online/offline, last seen, and the facts they report (OS, arch,
     kernel, uptime, load, CPUs, memory, disk, labels)."""
-    from opsbay_mqtt import render
+    from opsbay_mqtt import cliargs, render
     from opsbay_mqtt.client import Client
-    from opsbay_mqtt.policy import parse_labels
 
     if state is not None and state not in ("online", "offline", "unknown"):
         fail(render.EXIT_USAGE, f"--state: {state!r} is not online, offline or unknown")
-    labels = run(lambda: parse_labels(where or [], "--where"))
+    labels = run(lambda: cliargs.parse_labels(where or [], "--where"))
     cfg = _client_config(bus, verbose)
 
     def fetch() -> list[dict[str, Any]]:
@@ -425,4 +543,4 @@ def nodes(
     if json_out:
         typer.echo(json.dumps([render.public_node(n, now_ms) for n in found], indent=2))
     else:
-        typer.echo(render.nodes_table(found, now_ms))
+        _write(render.nodes_table(found, now_ms))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from typing import Any
 
-from opsbay_mqtt.records import Job, as_dict
+from opsbay_mqtt.records import Execution, Job, as_dict
 
 # Exit codes of `opsbay submit --wait` and `opsbay result` (documented in the README).
 # A job that ran to completion exits with the command's own code; these cover the rest.
@@ -43,6 +44,22 @@ def exit_code(job: Job) -> int:
         code = job.executions[0].exit_code
         return code if code is not None and 0 < code < 256 else 1
     return _STATE_EXIT[job.state]
+
+
+# C0 controls (but tab), DEL and C1 controls; with or without the newline.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _escaped(m: re.Match[str]) -> str:
+    return f"\\x{ord(m.group()):02x}"
+
+
+def visible(text: str, keep_newlines: bool = False) -> str:
+    """`text` with its control characters shown escaped (ESC as `\\x1b`, CR as `\\x0d`), tabs
+    kept, and with `keep_newlines` newlines too: for a terminal, which a job's output or
+    whatever a message carries must not drive."""
+    return (_CONTROL_BUT_NEWLINE if keep_newlines else _CONTROL).sub(_escaped, text)
 
 
 def iso(ms: int | None) -> str | None:
@@ -158,14 +175,33 @@ def nodes_table(nodes: list[dict[str, Any]], now_ms: int) -> str:
     return "\n".join([table(headers, rows), *conflicts])
 
 
+def _seconds(s: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size and s % size == 0:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def outcome(ex: Execution, timeout_s: int) -> str:
+    """An execution's state and the exit code it stands for: the command's own when it ran to
+    its end, else the one `opsbay` exits with for that state (not the 143 of the TERM that
+    ended a timed-out command)."""
+    if ex.state in ("succeeded", "failed"):
+        return f"{ex.state}, exit {'-' if ex.exit_code is None else ex.exit_code}"
+    if ex.state == "timed_out":
+        return f"timed_out (killed after the {_seconds(timeout_s)} timeout; exit {EXIT_TIMED_OUT})"
+    if ex.state in ("pending", "running"):
+        return ex.state
+    return f"{ex.state} (exit {_STATE_EXIT[ex.state]})"
+
+
 def job_summary(job: Job) -> str:
     lines = [f"job      {job.job_id}", f"state    {job.state}", f"command  {job.command}"]
     if job.reason:
         lines.append(f"reason   {job.reason_code}: {job.reason}")
     for ex in job.executions:
-        code = "-" if ex.exit_code is None else str(ex.exit_code)
         lines.append(
-            f"node     {ex.node}: {ex.state}, exit {code}, {_duration(ex.duration_ms)}, "
+            f"node     {ex.node}: {outcome(ex, job.timeout_s)}, {_duration(ex.duration_ms)}, "
             f"started {iso(ex.started_ms) or '-'}"
         )
         if ex.reason:

@@ -78,40 +78,79 @@ class BrokerURL(NamedTuple):  # not a dataclass: cheaper to define (see TlsFiles
 
     @classmethod
     def parse(cls, url: str) -> BrokerURL:
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ConfigError(
-                f"--broker / OPSBAY_BROKER: {url!r} must look like mqtt://[user:pass@]host[:port] "
-                "or mqtts://..."
-            )
-        tls = parts.scheme in ("mqtts", "ssl")
+        """The URL of --broker / OPSBAY_BROKER, or ConfigError (a setting: exit 78). The
+        message shows the URL without its password: what stands between `://` and the last
+        `@`, but the user name, is hidden."""
+        import re
+
+        head, sep, rest = url.partition("://")
+        head, rest = (head + sep, rest) if sep else ("", url)
+        userinfo, at, after = rest.rpartition("@")
+        user, colon, secret = userinfo.partition(":")
+        shown = f"{head}{user}{':***' if colon else ''}@{after}" if at else url
+        # A password (or user) holding one of these cuts the URL short where it stands.
+        hint = (
+            "; if that comes from the password, percent-encode it: / ? # @ : % as "
+            "%2F %3F %23 %40 %3A %25"
+            if at and set(secret) & set("/?#@")
+            else ""
+        )
+
+        def bad(problem: str) -> ConfigError:
+            return ConfigError(f"--broker / OPSBAY_BROKER: {shown!r} {problem}{hint}")
+
         try:
-            port = parts.port or (8883 if tls else 1883)
-        except ValueError as e:
-            raise ConfigError(f"--broker / OPSBAY_BROKER: bad port in {url!r}") from e
-        if not parts.hostname:
-            raise ConfigError(f"--broker / OPSBAY_BROKER: no host in {url!r}")
-        if parts.path not in ("", "/"):
-            raise ConfigError(f"--broker / OPSBAY_BROKER: unexpected path in {url!r}")
+            url.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError("--broker / OPSBAY_BROKER: the URL is not valid UTF-8") from None
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # e.g. an unclosed [ of an IPv6 address
+            raise bad("is not a URL") from None
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise bad("must look like mqtt://[user:pass@]host[:port] or mqtts://...")
+        tls = parts.scheme in ("mqtts", "ssl")
+        if parts.path not in ("", "/") or parts.fragment or "#" in url:
+            raise bad("has a path or a # after the host; a broker URL has neither")
+        try:
+            port = parts.port
+        except ValueError:
+            raise bad("has a port that is not a number from 1 to 65535") from None
+        if port == 0:
+            raise bad(f"has port 0: give one from 1 to 65535, or none for {8883 if tls else 1883}")
+        host = parts.hostname
+        if not host:
+            raise bad("has no host")
+        if not re.fullmatch(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+(%[A-Za-z0-9._-]+)?", host):
+            raise bad(
+                "has a host that is not a DNS name or an IP address (for a name with other "
+                "letters, give its ASCII form: xn--...)"
+            )
         query = parse_qs(parts.query, keep_blank_values=True)
         version = query.pop("version", ["5"])[-1]
         if version not in ("5", "3.1.1") or query:
-            raise ConfigError(
-                f"--broker / OPSBAY_BROKER: {url!r}: the only option is ?version=5 or 3.1.1"
-            )
+            raise bad("has an option other than ?version=5 or ?version=3.1.1")
+        try:
+            username = unquote(parts.username, errors="strict") if parts.username else None
+            password = unquote(parts.password, errors="strict") if parts.password else None
+        except UnicodeDecodeError:
+            raise bad("has a user or password whose %-encoding is not UTF-8") from None
         return cls(
-            host=parts.hostname,
-            port=port,
+            host=host,
+            port=port or (8883 if tls else 1883),
             tls=tls,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
+            username=username,
+            password=password,
             mqtt5=version == "5",
         )
 
     def __str__(self) -> str:  # never shows the password
-        user = f"{self.username}@" if self.username else ""
+        from urllib.parse import quote
+
+        user = f"{quote(self.username, safe='')}@" if self.username else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
         version = "" if self.mqtt5 else "?version=3.1.1"
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}{version}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}{version}"
 
 
 # Small records are named tuples here: a frozen dataclass costs about 1 ms to define (its

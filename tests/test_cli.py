@@ -1,4 +1,5 @@
-"""The CLI's plumbing: every command is found by the lazy loader, durations parse."""
+"""The CLI's plumbing: every command is found by the lazy loader, durations parse, and the
+exit code of a usage error (2) and of a bad setting (78)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from opsbay_mqtt import cli
+from opsbay_mqtt.cliargs import UsageError
 from opsbay_mqtt.errors import ConfigError
 
 
@@ -43,3 +45,28 @@ def test_durations(text: str, seconds: int) -> None:
 def test_bad_durations_name_the_option(text: str) -> None:
     with pytest.raises(ConfigError, match="--timeout"):
         cli.parse_duration(text, "--timeout")
+
+
+@pytest.mark.parametrize("text", ["²", "³m", "٣s", "\uff11\uff10", "1" * 5000, "\udcff", "1e3"])
+def test_durations_in_other_digits_or_too_long_are_usage_errors(text: str) -> None:
+    with pytest.raises(UsageError, match=r"^--start-by: .* is not a duration"):
+        cli.parse_duration(text, "--start-by")
+
+
+@pytest.mark.parametrize(
+    ("text", "option", "says"),
+    [
+        ("8d", "--timeout", "at most 7d"),
+        ("604801", "param 'timeout'", "at most 7d"),  # the Cronicle plugin's, too
+        ("20000d", "--start-by", "at most 3650d"),
+    ],
+)
+def test_durations_have_a_ceiling(text: str, option: str, says: str) -> None:
+    with pytest.raises(UsageError, match=says):
+        cli.parse_duration(text, option)
+    assert cli.parse_duration("7d", option) == 604800
+
+
+def test_a_usage_error_exits_2_and_a_setting_78() -> None:
+    assert cli.exit_for(UsageError("--where", "bad")) == (2, "--where: bad")
+    assert cli.exit_for(ConfigError("OPSBAY_NODE: bad")) == (78, "OPSBAY_NODE: bad")
