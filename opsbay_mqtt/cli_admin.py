@@ -288,8 +288,21 @@ def stack(
 
 @app.command()
 def keys(
-    kind: Annotated[str, typer.Argument(metavar="client|node", help="Whose key: client or node.")],
-    name: Annotated[str, typer.Argument(metavar="NAME", help="The client's or node's name.")],
+    kind: Annotated[
+        str,
+        typer.Argument(
+            metavar="client|node|coordinator|watcher",
+            help="Whose: a client or a node (a key and a broker login), the coordinator or a "
+            "watcher (a broker login only).",
+        ),
+    ],
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[NAME]",
+            help="The client's, node's or watcher's name (the coordinator's: coordinator).",
+        ),
+    ] = None,
     append: Annotated[
         list[Path] | None,
         typer.Option(
@@ -298,19 +311,40 @@ def keys(
             help="Also append the key to this key file (created with mode 600; repeatable).",
         ),
     ] = None,
+    passwd_file: Annotated[
+        Path,
+        typer.Option(
+            "--passwd-file",
+            metavar="FILE",
+            help="The broker's password file, for the printed mosquitto_passwd steps.",
+        ),
+    ] = Path("/etc/mosquitto/opsbay/passwd"),
     prefix: Annotated[
         str, typer.Option("--prefix", metavar="PREFIX", envvar="OPSBAY_PREFIX")
     ] = "opsbay",
 ) -> None:
-    """Make a new key for a client or a node, and print what to add on each side: the
-    coordinator's key file, the client's or node's own key file, and the broker's password
-    file and ACL. Add a second key to an identity to rotate (see docs/security.md)."""
+    """Make a new key for a client or a node, or a broker login for the coordinator or a
+    watcher, and print what to add on each side: the coordinator's key file, the party's own key
+    file, the broker's password file and ACL, and the party's environment. Add a second key to
+    an identity to rotate (see docs/security.md)."""
+    from opsbay_mqtt.errors import ConfigError
     from opsbay_mqtt.keys import new_key_instructions
 
-    text, entry = run(lambda: new_key_instructions(kind, name, prefix))
-    for path in append or []:
+    appended = tuple(append or ())
+    if appended and kind not in ("client", "node"):
+        run(
+            functools.partial(_refuse, ConfigError(f"--append: a {kind} gets no key, only a login"))
+        )
+    text, entry = run(
+        lambda: new_key_instructions(kind, name, prefix, appended=appended, passwd_file=passwd_file)
+    )
+    for path in appended:
         run(functools.partial(_append_key, path, entry))
     typer.echo(text)
+
+
+def _refuse(error: Exception) -> None:
+    raise error
 
 
 def _append_key(path: Path, entry: str) -> None:

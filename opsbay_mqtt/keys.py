@@ -19,7 +19,9 @@ keys listed and accepts all of them.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,17 +65,40 @@ def keyring(file: KeyFile | None, shared: bytes | None, signing_kid: str | None)
 
 
 def _fail(path: Path, text: str) -> ConfigError:
-    return ConfigError(f"--key-file / OPSBAY_KEY_FILE: {path}: {text}")
+    return ConfigError(f"{KEY_FILE}: {path}: {text}")
+
+
+KEY_FILE = "--key-file / OPSBAY_KEY_FILE"
+
+
+def read_private(path: Path, setting: str) -> str:
+    """A secret file's text, refused (as ssh refuses an unprotected private key) when anyone
+    but its owner may read or change it."""
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{setting}: {path}: cannot read: {e.strerror}") from e
+    if mode & 0o077:
+        raise ConfigError(
+            f"{setting}: {path}: UNPROTECTED: its mode {stat.S_IMODE(mode):04o} lets other users "
+            f"read or change it, so it is refused; run: chmod 600 {path} (and own it by the user "
+            "that runs opsbay)"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{setting}: {path}: not UTF-8 text: {e}") from e
 
 
 def load(path: Path) -> KeyFile:
     import tomllib  # here: every CLI call imports this module, few read a key file
 
+    text = read_private(path, KEY_FILE)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise _fail(path, f"cannot read: {e.strerror}") from e
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise _fail(path, f"not valid TOML: {e}") from e
     unknown = set(data) - {"keys", "clients"}
     if unknown:
@@ -140,44 +165,134 @@ def key_entry(kid: str, kind: str, name: str, secret_hex: str) -> str:
     return f'[[keys]]\nid = "{kid}"\n{kind} = "{name}"\nsecret = "{secret_hex}"\n'
 
 
-def new_key_instructions(kind: str, name: str, prefix: str = "opsbay") -> tuple[str, str]:
-    """What `opsbay keys` prints, and the key file entry itself."""
-    kid, secret_hex = new_key(kind, name, dt.datetime.now(dt.UTC))
-    entry = key_entry(kid, kind, name, secret_hex)
+KINDS = ("client", "node", "coordinator", "watcher")  # what `opsbay keys` makes
+PASSWD_FILE = Path("/etc/mosquitto/opsbay/passwd")
+
+
+def new_key_instructions(
+    kind: str,
+    name: str | None,
+    prefix: str = "opsbay",
+    *,
+    appended: tuple[Path, ...] = (),
+    passwd_file: Path = PASSWD_FILE,
+) -> tuple[str, str]:
+    """What `opsbay keys` prints, and the key file entry itself ("" for a coordinator or a
+    watcher, which get only a broker login: the coordinator's keys are every other party's, and
+    a watcher only reads)."""
+    if kind not in KINDS:
+        raise Refused("bad_kind", f"the kind is one of {', '.join(KINDS)}, not {kind!r}")
+    if name is None and kind != "coordinator":
+        raise Refused("bad_node_name", f"a {kind} needs a NAME: opsbay keys {kind} NAME")
+    name = name or "coordinator"
+    if not NODE_NAME_RE.fullmatch(name):
+        raise Refused("bad_node_name", f"invalid name {name!r}: use 1-63 of A-Z a-z 0-9 . _ -")
     import secrets  # only here: `secrets` imports `random`, which no other command needs
 
     password = secrets.token_urlsafe(18)
-    if kind == "client":
-        acl = (
-            f"user {name}\n"
-            + "".join(f"topic deny {prefix}/{t}/{name}/#\n" for t in ("nodes", "results", "output"))
-            + f"topic write {prefix}/submit\n"
-            f"topic write {prefix}/rpc/request\n"
-            + "".join(
-                f"topic read {prefix}/{t}\n"
-                for t in ("jobs/#", "rpc/reply/#", "results/#", "output/#", "nodes/#", "rejected")
-            )
-        )
-        own = f"the client's own key file (on the host that runs `opsbay submit` as {name})"
-    else:
-        acl = "(nothing: the `pattern` lines of mosquitto/acl.example cover every node)\n"
-        own = f"the worker's key file on node {name} (only this node's keys)"
-    text = (
-        f"# New key {kid} for {kind} {name}.\n"
-        "#\n"
-        "# 1. Add this entry to the coordinator's key file (OPSBAY_KEY_FILE), then restart it:\n"
-        "#\n"
-        f"{entry}"
-        "#\n"
-        f"# 2. Put the same entry in {own},\n"
-        "#    readable only by the user that runs opsbay (chmod 600), and point OPSBAY_KEY_FILE\n"
-        "#    at it. A party signs with the last of its keys in the file and accepts all.\n"
-        "#\n"
-        f"# 3. On the broker (mosquitto/production.conf), a login for {name}:\n"
-        f"#      mosquitto_passwd -b /etc/mosquitto/opsbay/passwd {name} '{password}'\n"
-        "#    and in /etc/mosquitto/opsbay/acl:\n"
-        + "".join(f"#      {line}\n" for line in acl.splitlines())
-        + "#    then reload Mosquitto (kill -HUP) and connect with\n"
-        f"#      OPSBAY_BROKER=mqtts://{name}:{password}@BROKER:8883\n"
+    steps: list[str] = []
+    entry = ""
+    if kind in ("client", "node"):
+        kid, secret_hex = new_key(kind, name, dt.datetime.now(dt.UTC))
+        entry = key_entry(kid, kind, name, secret_hex)
+        steps += _key_steps(kind, name, kid, entry, appended)
+    steps.append(_login_step(name, password, passwd_file))
+    steps.append(_acl_step(kind, name, prefix))
+    steps.append(
+        f"Give {name} its login in its environment, never on a command line (`ps` shows those):\n"
+        f"  OPSBAY_BROKER=mqtts://{name}:{password}@BROKER:8883\n"
+        "and, for a private CA, OPSBAY_CA_FILE=/etc/opsbay/ca.crt: for a systemd unit, in its\n"
+        "EnvironmentFile= (mode 0600, see systemd/). BROKER must match a subjectAltName of the\n"
+        "broker's certificate."
     )
-    return text, entry
+    if kind in ("client", "node"):
+        steps.append(
+            "Rotating only the key? The broker login is separate: skip steps 3 to 5 and keep the\n"
+            "current password (or change it too: steps 3 to 5 replace it)."
+        )
+    head = f"# New broker login for {kind} {name}.\n"
+    if entry:
+        head = f"# New key {entry.split(chr(34))[1]} for {kind} {name}, and a broker login.\n"
+    body = "".join(
+        "#\n" + "".join(f"#{'' if not ln else ' '}{ln}\n" for ln in _numbered(i, step))
+        for i, step in enumerate(steps, 1)
+    )
+    # The entry itself is not commented out, so that the output is also a valid key file.
+    return head + body.replace(f"#    {_ENTRY}\n", entry), entry
+
+
+_ENTRY = "<the entry>"
+
+
+def _numbered(i: int, step: str) -> list[str]:
+    lines = step.splitlines()
+    return [f"{i}. {lines[0]}"] + [("   " + ln if ln else "") for ln in lines[1:]]
+
+
+def _key_steps(kind: str, name: str, kid: str, entry: str, appended: tuple[Path, ...]) -> list[str]:
+    own = (
+        f"the key file of client {name} (on the hosts that submit as {name})"
+        if kind == "client"
+        else f"the worker's key file on node {name} (only this node's keys)"
+    )
+    if appended:
+        first = (
+            f"Appended to {', '.join(str(p) for p in appended)} (mode 600): do not add it there\n"
+            "again (a key id that appears twice makes a key file refused). Restart the\n"
+            "coordinator if that is its key file (OPSBAY_KEY_FILE); otherwise add the entry\n"
+            "to the coordinator's key file too, then restart it:"
+        )
+        where = f"Unless appended above, put the same entry in\n{own}."
+    else:
+        first = "Add this entry to the coordinator's key file (OPSBAY_KEY_FILE), then restart it:"
+        where = f"Put the same entry in {own}."
+    return [
+        f"{first}\n{_ENTRY}",
+        f"{where}\nOnly its owner may read it (chmod 600: opsbay refuses it otherwise); point\n"
+        "OPSBAY_KEY_FILE at it. A party signs with the last of its keys in the file and\n"
+        "accepts all.",
+    ]
+
+
+def _login_step(name: str, password: str, passwd_file: Path) -> str:
+    return (
+        f"On the broker, as root, give {name} its login in the password file: this works on a\n"
+        "new file too, and keeps the password off command lines (mosquitto_passwd reads it\n"
+        "twice from standard input); it replaces an earlier password of the same user.\n"
+        "\n"
+        f"  touch {passwd_file}\n"
+        f"  mosquitto_passwd {passwd_file} {name} <<'EOF'\n"
+        f"  {password}\n"
+        f"  {password}\n"
+        "  EOF\n"
+        f"  chgrp mosquitto {passwd_file}; chmod 0640 {passwd_file}\n"
+        "\n"
+        "(Not mosquitto_passwd -c, which empties an existing file, nor -b, which puts the\n"
+        "password on its command line, nor -U on the password file, which hashes the hashes.)"
+    )
+
+
+def _acl_step(kind: str, name: str, prefix: str) -> str:
+    deny = "".join(f"topic deny {prefix}/{t}/{name}/#\n" for t in ("nodes", "results", "output"))
+    if kind == "node":
+        return (
+            "ACL: nothing to add, the `pattern` lines of mosquitto/acl.example cover every node\n"
+            "whose login is its node name. Reload Mosquitto: systemctl reload mosquitto"
+        )
+    if kind == "coordinator":
+        acl = f"user {name}\ntopic readwrite {prefix}/#\n"
+    elif kind == "watcher":
+        acl = f"user {name}\n{deny}topic read {prefix}/#\n"
+    else:
+        reads = ("jobs/#", "rpc/reply/#", "results/#", "output/#", "nodes/#", "rejected")
+        acl = (
+            f"user {name}\n{deny}topic write {prefix}/submit\ntopic write {prefix}/rpc/request\n"
+            + "".join(f"topic read {prefix}/{t}\n" for t in reads)
+        )
+    block = "".join(f"  {ln}\n" for ln in acl.splitlines())
+    known = kind == "coordinator" and name == "coordinator"
+    have = " (acl.example has it already)" if known else ""
+    return (
+        f"In /etc/mosquitto/opsbay/acl{have}:\n\n{block}\n"
+        "then reload Mosquitto: systemctl reload mosquitto"
+    )

@@ -44,10 +44,7 @@ class Settings:
 def _shared(opts: BusOptions) -> bytes | None:
     secret = opts.secret
     if opts.secret_file is not None:
-        try:
-            secret = opts.secret_file.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise ConfigError(f"--secret-file / OPSBAY_SECRET_FILE: cannot read: {e}") from e
+        secret = keys.read_private(opts.secret_file, "--secret-file / OPSBAY_SECRET_FILE").strip()
         if not secret:
             raise ConfigError(f"--secret-file / OPSBAY_SECRET_FILE: {opts.secret_file} is empty")
     return secret.encode() if secret else None

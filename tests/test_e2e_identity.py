@@ -45,8 +45,10 @@ class Keys:
         policies = "".join(f"[clients.{n}]\n{p}\n" for n, p in CLIENTS.items() if p)
         everything = "\n".join(e for es in self.entries.values() for e in es)
         (self.dir / "coordinator.toml").write_text(everything + "\n" + policies)
+        (self.dir / "coordinator.toml").chmod(0o600)  # opsbay refuses key files others can read
         for name, es in self.entries.items():
             (self.dir / f"{name}.toml").write_text("\n".join(es))
+            (self.dir / f"{name}.toml").chmod(0o600)
 
     def file(self, name: str) -> str:
         return str(self.dir / f"{name}.toml")

@@ -44,6 +44,7 @@ def test_broker_url_parse_refuses_or_returns(url: str) -> None:
 def test_key_file_load_refuses_with_a_config_error(tmp_path: Path, text: str) -> None:
     path = tmp_path / "keys.toml"
     path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)  # a key file others can read is refused before its text is looked at
     try:
         keys.load(path)
     except ConfigError as e:
@@ -66,6 +67,7 @@ def test_key_file_load_refuses_with_a_config_error(tmp_path: Path, text: str) ->
 def test_key_file_errors_name_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
     path = tmp_path / "keys.toml"
     path.write_text(text)
+    path.chmod(0o600)
     if not fragment:
         assert keys.load(path).keys[0][0] == "a"
         return
@@ -77,6 +79,7 @@ def test_duplicate_key_ids_are_refused(tmp_path: Path) -> None:
     entry = "[[keys]]\nid='a'\nclient='c'\nsecret='" + "0" * 64 + "'\n"
     path = tmp_path / "keys.toml"
     path.write_text(entry + entry)
+    path.chmod(0o600)
     with pytest.raises(ConfigError, match="appears twice"):
         keys.load(path)
 

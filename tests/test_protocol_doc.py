@@ -111,6 +111,7 @@ def example_keys() -> keys.KeyFile:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "keys.toml"
         path.write_text(keyfile_text(), encoding="utf-8")
+        path.chmod(0o600)  # opsbay refuses key files others can read
         return keys.load(path)
 
 
@@ -1030,8 +1031,10 @@ def test_shell_example_with_a_client_key(bus: Bus, tmp_path: Path) -> None:
     for (kind, name), (kid, secret) in entries.items():
         files[name] = tmp_path / f"{name}.toml"
         files[name].write_text(keys.key_entry(kid, kind, name, secret))
+        files[name].chmod(0o600)  # opsbay refuses key files others can read
     everything = "\n".join(keys.key_entry(k, kind, n, s) for (kind, n), (k, s) in entries.items())
     (tmp_path / "coordinator.toml").write_text(everything)
+    (tmp_path / "coordinator.toml").chmod(0o600)
     no_shared = {"OPSBAY_SECRET": ""}
     bus.coordinator(OPSBAY_KEY_FILE=str(tmp_path / "coordinator.toml"), **no_shared)
     bus.worker("n1", OPSBAY_KEY_FILE=str(files["n1"]), **no_shared)
