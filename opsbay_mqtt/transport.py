@@ -280,7 +280,18 @@ class Connection:
                     cert_reqs=ssl.CERT_REQUIRED,
                 )
             except (OSError, ssl.SSLError) as e:
-                raise ConfigError(f"TLS files: {e}") from e
+                named = ", ".join(
+                    f"{setting} {path}"
+                    for setting, path in (
+                        ("--ca-file / OPSBAY_CA_FILE", t.ca_file),
+                        ("--client-cert / OPSBAY_CLIENT_CERT", t.cert_file),
+                        ("--client-key / OPSBAY_CLIENT_KEY", t.key_file),
+                    )
+                    if path
+                )
+                raise ConfigError(
+                    f"{named or 'the TLS files'}: not usable ({e}); PEM files are expected"
+                ) from e
         self._will = will
         self.manual_ack = manual_ack
         c.manual_ack_set(manual_ack)
@@ -332,10 +343,14 @@ class Connection:
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if not self._ever_connected and not self._closing and self._connect_error is None:
             # Closed before the broker accepted us: with TLS 1.3 this is how a listener that
-            # requires a client certificate says no.
-            self._connect_error = (
-                f"broker {self.url} closed the connection before accepting it ({rc}); "
+            # requires a client certificate says no; without TLS, how a TLS port answers.
+            hint = (
                 "does it require a client certificate (--client-cert, --client-key)?"
+                if self.url.tls
+                else "is it a TLS port? Then the URL starts with mqtts://"
+            )
+            self._connect_error = (
+                f"broker {self.url} closed the connection before accepting it ({rc}); {hint}"
             )
         if self._connected.is_set() and not self._closing:
             self.reconnects += 1

@@ -274,7 +274,7 @@ class WaitView:
                 self.reported.add(ex.node)
                 self._clear()
                 self._show(self.assembly.finish(ex), labelled=True)
-                self.err.write(f"opsbay: {ex.node}: {_outcome(ex)}\n")
+                self.err.write(f"opsbay: {ex.node}: {_outcome(ex, job.timeout_s)}\n")
         if self.tty:
             done = sum(states.is_terminal(x.state) for x in job.executions)
             running = sum(x.state == "running" for x in job.executions)
@@ -329,7 +329,8 @@ class WaitView:
                 self.out.flush()
                 self.err.write(ex.stderr)
             if ex.node not in self.reported and ex.state != "succeeded":
-                self.err.write(f"opsbay: job {job.job_id} on {ex.node}: {_outcome(ex)}\n")
+                outcome = _outcome(ex, job.timeout_s)
+                self.err.write(f"opsbay: job {job.job_id} on {ex.node}: {outcome}\n")
             if ex.truncated:
                 self.err.write(
                     f"opsbay: {ex.node}: output truncated: {ex.stdout_bytes} bytes of stdout, "
@@ -344,7 +345,9 @@ class WaitView:
         self.err.flush()
 
 
-def _outcome(ex: Execution) -> str:
-    code = f" (exit {ex.exit_code})" if ex.exit_code is not None else ""
+def _outcome(ex: Execution, timeout_s: int) -> str:
     why = f": {ex.reason}" if ex.reason else ""
+    if ex.state == "timed_out":  # not the 143 of the TERM: the CLI exits 124
+        return f"timed_out (killed after the {timeout_s} s timeout; exit 124){why}"
+    code = f" (exit {ex.exit_code})" if ex.exit_code is not None else ""
     return f"{ex.state}{code}{why}"

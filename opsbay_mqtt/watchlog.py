@@ -25,6 +25,7 @@ from opsbay_mqtt.protocol import (
     decode,
     decode_unverified,
 )
+from opsbay_mqtt.render import visible
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import JOB_ID_RE, Topics
 
@@ -127,14 +128,6 @@ def matches(seen: Seen, job: str | None, node: str | None) -> bool:
     return node is None or node in nodes
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")  # C0, DEL and C1 controls
-
-
-def _visible(text: str) -> str:
-    """Control characters shown escaped: whoever can publish must not drive the terminal."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
 def clock(now: float) -> str:
     """`now` (epoch seconds) as local HH:MM:SS.mmm."""
     return time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
@@ -159,15 +152,15 @@ def human_lines(
             parts.append(f"{ex.node} {ex.state}{code}{why}")
         done = sum(n for s, n in m.counts.items() if states.is_terminal(s))
         what = f": {', '.join(parts)}" if parts else ""
-        return [_visible(f"{head} job {jid(m.job.job_id)} {m.job.state}{what} [{done}/{m.total}]")]
+        return [visible(f"{head} job {jid(m.job.job_id)} {m.job.state}{what} [{done}/{m.total}]")]
     if isinstance(m, Rejected):
-        return [_visible(f"{head} job {jid(m.job_id)} rejected: {m.code}: {m.reason}")]
+        return [visible(f"{head} job {jid(m.job_id)} rejected: {m.code}: {m.reason}")]
     if isinstance(m, NodeStatus):
         return [f"{head} node {m.node} {m.state}"]
     assert isinstance(m, Output)
     chunk = f"{head} job {jid(m.job_id)} [{m.node}]"
     out = [f"{chunk} {m.dropped} bytes dropped"] if m.dropped else []
-    out += [_visible(f"{chunk} {line}") for line in split_lines(m.data)]
+    out += [visible(f"{chunk} {line}") for line in split_lines(m.data)]
     return out
 
 

@@ -250,6 +250,12 @@ CASES: list[tuple[tuple[str | bytes, ...], dict[str, str], int, str]] = [
     (("results",), {"OPSBAY_BROKER": "mqtt://ci:Top#Secret@h"}, 78, "%23"),
     (("results",), {"OPSBAY_SECRET": ""}, 78, "no key"),
     (("results",), {"OPSBAY_SECRET": os.fsdecode(b"\xff")}, 78, "OPSBAY_SECRET: not valid UTF-8"),
+    (
+        ("results", "--broker", "mqtts://127.0.0.1:1", "--ca-file", "/etc/hostname"),
+        {},
+        78,
+        "--ca-file / OPSBAY_CA_FILE /etc/hostname: not usable",
+    ),
 ]
 
 
