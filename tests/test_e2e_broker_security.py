@@ -510,3 +510,146 @@ def test_a_worker_with_a_wrong_password_logs_what_to_fix_and_stops_on_sigterm(
     assert secure.passwords["web-02"] not in said, "the password was logged"
     p.send_signal(signal.SIGTERM)
     assert p.wait(5) == 0, tls_bus.log("worker-badpass")
+
+
+# --- the certificate commands of mosquitto/README.md, run as written (issue 12, 2) ---------
+
+TLS_BLOCK = "<!-- tests/test_e2e_broker_security.py runs this block"
+
+
+def documented_pki(d: Path, name: str, ip: str) -> None:
+    """Run mosquitto/README.md's CA and server certificate commands in `d`, with only its two
+    variables (the broker's name and address) set."""
+    text = (SHIPPED / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```sh\n(.*?)```", text[text.index(TLS_BLOCK) :], re.S)
+    assert block, "no sh block after the marker in mosquitto/README.md"
+    script = block[1]
+    for var, value in (("name", name), ("ip", ip)):
+        script, n = re.subn(rf"^{var}=\S*(.*)$", rf"{var}={value}\1", script, flags=re.M)
+        assert n == 1, f"mosquitto/README.md: expected one line setting {var}"
+    out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=d, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def openssl_verify(d: Path, *check: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["openssl", "verify", "-CAfile", "ca.crt", "-purpose", "sslserver", *check, "server.crt"],
+        cwd=d, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_the_documented_certificate_is_a_tls_server_certificate_for_its_san_only(
+    tmp_path: Path,
+) -> None:
+    documented_pki(tmp_path, "broker.example", "192.0.2.10")  # the block exactly as printed
+    for ok in (("-verify_hostname", "broker.example"), ("-verify_ip", "192.0.2.10")):
+        assert openssl_verify(tmp_path, *ok).returncode == 0, ok
+    wrong = openssl_verify(tmp_path, "-verify_hostname", "other.example")
+    assert wrong.returncode != 0 and "hostname mismatch" in wrong.stdout + wrong.stderr, wrong
+    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0, "the CA key is readable by others"
+
+
+@pytest.fixture
+def documented_broker(tmp_path: Path) -> Iterator[SecureBroker]:
+    """production.conf with the certificate the documented commands make for localhost."""
+    (tmp_path / "data").mkdir()
+    documented_pki(tmp_path, "localhost", "127.0.0.1")
+    passwords = {"ci": secrets.token_urlsafe(12)}
+    run("mosquitto_passwd", "-c", "-b", str(tmp_path / "passwd"), "ci", passwords["ci"],
+        cwd=tmp_path)  # fmt: skip
+    (tmp_path / "acl").write_bytes((SHIPPED / "acl.example").read_bytes())
+    ports = free_port(), free_port(), free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(production_config(tmp_path, *ports), encoding="utf-8")
+    log = tmp_path / "mosquitto.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [find_mosquitto(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        for port in ports:
+            wait_for_port(port, 10, proc)
+        broker = Broker(port=ports[0], process=proc, conf=conf, log=log)
+        yield SecureBroker(broker, tmp_path, *ports, passwords=passwords)
+    finally:
+        stop_process(proc)
+
+
+def test_a_client_reaches_a_broker_with_the_documented_certificate_by_the_name_in_its_san(
+    documented_broker: SecureBroker,
+) -> None:
+    b = documented_broker
+    p = Peer(b.tls_port, "ci", b.passwords["ci"], ca=b.ca)  # to "localhost": the DNS SAN
+    try:
+        assert p.connack is not None and not p.connack.is_failure, p.connack
+    finally:
+        p.close()
+
+
+def test_a_host_that_is_not_in_the_certificates_san_is_refused(
+    documented_broker: SecureBroker,
+) -> None:
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(documented_broker.ca))
+    address = ("127.0.0.1", documented_broker.tls_port)
+    with (
+        socket.create_connection(address, timeout=WAIT_S) as s,
+        pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"),
+    ):
+        context.wrap_socket(s, server_hostname="broker.example")
+    with socket.create_connection(address, timeout=WAIT_S) as s:
+        context.wrap_socket(s, server_hostname="127.0.0.1").close()  # the IP SAN
+
+
+# --- message size: the protocol's 4 MiB, enforced by the broker (issue 12, 5) -----------------
+
+MIB = 1024 * 1024
+
+
+def publish_311(port: int, user: str, password: str, topic: str, payload: bytes) -> None:
+    """Publish retained at QoS 1 under MQTT 3.1.1 and wait for the PUBACK, which Mosquitto sends
+    once it has routed (or dropped) the message."""
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"big-{uuid.uuid4().hex[:8]}",
+                    protocol=MQTTProtocolVersion.MQTTv311)  # fmt: skip
+    c.username_pw_set(user, password)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        info = c.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(WAIT_S)
+        assert info.is_published(), f"no PUBACK for {len(payload)} bytes on {topic}"
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+@pytest.mark.parametrize(
+    ("size", "kept"), [(4 * MIB, True), (4 * MIB + 1, False), (5 * MIB, False)]
+)
+def test_a_node_cannot_store_a_message_over_4_mib_for_every_watcher(
+    secure: SecureBroker, peers: Callable[[str], Peer], size: int, kept: bool
+) -> None:
+    topic = "opsbay/nodes/web-02/info"  # web-02's own info topic: the ACL lets it write there
+    probe = token()
+    payload = probe + b"x" * (size - len(probe))
+    watcher = peers("watcher")
+    assert not watcher.subscribe("opsbay/#").is_failure
+    try:
+        publish_311(secure.plain_port, "web-02", secure.passwords["web-02"], topic, payload)
+        control = token()
+        peers("coordinator").publish("opsbay/control", control)
+        watcher.wait_for("opsbay/control", control)
+        assert ((topic, payload) in watcher.received) is kept, len(watcher.received)
+        # Nor is it retained for the next watcher: retained messages come right after the SUBACK.
+        late = peers("watcher")
+        assert not late.subscribe(topic).is_failure
+        assert not late.subscribe("opsbay/control").is_failure
+        control = token()
+        peers("coordinator").publish("opsbay/control", control)
+        late.wait_for("opsbay/control", control)
+        assert ((topic, payload) in late.received) is kept, [len(p) for _, p in late.received]
+    finally:  # clear the retained message for the tests after this one
+        publish_311(secure.plain_port, "web-02", secure.passwords["web-02"], topic, b"")
