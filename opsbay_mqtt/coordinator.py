@@ -45,6 +45,9 @@ class CoordinatorConfig:
     keyring: Keyring
     allow_nodes: frozenset[str] | None = None
     clients: Mapping[str, ClientPolicy] = field(default_factory=dict)
+    # The labels each node may claim ([nodes.NAME] in the key file): with per-identity keys a
+    # node's labels come from here, never from the node alone (see `granted_labels`).
+    node_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     window_s: int = 300
     lost_grace_s: int = 30
     keep_days: int = 30
@@ -398,7 +401,20 @@ class Coordinator:
                 # seen before, a broker restarted without its data) must reach it now.
                 self.redispatch_pending(msg.node)
         else:
-            info = {"labels": msg.labels, "agent_version": msg.agent_version, "facts": msg.facts}
+            labels, refused = granted_labels(auth, msg.labels, self.cfg.node_labels.get(msg.node))
+            if refused:
+                log.warning(
+                    "node %s claims label(s) its key file entry does not grant; ignored: %s",
+                    msg.node,
+                    ", ".join(f"{k}={v}" for k, v in sorted(refused.items())),
+                )
+            info: dict[str, Any] = {
+                "labels": labels,
+                "agent_version": msg.agent_version,
+                "facts": msg.facts,
+            }
+            if refused:
+                info["refused_labels"] = refused
             self.store.node_seen(msg.node, seen, kid=kid, info=info)
 
     # -- queries
@@ -468,6 +484,20 @@ class Coordinator:
                 self._send_dispatch(job, ex)
             except Refused as e:  # e.g. the node's key was removed since
                 log.warning("job %s: cannot dispatch to %s again: %s", job_id, to, e)
+
+
+def granted_labels(
+    auth: Auth, claimed: Mapping[str, str], granted: Mapping[str, str] | None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(the labels a node gets, the ones it claimed and does not get). A node that signs with
+    its own key gets only what it claims *and* the coordinator's key file grants it (a stolen
+    node key must not attract jobs meant for other roles). The shared secret can do anything
+    anyway: what it claims stands."""
+    if auth.identity is None or auth.identity.kind != "node":
+        return dict(claimed), {}
+    allowed = granted or {}
+    kept = {k: v for k, v in claimed.items() if allowed.get(k) == v}
+    return kept, {k: v for k, v in claimed.items() if k not in kept}
 
 
 def serve(coord: Coordinator, conn: Connection, stop: threading.Event) -> None:

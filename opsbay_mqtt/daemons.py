@@ -100,6 +100,7 @@ def run_coordinator(
         keyring=settings.keyring,
         allow_nodes=allow_nodes,
         clients=settings.clients,
+        node_labels=settings.node_labels,
         window_s=limits["window_s"],
         lost_grace_s=limits["lost_grace_s"],
         keep_days=limits["keep_days"],

@@ -14,6 +14,9 @@ keys listed and accepts all of them.
     [clients.ci]
     targets = ["web-*", "db-01", "role=web"]
     commands = ["deploy-app *", "uptime"]
+
+    [nodes.web-01]                 # in the coordinator's file: the labels web-01 may claim
+    labels = { role = "web", region = "eu-west" }
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ if TYPE_CHECKING:  # policies are read only from key files that have them
     from opsbay_mqtt.policy import ClientPolicy
 
 SECRET_RE = re.compile(r"[0-9a-f]{64}")
+LABEL_KEY_RE = re.compile(r"[A-Za-z0-9._/-]{1,64}")
 CLIENT_NAME_RE = NODE_NAME_RE
 
 
@@ -41,6 +45,7 @@ CLIENT_NAME_RE = NODE_NAME_RE
 class KeyFile:
     keys: list[tuple[str, Identity, bytes]]  # (key id, identity, secret), in file order
     clients: dict[str, ClientPolicy] = field(default_factory=dict)
+    node_labels: dict[str, dict[str, str]] = field(default_factory=dict)  # [nodes.NAME] labels
 
     def signing_kid(self, kind: str, name: str | None = None) -> str | None:
         """The last listed key of a client (any, or `name`) or of node `name`."""
@@ -100,7 +105,7 @@ def load(path: Path) -> KeyFile:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _fail(path, f"not valid TOML: {e}") from e
-    unknown = set(data) - {"keys", "clients"}
+    unknown = set(data) - {"keys", "clients", "nodes"}
     if unknown:
         raise _fail(path, f"unknown section(s) {', '.join(sorted(unknown))}")
     keys: list[tuple[str, Identity, bytes]] = []
@@ -110,7 +115,33 @@ def load(path: Path) -> KeyFile:
     clients = {}
     for name, spec in data.get("clients", {}).items():
         clients[name] = _client_policy(path, name, spec)
-    return KeyFile(keys=keys, clients=clients)
+    node_labels = {name: _node_labels(path, name, spec) for name, spec in _table(data, "nodes")}
+    return KeyFile(keys=keys, clients=clients, node_labels=node_labels)
+
+
+def _table(data: dict[str, Any], section: str) -> list[tuple[str, Any]]:
+    value = data.get(section, {})
+    return list(value.items()) if isinstance(value, dict) else []
+
+
+def _node_labels(path: Path, name: str, spec: Any) -> dict[str, str]:
+    """`[nodes.NAME] labels = {...}`: the labels node NAME may claim (key 1-64 of
+    A-Z a-z 0-9 . _ / -, value at most 256 characters, as in the protocol)."""
+    if not NODE_NAME_RE.fullmatch(name):
+        raise _fail(path, f"nodes.{name}: {name!r} is not a valid node name")
+    if not isinstance(spec, dict) or set(spec) - {"labels"}:
+        raise _fail(path, f'nodes.{name}: expected only labels = {{ key = "value", ... }}')
+    labels = spec.get("labels", {})
+    if not isinstance(labels, dict) or not all(
+        isinstance(k, str) and LABEL_KEY_RE.fullmatch(k) and isinstance(v, str) and len(v) <= 256
+        for k, v in labels.items()
+    ):
+        raise _fail(
+            path,
+            f'nodes.{name}.labels: expected key = "value" pairs (keys 1-64 of '
+            "A-Z a-z 0-9 . _ / -, values at most 256 characters)",
+        )
+    return dict(labels)
 
 
 def _key(path: Path, i: int, entry: Any, seen: set[str]) -> tuple[str, Identity, bytes]:

@@ -154,6 +154,9 @@ def nodes_table(nodes: list[dict[str, Any]], now_ms: int) -> str:
             )
         f = p.get("facts") or {}
         labels = ",".join(f"{k}={v}" for k, v in sorted((p.get("labels") or {}).items()))
+        refused = (p.get("refused_labels") or {}).items()
+        if refused:  # claimed by the node, not granted by the coordinator's key file
+            labels += " (not granted: " + ",".join(f"{k}={v}" for k, v in sorted(refused)) + ")"
         rows.append(
             [
                 p["node"],

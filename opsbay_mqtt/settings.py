@@ -39,6 +39,7 @@ class Settings:
     keyring: Keyring
     tls: TlsFiles = field(default_factory=TlsFiles)
     clients: Mapping[str, ClientPolicy] = field(default_factory=dict)
+    node_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 def _shared(opts: BusOptions) -> bytes | None:
@@ -105,4 +106,5 @@ def resolve(opts: BusOptions, role: str, name: str | None = None) -> Settings:
         keyring=keys.keyring(file, shared, signing_kid),
         tls=tls,
         clients=file.clients if file is not None and role == "coordinator" else {},
+        node_labels=file.node_labels if file is not None and role == "coordinator" else {},
     )

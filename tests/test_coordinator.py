@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig
+from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig, granted_labels
 from opsbay_mqtt.protocol import NodeStatus, Result, Submit, encode
-from opsbay_mqtt.signing import Keyring
+from opsbay_mqtt.signing import Auth, Identity, Keyring
 from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import Topics
 from opsbay_mqtt.transport import CONNECTED, Inbound
@@ -278,3 +278,26 @@ def test_a_refusal_as_bad_json_still_names_the_job_and_nonce_its_sender_used(
     coord.handle(Inbound("t/submit", json.dumps(body).encode()))
     (refusal,) = sent(coord, f"/jobs/{job_id}")
     assert (refusal["code"], refusal["job_id"], refusal["nonce"]) == ("bad_json", job_id, "ab" * 16)
+
+
+@pytest.mark.parametrize(
+    ("identity", "claimed", "granted", "kept", "refused"),
+    [
+        (None, {"role": "db"}, None, {"role": "db"}, {}),  # the shared secret: as claimed
+        (("node", "n1"), {"role": "db"}, None, {}, {"role": "db"}),
+        (("node", "n1"), {"role": "db"}, {"role": "web"}, {}, {"role": "db"}),
+        (("node", "n1"), {"role": "web", "dc": "x"}, {"role": "web"}, {"role": "web"},
+         {"dc": "x"}),
+        (("node", "n1"), {}, {"role": "web"}, {}, {}),  # granted, not claimed: not given
+    ],
+)  # fmt: skip
+def test_a_node_keeps_only_the_labels_it_claims_and_is_granted(
+    identity: tuple[str, str] | None,
+    claimed: dict[str, str],
+    granted: dict[str, str] | None,
+    kept: dict[str, str],
+    refused: dict[str, str],
+) -> None:
+    who = Identity(*identity) if identity else None
+    auth = Auth(kid="k", ts=0, nonce="n", identity=who)
+    assert granted_labels(auth, claimed, granted) == (kept, refused)

@@ -256,3 +256,31 @@ def test_live_output_a_client_cannot_verify_is_said_once_and_shown_at_the_end(
     assert out.stdout == "line 1\nline 2\nline 3\ndone\n"
     said = [ln for ln in out.stderr.splitlines() if "live output is signed" in ln]
     assert len(said) == 1, out.stderr
+
+
+def test_a_node_gets_only_the_labels_the_coordinators_key_file_grants(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """A stolen node login and key must not attract jobs meant for another role by claiming
+    its label (issue 12, 2): with per-identity keys the coordinator's [nodes.NAME] decides."""
+    k = Keys(tmp_path)
+    coordinator_file = tmp_path / "coordinator.toml"
+    coordinator_file.write_text(
+        coordinator_file.read_text() + '\n[nodes.n2]\nlabels = { role = "web" }\n'
+    )
+    bus.coordinator(**as_(k, "coordinator"))
+    bus.worker("n1", "--label", "role=web", **as_(k, "n1"))  # claims it, is not granted it
+    bus.worker("n2", "--label", "role=web", **as_(k, "n2"))
+
+    def labels() -> dict[str, Any]:
+        return {n["node"]: n for n in bus.cli_json("nodes", **as_(k, "admin"))}
+
+    wait_until(lambda: "refused_labels" in labels().get("n1", {}), 15, "n1's info recorded")
+    nodes = labels()
+    assert (nodes["n1"]["labels"], nodes["n1"]["refused_labels"]) == ({}, {"role": "web"})
+    assert nodes["n2"]["labels"] == {"role": "web"} and "refused_labels" not in nodes["n2"]
+    out = bus.cli("submit", "--where", "role=web", "-c", "echo $OPSBAY_NODE", "--wait",
+                  **as_(k, "admin"))  # fmt: skip
+    assert (out.returncode, out.stdout) == (0, "[n2] n2\n"), out.stderr  # n2 only
+    assert "not granted: role=web" in bus.cli("nodes", **as_(k, "admin")).stdout
+    assert "n1 claims label(s) its key file entry does not grant" in bus.log("coordinator")
