@@ -312,13 +312,15 @@ def keys(
         ),
     ] = None,
     passwd_file: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--passwd-file",
             metavar="FILE",
-            help="The broker's password file, for the printed mosquitto_passwd steps.",
+            help="The broker's password file, for the printed mosquitto_passwd steps (default: "
+            "/etc/mosquitto/opsbay/passwd-daemons for the coordinator and nodes, "
+            "passwd-clients for clients and watchers, as in mosquitto/production.conf).",
         ),
-    ] = Path("/etc/mosquitto/opsbay/passwd"),
+    ] = None,
     prefix: Annotated[
         str, typer.Option("--prefix", metavar="PREFIX", envvar="OPSBAY_PREFIX")
     ] = "opsbay",

@@ -197,7 +197,18 @@ def key_entry(kid: str, kind: str, name: str, secret_hex: str) -> str:
 
 
 KINDS = ("client", "node", "coordinator", "watcher")  # what `opsbay keys` makes
-PASSWD_FILE = Path("/etc/mosquitto/opsbay/passwd")
+DAEMONS = ("coordinator", "node")  # their logins and listener differ (mosquitto/production.conf)
+PASSWD_DIR = Path("/etc/mosquitto/opsbay")
+
+
+def passwd_file_of(kind: str, directory: Path = PASSWD_DIR) -> Path:
+    """The broker's password file for a login of this kind: the daemons' or the clients'."""
+    return directory / ("passwd-daemons" if kind in DAEMONS else "passwd-clients")
+
+
+def port_of(kind: str) -> int:
+    """The TLS port of production.conf's listener for this kind of login."""
+    return 8883 if kind in DAEMONS else 8884
 
 
 def new_key_instructions(
@@ -206,7 +217,7 @@ def new_key_instructions(
     prefix: str = "opsbay",
     *,
     appended: tuple[Path, ...] = (),
-    passwd_file: Path = PASSWD_FILE,
+    passwd_file: Path | None = None,
 ) -> tuple[str, str]:
     """What `opsbay keys` prints, and the key file entry itself ("" for a coordinator or a
     watcher, which get only a broker login: the coordinator's keys are every other party's, and
@@ -218,6 +229,13 @@ def new_key_instructions(
     name = name or "coordinator"
     if not NODE_NAME_RE.fullmatch(name):
         raise Refused("bad_node_name", f"invalid name {name!r}: use 1-63 of A-Z a-z 0-9 . _ -")
+    if kind in DAEMONS and name.startswith("opsbay-"):
+        raise Refused(
+            "bad_node_name",
+            f"{name!r}: a node or coordinator login may not start with opsbay- (client ids "
+            "that do are the clients'; see mosquitto/production.conf)",
+        )
+    passwd_file = passwd_file or passwd_file_of(kind)
     import secrets  # only here: `secrets` imports `random`, which no other command needs
 
     password = secrets.token_urlsafe(18)
@@ -231,7 +249,7 @@ def new_key_instructions(
     steps.append(_acl_step(kind, name, prefix))
     steps.append(
         f"Give {name} its login in its environment, never on a command line (`ps` shows those):\n"
-        f"  OPSBAY_BROKER=mqtts://{name}:{password}@BROKER:8883\n"
+        f"  OPSBAY_BROKER=mqtts://{name}:{password}@BROKER:{port_of(kind)}\n"
         "and, for a private CA, OPSBAY_CA_FILE=/etc/opsbay/ca.crt: for a systemd unit, in its\n"
         "EnvironmentFile= (mode 0600, see systemd/). BROKER must match a subjectAltName of the\n"
         "broker's certificate."

@@ -29,8 +29,15 @@ from tests.helpers import Broker, Bus, stop_process, wait_until
 
 SHIPPED = Path(__file__).resolve().parent.parent / "mosquitto"
 PREFIX = "opsbay"  # acl.example grants topics under this prefix only
-# "+" is no opsbay user: it checks that the ACL's `pattern` lines cannot be turned into wildcards.
-USERS = ("coordinator", "web-01", "web-02", "ci", "watcher", "+")
+# production.conf gives the daemons (coordinator, nodes) one password file and listeners where
+# a login's client id is its username, and clients and watchers another. "+" is no opsbay user:
+# it checks that the ACL's `pattern` lines cannot be turned into wildcards. "probe" is a
+# test-only login with the coordinator's rights (its own ACL block, appended to a copy of
+# acl.example), to publish probes without taking over the session of a running coordinator.
+DAEMON_USERS = ("coordinator", "web-01", "web-02", "probe", "+")
+CLIENT_USERS = ("ci", "watcher", "+")
+USERS = (*DAEMON_USERS, *CLIENT_USERS[:-1])
+PROBE_ACL = "\n# test only\nuser probe\ntopic readwrite opsbay/#\n"
 NOT_AUTHORIZED = 135  # MQTT 5 reason code of a refused login or a denied publish
 WAIT_S = 10
 
@@ -65,15 +72,33 @@ def replace_line(text: str, old: str, new: str) -> str:
     return out
 
 
-def production_config(d: Path, plain: int, tls: int, mtls: int) -> str:
-    """production.conf with its files in `d`, its two listeners moved to free loopback ports,
-    and a third, test-only listener that requires a client certificate."""
+@dataclass(frozen=True)
+class Ports:
+    plain: int  # the daemons' loopback listener (1883)
+    tls: int  # the daemons' TLS listener (8883)
+    clients: int  # the clients' TLS listener (8884)
+    clients_plain: int  # test-only: the clients' logins without TLS, for plain MQTT peers
+    mtls: int  # test-only: the clients' logins, TLS with a client certificate required
+
+    @classmethod
+    def free(cls) -> Ports:
+        return cls(free_port(), free_port(), free_port(), free_port(), free_port())
+
+    def all(self) -> tuple[int, ...]:
+        return (self.plain, self.tls, self.clients, self.clients_plain, self.mtls)
+
+
+def production_config(d: Path, ports: Ports) -> str:
+    """production.conf with its files in `d`, its three listeners moved to free loopback ports,
+    and two test-only listeners for the clients' logins: plain, and TLS with a client
+    certificate required."""
     text = (SHIPPED / "production.conf").read_text(encoding="utf-8")
     text = text.replace("/etc/mosquitto/opsbay/", f"{d}/").replace(
         "/var/lib/mosquitto/", f"{d}/data/"
     )
-    text = replace_line(text, "listener 1883 127.0.0.1", f"listener {plain} 127.0.0.1")
-    text = replace_line(text, "listener 8883", f"listener {tls} 127.0.0.1")
+    text = replace_line(text, "listener 1883 127.0.0.1", f"listener {ports.plain} 127.0.0.1")
+    text = replace_line(text, "listener 8883", f"listener {ports.tls} 127.0.0.1")
+    text = replace_line(text, "listener 8884", f"listener {ports.clients} 127.0.0.1")
     settings = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     assert not [ln for ln in settings if "/etc/" in ln or "/var/" in ln], settings
     # Started as root, Mosquitto drops to user `mosquitto` before reading passwd, acl and the key,
@@ -81,14 +106,24 @@ def production_config(d: Path, plain: int, tls: int, mtls: int) -> str:
     # would need opening too. The file has no `user` line (a second one is fatal), so append ours;
     # for a non-root user it has no effect. What the test loses: the file modes of production.
     text += f"\nuser {pwd.getpwuid(os.geteuid()).pw_name}\n"
-    # TLS settings are per listener even with per_listener_settings false, so this one differs
-    # from the shipped TLS listener only by asking for a client certificate.
+    clients = f"allow_anonymous false\npassword_file {d}/passwd-clients\nacl_file {d}/acl\n"
+    text += f"\nlistener {ports.clients_plain} 127.0.0.1\n{clients}"
+    # This one differs from the shipped clients' listener only by asking for a certificate.
     text += (
-        f"\nlistener {mtls} 127.0.0.1\n"
+        f"\nlistener {ports.mtls} 127.0.0.1\n{clients}"
         f"cafile {d}/ca.crt\ncertfile {d}/server.crt\nkeyfile {d}/server.key\n"
         "tls_version tlsv1.2\nrequire_certificate true\n"
     )
     return text
+
+
+def write_logins(d: Path, passwords: dict[str, str]) -> None:
+    """The two password files (daemons, clients) and a copy of acl.example (+ `probe`)."""
+    for name, users in (("passwd-daemons", DAEMON_USERS), ("passwd-clients", CLIENT_USERS)):
+        for i, user in enumerate(u for u in users if u in passwords):
+            create = ("-c",) if i == 0 else ()
+            run("mosquitto_passwd", *create, "-b", str(d / name), user, passwords[user], cwd=d)
+    (d / "acl").write_text((SHIPPED / "acl.example").read_text() + PROBE_ACL)
 
 
 @dataclass(frozen=True)
@@ -97,17 +132,37 @@ class SecureBroker:
 
     broker: Broker
     dir: Path
-    plain_port: int
-    tls_port: int
-    mtls_port: int
+    ports: Ports
     passwords: dict[str, str]
+
+    @property
+    def plain_port(self) -> int:
+        return self.ports.plain
+
+    @property
+    def tls_port(self) -> int:
+        return self.ports.tls
+
+    @property
+    def client_port(self) -> int:
+        return self.ports.clients
+
+    @property
+    def mtls_port(self) -> int:
+        return self.ports.mtls
 
     @property
     def ca(self) -> Path:
         return self.dir / "ca.crt"
 
+    def tls_port_of(self, user: str) -> int:
+        return self.ports.tls if user in DAEMON_USERS else self.ports.clients
+
+    def plain_port_of(self, user: str) -> int:
+        return self.ports.plain if user in DAEMON_USERS else self.ports.clients_plain
+
     def url(self, user: str, port: int | None = None) -> str:
-        port = port or self.tls_port
+        port = port or self.tls_port_of(user)
         return f"mqtts://{user}:{self.passwords[user]}@localhost:{port}"
 
 
@@ -116,24 +171,21 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     d = tmp_path_factory.mktemp("secure-broker")
     (d / "data").mkdir()
     make_pki(d)
-    passwords = {u: secrets.token_urlsafe(12) for u in USERS}
-    for i, (user, password) in enumerate(passwords.items()):
-        create = ("-c",) if i == 0 else ()
-        run("mosquitto_passwd", *create, "-b", str(d / "passwd"), user, password, cwd=d)
-    (d / "acl").write_bytes((SHIPPED / "acl.example").read_bytes())
-    ports = free_port(), free_port(), free_port()
+    passwords = {u: secrets.token_urlsafe(12) for u in {*DAEMON_USERS, *CLIENT_USERS}}
+    write_logins(d, passwords)
+    ports = Ports.free()
     conf = d / "mosquitto.conf"
-    conf.write_text(production_config(d, *ports), encoding="utf-8")
+    conf.write_text(production_config(d, ports), encoding="utf-8")
     log = d / "mosquitto.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [find_mosquitto(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        for port in ports:
+        for port in ports.all():
             wait_for_port(port, 10, proc)
-        broker = Broker(port=ports[0], process=proc, conf=conf, log=log)
-        yield SecureBroker(broker, d, *ports, passwords=passwords)
+        broker = Broker(port=ports.plain, process=proc, conf=conf, log=log)
+        yield SecureBroker(broker, d, ports, passwords=passwords)
     finally:
         stop_process(proc)
 
@@ -152,7 +204,7 @@ class Peer:
         self.connack: ReasonCode | None = None
         c = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=f"peer-{user}-{uuid.uuid4().hex[:8]}",
+            client_id=f"opsbay-peer-{user}-{uuid.uuid4().hex[:8]}",  # clientid_prefixes
             protocol=MQTTProtocolVersion.MQTTv5,
         )
         if user is not None:
@@ -210,7 +262,7 @@ def peers(secure: SecureBroker) -> Iterator[Callable[[str], Peer]]:
     made: list[Peer] = []
 
     def connect(user: str) -> Peer:
-        p = Peer(secure.plain_port, user, secure.passwords[user])
+        p = Peer(secure.plain_port_of(user), user, secure.passwords[user])
         made.append(p)
         assert p.connack is not None and not p.connack.is_failure, f"{user}: {p.connack}"
         return p
@@ -275,7 +327,7 @@ def test_what_a_user_publishes_reaches_a_watcher_only_where_the_acl_allows(
     ack = peers(user).publish(topic, probe)
     # Published after that PUBACK, so it reaches the watcher after the probe (if the probe does).
     control = token()
-    peers("coordinator").publish("opsbay/control", control)
+    peers("probe").publish("opsbay/control", control)
     watcher.wait_for("opsbay/control", control)
     assert ((topic, probe) in watcher.received) is delivered, watcher.received
     if delivered:
@@ -318,7 +370,7 @@ def test_a_wildcard_subscriber_receives_only_what_the_acl_lets_it_read(
     reader = peers(user)
     # The subscription itself is granted: reads are checked message by message.
     assert not reader.subscribe("opsbay/#").is_failure
-    coordinator = peers("coordinator")
+    coordinator = peers("probe")
     probe, control, control_topic = token(), token(), concrete(READABLE[user])
     assert not coordinator.publish(topic, probe).is_failure
     assert not coordinator.publish(control_topic, control).is_failure
@@ -343,9 +395,9 @@ def test_the_broker_refuses_a_client_without_a_valid_login(
     user, password_of = BAD_LOGINS[case]
     password = password_of(secure.passwords)
     if listener == "plain":
-        p = Peer(secure.plain_port, user, password)
+        p = Peer(secure.plain_port_of(user or "ci"), user, password)
     else:
-        p = Peer(secure.tls_port, user, password, ca=secure.ca)
+        p = Peer(secure.tls_port_of(user or "ci"), user, password, ca=secure.ca)
     try:
         assert p.connack is not None and p.connack.value == NOT_AUTHORIZED, p.connack
     finally:
@@ -354,7 +406,7 @@ def test_the_broker_refuses_a_client_without_a_valid_login(
 
 @pytest.mark.parametrize("user", USERS)
 def test_each_user_logs_in_with_its_own_password_over_tls(secure: SecureBroker, user: str) -> None:
-    p = Peer(secure.tls_port, user, secure.passwords[user], ca=secure.ca)
+    p = Peer(secure.tls_port_of(user), user, secure.passwords[user], ca=secure.ca)
     try:
         assert p.connack is not None and not p.connack.is_failure, p.connack
     finally:
@@ -457,7 +509,7 @@ def test_the_cli_verifies_the_brokers_certificate(tls_bus: Bus, secure: SecureBr
 
 
 def test_a_wrong_broker_password_makes_the_cli_exit_69(tls_bus: Bus, secure: SecureBroker) -> None:
-    wrong = f"mqtts://ci:wrong-{secure.passwords['ci']}@localhost:{secure.tls_port}"
+    wrong = f"mqtts://ci:wrong-{secure.passwords['ci']}@localhost:{secure.client_port}"
     out = nodes_cli(tls_bus, OPSBAY_BROKER=wrong, OPSBAY_CA_FILE=str(secure.ca))
     assert out.returncode == 69, out.stderr
     assert "Not authorized" in out.stderr, out.stderr
@@ -555,23 +607,21 @@ def documented_broker(tmp_path: Path) -> Iterator[SecureBroker]:
     """production.conf with the certificate the documented commands make for localhost."""
     (tmp_path / "data").mkdir()
     documented_pki(tmp_path, "localhost", "127.0.0.1")
-    passwords = {"ci": secrets.token_urlsafe(12)}
-    run("mosquitto_passwd", "-c", "-b", str(tmp_path / "passwd"), "ci", passwords["ci"],
-        cwd=tmp_path)  # fmt: skip
-    (tmp_path / "acl").write_bytes((SHIPPED / "acl.example").read_bytes())
-    ports = free_port(), free_port(), free_port()
+    passwords = {"ci": secrets.token_urlsafe(12), "coordinator": secrets.token_urlsafe(12)}
+    write_logins(tmp_path, passwords)
+    ports = Ports.free()
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text(production_config(tmp_path, *ports), encoding="utf-8")
+    conf.write_text(production_config(tmp_path, ports), encoding="utf-8")
     log = tmp_path / "mosquitto.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [find_mosquitto(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        for port in ports:
+        for port in ports.all():
             wait_for_port(port, 10, proc)
-        broker = Broker(port=ports[0], process=proc, conf=conf, log=log)
-        yield SecureBroker(broker, tmp_path, *ports, passwords=passwords)
+        broker = Broker(port=ports.plain, process=proc, conf=conf, log=log)
+        yield SecureBroker(broker, tmp_path, ports, passwords=passwords)
     finally:
         stop_process(proc)
 
@@ -580,7 +630,7 @@ def test_a_client_reaches_a_broker_with_the_documented_certificate_by_the_name_i
     documented_broker: SecureBroker,
 ) -> None:
     b = documented_broker
-    p = Peer(b.tls_port, "ci", b.passwords["ci"], ca=b.ca)  # to "localhost": the DNS SAN
+    p = Peer(b.client_port, "ci", b.passwords["ci"], ca=b.ca)  # to "localhost": the DNS SAN
     try:
         assert p.connack is not None and not p.connack.is_failure, p.connack
     finally:
@@ -612,7 +662,7 @@ MIB = 1024 * 1024
 def publish_311(port: int, user: str, password: str, topic: str, payload: bytes) -> None:
     """Publish retained at QoS 1 under MQTT 3.1.1 and wait for the PUBACK, which Mosquitto sends
     once it has routed (or dropped) the message."""
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"big-{uuid.uuid4().hex[:8]}",
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"opsbay-big-{uuid.uuid4().hex[:8]}",
                     protocol=MQTTProtocolVersion.MQTTv311)  # fmt: skip
     c.username_pw_set(user, password)
     c.connect("127.0.0.1", port)
@@ -640,7 +690,7 @@ def test_a_node_cannot_store_a_message_over_4_mib_for_every_watcher(
     try:
         publish_311(secure.plain_port, "web-02", secure.passwords["web-02"], topic, payload)
         control = token()
-        peers("coordinator").publish("opsbay/control", control)
+        peers("probe").publish("opsbay/control", control)
         watcher.wait_for("opsbay/control", control)
         assert ((topic, payload) in watcher.received) is kept, len(watcher.received)
         # Nor is it retained for the next watcher: retained messages come right after the SUBACK.
@@ -648,8 +698,89 @@ def test_a_node_cannot_store_a_message_over_4_mib_for_every_watcher(
         assert not late.subscribe(topic).is_failure
         assert not late.subscribe("opsbay/control").is_failure
         control = token()
-        peers("coordinator").publish("opsbay/control", control)
+        peers("probe").publish("opsbay/control", control)
         late.wait_for("opsbay/control", control)
         assert ((topic, payload) in late.received) is kept, [len(p) for _, p in late.received]
     finally:  # clear the retained message for the tests after this one
         publish_311(secure.plain_port, "web-02", secure.passwords["web-02"], topic, b"")
+
+
+# --- client ids bound to logins: no login takes over another's session (issue 12, 2) --------
+
+
+def disconnects(bus: Bus, name: str) -> int:
+    return bus.log(name).count("disconnected from")
+
+
+@pytest.mark.parametrize(
+    ("user", "client_id", "refused"),
+    [
+        # A node's login with the coordinator's or another node's client id: on the daemons'
+        # listeners the client id is the username, so it gets only its own session.
+        ("web-02", "opsbay-coordinator:opsbay", False),
+        ("web-02", "opsbay-worker:opsbay:web-01", False),
+        # ... or with the session ids themselves: they do not start with opsbay-.
+        ("web-02", "coordinator", True),
+        ("web-02", "web-01", True),
+        # A client's login, on the clients' listener: never a daemon's session either.
+        ("ci", "coordinator", True),
+        ("ci", "web-01", True),
+        ("ci", "opsbay-coordinator:opsbay", False),
+    ],
+)
+def test_no_login_can_take_over_the_coordinators_or_a_nodes_session(
+    tls_bus: Bus, secure: SecureBroker, user: str, client_id: str, refused: bool
+) -> None:
+    before = {name: disconnects(tls_bus, name) for name in ("coordinator", "worker-web-01")}
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                    protocol=MQTTProtocolVersion.MQTTv5)  # fmt: skip
+    c.username_pw_set(user, secure.passwords[user])
+    c.tls_set(ca_certs=str(secure.ca))
+    connack: list[ReasonCode] = []
+    c.on_connect = lambda c, u, f, rc, p: connack.append(rc)
+    c.connect("localhost", secure.tls_port_of(user))
+    c.loop_start()
+    try:
+        wait_until(lambda: connack, WAIT_S, f"a CONNACK for {user} as {client_id}")
+        assert connack[0].is_failure is refused, connack
+        # Whatever it got, the coordinator and web-01 kept their sessions: a job goes through,
+        # and neither was disconnected.
+        out = tls_bus.cli("submit", "-t", "web-01", "-c", "echo still", "--wait",
+                          **login(secure, "ci"))  # fmt: skip
+        assert (out.returncode, out.stdout) == (0, "still\n"), out.stderr
+        after = {name: disconnects(tls_bus, name) for name in before}
+        assert after == before, tls_bus.log("coordinator")[-2000:]
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_mosquitto_sub_watches_the_production_broker_as_the_readme_shows(
+    tls_bus: Bus, secure: SecureBroker, tmp_path: Path
+) -> None:
+    """The README's watcher: mosquitto_sub's own options file, then a plain command."""
+    config = tmp_path / "mosquitto_sub"
+    config.write_text(
+        f"-h localhost\n-p {secure.client_port}\n--cafile {secure.ca}\n"
+        f"-u watcher\n-P {secure.passwords['watcher']}\n-I opsbay-watch-\n"
+    )
+    config.chmod(0o600)
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}
+    sub = subprocess.Popen(
+        ["mosquitto_sub", "-t", "opsbay/jobs/#", "-v", "-C", "1", "-W", "30"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: "opsbay-watch-" in secure.broker.log.read_text(errors="replace"),
+            WAIT_S,
+            "mosquitto_sub connected",
+        )
+        out = tls_bus.cli("submit", "-t", "web-01", "-c", "true", "--wait", **login(secure, "ci"))
+        assert out.returncode == 0, out.stderr
+        seen, err = sub.communicate(timeout=30)
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+            sub.communicate()
+    assert sub.returncode == 0 and seen.startswith("opsbay/jobs/"), (seen, err)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from opsbay_mqtt import keys
-from opsbay_mqtt.errors import ConfigError
+from opsbay_mqtt.errors import ConfigError, Refused
+from opsbay_mqtt.keys import new_key_instructions
 from opsbay_mqtt.stack import find_mosquitto, wait_for_port
 from tests.conftest import free_port
 from tests.helpers import stop_process
@@ -173,3 +174,25 @@ def test_the_cli_refuses_an_unprotected_secret_file_naming_it(tmp_path: Path) ->
     assert out.returncode == 78, out.stderr
     assert "--secret-file / OPSBAY_SECRET_FILE" in out.stderr and "0644" in out.stderr
     assert f"chmod 600 {secret}" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "passwd", "port"),
+    [
+        ("node", "web-01", "passwd-daemons", 8883),
+        ("coordinator", None, "passwd-daemons", 8883),
+        ("client", "ci", "passwd-clients", 8884),
+        ("watcher", "dash", "passwd-clients", 8884),
+    ],
+)
+def test_each_login_goes_to_its_listeners_password_file_and_port(
+    kind: str, name: str | None, passwd: str, port: int
+) -> None:
+    text, _ = new_key_instructions(kind, name)
+    assert f"/etc/mosquitto/opsbay/{passwd} " in text
+    assert f"@BROKER:{port}" in text
+
+
+def test_a_daemon_login_may_not_look_like_a_client_id() -> None:
+    with pytest.raises(Refused, match="may not start with opsbay-"):
+        new_key_instructions("node", "opsbay-web")
