@@ -197,6 +197,7 @@ def worker(
         state_dir = run(
             lambda: statedir.default_state_dir(name, euid=os.geteuid(), environ=os.environ)
         )
+        run(lambda: statedir.refuse_legacy(Path.cwd(), state_dir))
     options = {
         "node": name,
         "labels": labels,

@@ -467,11 +467,12 @@ class Coordinator:
             log.info("retention: deleted %d finished jobs", deleted)
 
     def redispatch_pending(self, node: str | None = None) -> None:
-        """Dispatch again what was sent to `node` (default: every node) and not finished: on
-        start (a crash may have lost the first dispatch), when the coordinator reconnects, and
-        when a node comes online (the broker keeps nothing for a node it never saw, nor after
-        losing its data). Workers keep a ledger, so a duplicate never runs twice; for a job that
-        ran, the node sends its stored result again."""
+        """Dispatch again what was sent to `node` (default: every node) and has not started:
+        on start (a crash may have lost the first dispatch), when the coordinator reconnects,
+        and when a node comes online (the broker keeps nothing for a node it never saw, nor
+        after losing its data). Workers keep a ledger, so a duplicate never runs twice; for a
+        job that ran, the node sends its stored result again. A running execution is never
+        sent again: a node that lost its ledger would run it a second time."""
         now = self._now_ms()
         again = self.store.redispatchable(now, node)
         if again:

@@ -42,6 +42,23 @@ def _xdg_state_home(environ: Mapping[str, str]) -> Path:
     return Path(home) / ".local" / "state"
 
 
+LEGACY_DIR = "opsbay-state"  # the default before 0.2, relative to the working directory
+
+
+def refuse_legacy(cwd: Path, chosen: Path) -> None:
+    """A worker about to use its new default folder while the working directory holds a ledger
+    in the old default (./opsbay-state) would forget every job that ledger knows, and could run
+    one again: refuse, and say how to keep it or move it."""
+    old = cwd / LEGACY_DIR / "ledger.db"
+    if old.is_file() and old.resolve() != (chosen / "ledger.db").resolve():
+        raise ConfigError(
+            f"{SETTING}: {old.parent} holds a worker's ledger (the default state folder before "
+            f"0.2); the default is now {chosen}. To keep it, give --state-dir {old.parent}; or "
+            f"move it there (mv {old.parent}/* {chosen}/) with no worker running. Starting with "
+            "an empty ledger could run a job it knows a second time"
+        )
+
+
 class StateLock:
     """A worker's hold on its state folder, until `close()` or the end of its process."""
 

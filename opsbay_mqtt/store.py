@@ -273,12 +273,12 @@ class Store:
         ).fetchall()
 
     def redispatchable(self, now_ms: int, node: str | None = None) -> list[tuple[str, str]]:
-        """(job id, node) of executions sent to their node (all nodes, or `node`) that may still
-        need the dispatch: pending within start-by, or running (the node re-sends the result)."""
+        """(job id, node) of executions sent to their node (all nodes, or `node`) and not
+        started: pending, within their start-by deadline."""
         where = "" if node is None else "node = ? AND "
         return self.db.execute(
             f"SELECT job_id, node FROM executions WHERE {where}dispatched_ms IS NOT NULL "
-            "AND ((state = 'pending' AND start_by_ms > ?) OR state = 'running')",
+            "AND state = 'pending' AND start_by_ms > ?",
             (*(() if node is None else (node,)), now_ms),
         ).fetchall()
 

@@ -106,11 +106,12 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> N
                 h = f"{rng.getrandbits(128):032x}"
                 job_id = f"{h[:8]}-{h[8:12]}-4{h[13:16]}-8{h[17:20]}-{h[20:]}"
                 command = f"echo {i} >> {marks / job_id}; sleep 0.{rng.randrange(1, 4)}"
+                target = rng.choice(NODES)  # once: a retry must be the same submission
                 deadline = time.monotonic() + 60
                 while True:  # the broker may be restarting: retry, same job id, until accepted
                     try:
                         client.submit(
-                            target=rng.choice(NODES), command=command, timeout_s=10, start_by_s=120,
+                            target=target, command=command, timeout_s=10, start_by_s=120,
                             job_id=job_id, accept_s=20,
                         )  # fmt: skip
                         # As `opsbay submit` does: sent again until a coordinator takes it.

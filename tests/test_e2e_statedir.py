@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from opsbay_mqtt import statedir
-from tests.helpers import Bus
+from tests.helpers import Bus, stop_process
 
 
 def start_in(bus: Bus, cwd: Path, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
@@ -76,3 +76,20 @@ def test_a_second_worker_on_the_same_folder_refuses_to_start(bus: Bus, tmp_path:
     out = bus.cli("submit", "--target", "a", "--command", "echo still serving", "--wait")
     assert (out.returncode, out.stdout) == (0, "still serving\n"), out.stderr
     assert [n["node"] for n in bus.cli_json("nodes")] == ["a"]
+
+
+def test_a_worker_on_the_new_default_refuses_to_forget_a_ledger_in_the_old_one(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """Upgraded in place, a worker started as before (no --state-dir) in a folder holding the old
+    default ./opsbay-state must not start with an empty ledger: it could run a job twice."""
+    bus.coordinator()
+    cwd = tmp_path / "srv"
+    cwd.mkdir()
+    env = {"HOME": str(tmp_path / "home"), "XDG_STATE_HOME": str(tmp_path / "xdg")}
+    old = start_in(bus, cwd, "old", "worker", "--node", "n1", "--state-dir", "opsbay-state", **env)
+    bus.wait_log("old", "worker n1: ready")
+    stop_process(old)
+    again = start_in(bus, cwd, "again", "worker", "--node", "n1", **env)
+    assert again.wait(30) == 78, bus.log("again")
+    assert "give --state-dir" in bus.log("again") and "opsbay-state" in bus.log("again")

@@ -132,3 +132,13 @@ def test_a_folder_that_cannot_be_made_is_a_config_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(ConfigError, match="--state-dir / OPSBAY_STATE_DIR: cannot create"):
         statedir.lock(blocker / "state", node="a")
+
+
+def test_a_ledger_in_the_old_default_folder_is_not_silently_left_behind(tmp_path: Path) -> None:
+    new = tmp_path / "state" / "n1"
+    statedir.refuse_legacy(tmp_path, new)  # nothing there: fine
+    (tmp_path / "opsbay-state").mkdir()
+    (tmp_path / "opsbay-state" / "ledger.db").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"give --state-dir .*opsbay-state"):
+        statedir.refuse_legacy(tmp_path, new)
+    statedir.refuse_legacy(tmp_path, tmp_path / "opsbay-state")  # it is the one chosen: fine
