@@ -256,6 +256,22 @@ def _plugin(
         return mapped[0], f"opsbay: {mapped[1]}", {}
 
 
+def _ack_timeout_from_environment() -> float:
+    """The plugin has no options: OPSBAY_ACK_TIMEOUT, as for `opsbay submit` (default 60 s)."""
+    import os
+
+    from opsbay_mqtt.client import ACK_TIMEOUT_S
+    from opsbay_mqtt.errors import ConfigError
+
+    given = os.environ.get("OPSBAY_ACK_TIMEOUT")
+    if not given:
+        return ACK_TIMEOUT_S
+    try:
+        return parse_duration(given, "OPSBAY_ACK_TIMEOUT")
+    except ConfigError as e:  # from the environment: a setting (78), not a usage error
+        raise ConfigError(str(e)) from None
+
+
 def _submit(
     cfg: ClientConfig, p: PluginParams, cronicle_id: str, out: PluginOut
 ) -> tuple[int, str, dict[str, Any]]:
@@ -274,8 +290,9 @@ def _submit(
                 **p._asdict(),
                 job_id=job_id,
                 follow=True,
+                accept_s=_ack_timeout_from_environment(),
             )
-            out.note(f"opsbay: Cronicle job {cronicle_id}: opsbay job {job_id} submitted")
+            out.note(f"opsbay: Cronicle job {cronicle_id}: opsbay job {job_id} sent")
             got = client.wait(job_id, None, on_update=follow.update, on_output=follow.output)
         except KeyboardInterrupt:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one abort is enough; finish it

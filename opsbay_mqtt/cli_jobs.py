@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -340,6 +341,9 @@ def _submit(
         labelled = (
             "," in args.target or "*" in args.target or "?" in args.target or bool(args.where)
         )
+        # SIGTERM (a CI step's timeout, a service manager) ends the wait as Ctrl-C does: with
+        # a word about the job, never silently.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             got = client.wait(
                 jid,
@@ -371,7 +375,14 @@ def _interrupted(client: Client, job_id: str, cancel: bool) -> Job | Rejection:
         except (KeyboardInterrupt, typer.Abort):
             cancel = False
     if not cancel:
-        fail(130, f"job {job_id} goes on; see `opsbay result {job_id}`")
+        if client.acknowledged(job_id):
+            fail(130, f"job {job_id} goes on; see `opsbay result {job_id}`")
+        fail(
+            130,
+            f"job {job_id}: no coordinator has acknowledged it yet: one that reads it within "
+            "--ack-timeout of its sending still runs it, later ones refuse it; see "
+            f"`opsbay result {job_id}` (66 while no coordinator has it)",
+        )
     typer.echo(f"opsbay: cancelling job {job_id}", err=True)
     client.cancel(job_id)
     try:

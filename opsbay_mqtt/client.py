@@ -96,7 +96,9 @@ class Client:
         self.clock = clock
         self.notice = notice  # what the caller should hear while it waits (the CLI: stderr)
         self.reply_id = "c" + signing.random_hex(8)
-        self.conn = Connection(url=cfg.url, client_id=f"opsbay-cli-{self.reply_id}", tls=cfg.tls)
+        self.conn = Connection(
+            url=cfg.url, client_id=f"opsbay-cli-{self.reply_id}", tls=cfg.tls, log_refusals=False
+        )
         self._reply_subscribed = False
         self._unacknowledged: dict[str, _Asking] = {}
         self._submitted: dict[str, dict[str, Any]] = {}
@@ -121,7 +123,10 @@ class Client:
         return got[0] if got else None
 
     def _where(self) -> str:
-        return f"broker {self.cfg.url}, prefix {self.cfg.topics.prefix!r}"
+        where = f"broker {self.cfg.url}, prefix {self.cfg.topics.prefix!r}"
+        if not self.cfg.url.mqtt5:  # MQTT 3.1.1 has no answer for a refused publish
+            where += "; with MQTT 3.1.1 a broker whose ACL refuses this login drops it silently"
+        return where
 
     # -- submit and wait
     def submit(
@@ -170,6 +175,10 @@ class Client:
         self._publish_submit(msg)
         return job_id
 
+    def acknowledged(self, job_id: str) -> bool:
+        """Whether a coordinator has acknowledged our submission (or cancel) of `job_id`."""
+        return job_id not in self._unacknowledged
+
     def _keep_asking(self, job_id: str) -> Job | None:
         """While a submission or cancel is unacknowledged: send it again (1, 2, 4, 8 s apart:
         a broker drops what arrives before the coordinator subscribes), say after 10 s that
@@ -181,11 +190,13 @@ class Client:
             return None
         kind = "cancel" if asking.msg["type"] == "cancel" else "submission"
         if now >= asking.give_up_at:
-            try:
-                job = self.result(job_id, timeout_s=CONFIRM_S)
-            except (QueryFailed, BrokerError):
-                job = None
-            if job is not None and kind == "submission":
+            job = None
+            if kind == "submission":  # a late cancel is harmless: no need to ask
+                try:
+                    job = self.result(job_id, timeout_s=CONFIRM_S)
+                except (QueryFailed, BrokerError):
+                    job = None
+            if job is not None:
                 self._unacknowledged.pop(job_id, None)
                 return job
             waited = now - asking.started

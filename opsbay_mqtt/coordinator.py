@@ -64,6 +64,7 @@ class Outgoing:
     payload: bytes
     retain: bool = False
     expiry_s: int | None = None
+    dispatch_of: str | None = None  # a dispatch: its job id (a cancel may take it back)
 
 
 @dataclass
@@ -85,14 +86,20 @@ class Coordinator:
         self._send_body(topic, msg.model_dump(mode="json"), kid=kid, expiry_s=expiry_s)
 
     def _send_body(
-        self, topic: str, body: dict[str, Any], *, kid: str | None, expiry_s: int | None = None
+        self,
+        topic: str,
+        body: dict[str, Any],
+        *,
+        kid: str | None,
+        expiry_s: int | None = None,
+        dispatch_of: str | None = None,
     ) -> None:
         """`_send` for a message body built as plain data (`protocol.job_event_body`, ...)."""
         if kid is None:
             payload = signing.canonical(body)
         else:
             payload = signing.sign(body, self.cfg.keyring, int(self.clock()), kid=kid)
-        self.outbox.append(Outgoing(topic, payload, False, expiry_s))
+        self.outbox.append(Outgoing(topic, payload, False, expiry_s, dispatch_of))
 
     # -- one message, all or nothing
     def handle(self, msg: Inbound) -> None:
@@ -268,7 +275,10 @@ class Coordinator:
         reason = f"cancelled by {client}"
         changed = []
         for ex in job.executions:
-            if ex.state == "pending" and ex.dispatched_ms is None:
+            unsent = ex.dispatched_ms is None or (
+                ex.state == "pending" and self._take_back_dispatch(job.job_id, ex.node)
+            )
+            if ex.state == "pending" and unsent:
                 changed.append(replace(ex, state="cancelled", finished_ms=now, reason=reason))
             elif not states.is_terminal(ex.state):  # the node decides: it may be running already
                 msg = Cancel(job_id=job.job_id, node=ex.node)
@@ -358,9 +368,19 @@ class Coordinator:
         assert ex.start_by_ms is not None
         d = dispatch_body(job, ex.node, ex.start_by_ms)
         expiry = min(MAX_EXPIRY_S, max(1, (ex.start_by_ms - self._now_ms()) // 1000 + 1))
-        self._send_body(
-            self.cfg.topics.node_jobs(ex.node), d, kid=self._node_kid(ex.node), expiry_s=expiry
-        )
+        topic, kid = self.cfg.topics.node_jobs(ex.node), self._node_kid(ex.node)
+        self._send_body(topic, d, kid=kid, expiry_s=expiry, dispatch_of=job.job_id)
+
+    def _take_back_dispatch(self, job_id: str, node: str) -> bool:
+        """Drop the dispatch of `job_id` to `node` if it is still in the outbox (the submission
+        and its cancel came in one batch, as after a coordinator restart): then it is never
+        sent, and the node cannot start what was cancelled before it ever saw it."""
+        topic = self.cfg.topics.node_jobs(node)
+        for i, out in enumerate(self.outbox):
+            if out.dispatch_of == job_id and out.topic == topic:
+                del self.outbox[i]
+                return True
+        return False
 
     def _send_event(
         self, job: Job, changed: Iterable[Execution], counts: dict[str, int] | None = None
@@ -390,7 +410,7 @@ class Coordinator:
         if isinstance(msg, NodeStatus) and msg.state == "conflict":
             self.store.node_seen(msg.node, seen, kid=kid)
             text = msg.reason or "two agents use this node name"
-            self.store.node_conflict(msg.node, self._now_ms(), text)
+            self.store.node_conflict(msg.node, self._now_ms(), text, msg.session)
             log.error("node %s: %s", msg.node, text)
         elif isinstance(msg, NodeStatus):
             recorded = self.store.node_seen(

@@ -291,7 +291,10 @@ def _key_steps(kind: str, name: str, kid: str, entry: str, appended: tuple[Path,
             "coordinator if that is its key file (OPSBAY_KEY_FILE); otherwise add the entry\n"
             "to the coordinator's key file too, then restart it:"
         )
-        where = f"Unless appended above, put the same entry in\n{own}."
+        where = (
+            f"Put the same entry in {own},\nunless one of the files above is that one "
+            "(give --append twice, once per file, to\nnever copy the secret by hand)."
+        )
     else:
         first = "Add this entry to the coordinator's key file (OPSBAY_KEY_FILE), then restart it:"
         where = f"Put the same entry in {own}."
@@ -309,6 +312,7 @@ def _login_step(name: str, password: str, passwd_file: Path) -> str:
         "new file too, and keeps the password off command lines (mosquitto_passwd reads it\n"
         "twice from standard input); it replaces an earlier password of the same user.\n"
         "\n"
+        "  umask 027    # the file never readable by others, not even for a moment\n"
         f"  touch {passwd_file}\n"
         f"  mosquitto_passwd {passwd_file} {name} <<'EOF'\n"
         f"  {password}\n"
@@ -339,9 +343,11 @@ def _acl_step(kind: str, name: str, prefix: str) -> str:
             + "".join(f"topic read {prefix}/{t}\n" for t in reads)
         )
     block = "".join(f"  {ln}\n" for ln in acl.splitlines())
-    known = kind == "coordinator" and name == "coordinator"
-    have = " (acl.example has it already)" if known else ""
+    # mosquitto/acl.example ships these users' blocks already.
+    known = (kind, name) in (("coordinator", "coordinator"), ("client", "ci"), ("client", "cron"),
+                             ("watcher", "watcher"))  # fmt: skip
+    have = " (acl.example has it already: nothing to add)" if known else ""
     return (
-        f"In /etc/mosquitto/opsbay/acl{have}:\n\n{block}\n"
+        f"In the broker's ACL file (/etc/mosquitto/opsbay/acl){have}:\n\n{block}\n"
         "then reload Mosquitto: systemctl reload mosquitto"
     )

@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     last_seen_ms INTEGER NOT NULL DEFAULT 0,
     info TEXT NOT NULL DEFAULT '{}',
     conflict TEXT,
-    conflict_ms INTEGER
+    conflict_ms INTEGER,
+    conflict_session INTEGER
 );
 CREATE TABLE IF NOT EXISTS nonces (
     kid TEXT NOT NULL,
@@ -115,6 +116,7 @@ class Store:
                     "kid": "TEXT NOT NULL DEFAULT ''",
                     "conflict": "TEXT",
                     "conflict_ms": "INTEGER",
+                    "conflict_session": "INTEGER",
                 },
             }
         )
@@ -339,16 +341,29 @@ class Store:
                 (state, session, seq, node, session, session, seq),
             )
             applied = cur.rowcount == 1
+            if applied and state == "online":  # an agent started after the conflict: resolved
+                self.db.execute(
+                    "UPDATE nodes SET conflict = NULL, conflict_ms = NULL, conflict_session = NULL "
+                    "WHERE node = ? AND conflict_session < ?",
+                    (node, session),
+                )
         if info is not None:
             self.db.execute(
                 "UPDATE nodes SET info = ? WHERE node = ?", (json.dumps(info, sort_keys=True), node)
             )
         return applied
 
-    def node_conflict(self, node: str, now_ms: int, text: str) -> None:
-        """Two agents used this node's name; `text` says what happened (shown by `nodes`)."""
+    def node_conflict(self, node: str, now_ms: int, text: str, session: int) -> None:
+        """Two agents used this node's name and the one of `session` stopped; `text` says what
+        happened (shown by `nodes` until an agent started later comes online). The stopped
+        agent's session is forgotten, so that the statuses of the one that stays, an older
+        session, are recorded again."""
         self.db.execute(
-            "UPDATE nodes SET conflict = ?, conflict_ms = ? WHERE node = ?", (text, now_ms, node)
+            "UPDATE nodes SET conflict = ?, conflict_ms = ?, conflict_session = ? WHERE node = ?",
+            (text, now_ms, session, node),
+        )
+        self.db.execute(
+            "UPDATE nodes SET session = 0, seq = 0 WHERE node = ? AND session = ?", (node, session)
         )
 
     def node_kid(self, node: str) -> str | None:

@@ -219,6 +219,7 @@ class Connection:
         keepalive_s: int = 30,
         receive_max: int | None = None,
         on_refused: Callable[[BrokerRefused], None] | None = None,
+        log_refusals: bool = True,
     ) -> None:
         self.url = url
         self._retry_at = 0.0  # when to try to reconnect next
@@ -245,6 +246,7 @@ class Connection:
         self._refused_mids: dict[int, BrokerRefused] = {}
         self._sub_topics: dict[int, list[str]] = {}
         self.on_refused = on_refused
+        self.log_refusals = log_refusals  # False: the caller raises them (the CLI)
         self.last_disconnect: str | None = None  # why the last connection ended, for a person
         self.permanent_error = False  # the last attempt failed for a reason only a person fixes
         self.reconnect = (
@@ -393,7 +395,9 @@ class Connection:
             )
 
     def _refuse(self, mid: int, refused: BrokerRefused) -> None:
-        log.error("%s: %s", self.client_id, refused)
+        log.log(
+            logging.ERROR if self.log_refusals else logging.DEBUG, "%s: %s", self.client_id, refused
+        )
         self._refused_mids[mid] = refused
         if len(self._refused_mids) > 100:  # nobody asked about the oldest: forget it
             self._refused_mids.pop(next(iter(self._refused_mids)))

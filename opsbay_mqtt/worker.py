@@ -444,6 +444,12 @@ class Worker:
         live = LiveOutput(d.job_id, d.node, self._send_output)
         with self._lock:
             self._live[d.job_id] = live
+        if control.cancelled is not None:  # a cancel that came while it was being recorded
+            reason = "cancelled before it started"
+            self._finish(
+                self._result(d.job_id, "cancelled", finished_ms=self._now_ms(), reason=reason), msg
+            )
+            return
         try:
             r = runner.run(
                 command,

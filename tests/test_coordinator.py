@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig, granted_labels
-from opsbay_mqtt.protocol import NodeStatus, Result, Submit, encode
+from opsbay_mqtt.protocol import Cancel, NodeStatus, Result, Submit, encode
 from opsbay_mqtt.signing import Auth, Identity, Keyring
 from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import Topics
@@ -302,3 +302,43 @@ def test_a_node_keeps_only_the_labels_it_claims_and_is_granted(
     who = Identity(*identity) if identity else None
     auth = Auth(kid="k", ts=0, nonce="n", identity=who)
     assert granted_labels(auth, claimed, granted) == (kept, refused)
+
+
+def cancel(c: Coordinator, job_id: str) -> None:
+    msg = Cancel(job_id=job_id)
+    c.handle(Inbound("t/submit", encode(msg, KEYS, int(clock(c).now))))
+
+
+def test_a_cancel_in_the_same_batch_as_its_submission_means_the_job_is_never_sent(
+    coord: Coordinator,
+) -> None:
+    """After a coordinator restart, a submission and its cancel come in one batch: the
+    dispatch still in the outbox is taken back, so the node never sees the job."""
+    job_id = submit(coord)
+    cancel(coord, job_id)
+    assert sent(coord, "/nodes/n1/jobs") == []  # neither the dispatch nor a cancel for it
+    assert state(coord, job_id) == "cancelled"
+    coord.outbox.clear()  # published: from now on the node decides
+    other = submit(coord)
+    coord.outbox.clear()
+    cancel(coord, other)
+    assert [m["type"] for m in sent(coord, "/nodes/n1/jobs")] == ["cancel"]
+    assert state(coord, other) == "pending"
+
+
+def test_after_a_conflict_the_agent_that_stayed_is_heard_again_and_a_restart_clears_it(
+    coord: Coordinator,
+) -> None:
+    def node() -> dict[str, object]:
+        (n,) = coord.store.list_nodes()
+        return n
+
+    status(coord, "dup", "online", session=5, seq=1)  # agent A
+    status(coord, "dup", "online", session=9, seq=1)  # agent B, started later...
+    status(coord, "dup", "conflict", session=9, seq=1, reason="B stopped")  # ... stops
+    status(coord, "dup", "online", session=5, seq=2)  # A, which stayed, reconnects: heard
+    assert (node()["state"], node()["session"], node()["conflict"]) == ("online", 5, "B stopped")
+    status(coord, "dup", "offline", session=5, seq=2)
+    assert node()["state"] == "offline"
+    status(coord, "dup", "online", session=12, seq=1)  # a new agent: the conflict is over
+    assert node()["state"] == "online" and "conflict" not in node()

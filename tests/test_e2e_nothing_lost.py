@@ -211,3 +211,20 @@ def test_a_daemon_that_cannot_reach_its_broker_stops_at_once_on_sigterm(
     asked = time.monotonic()
     assert p.wait(10) == 0
     assert time.monotonic() - asked < 3, "the stop request was not honoured within 3 s"
+
+
+def test_submit_wait_stopped_by_sigterm_says_the_job_goes_on(running: Bus) -> None:
+    p = background(running, "submit", "-t", "n1", "-c", "sleep 30", "--wait")
+    running.wait_log("worker-n1", "running (timeout")
+    p.send_signal(signal.SIGTERM)
+    code, _, err = finish(p, 30)
+    assert code == 130 and "goes on" in err, err
+
+
+def test_interrupted_before_any_acknowledgement_says_so(bus: Bus) -> None:
+    watcher = bus.watch("submit")
+    p = background(bus, "submit", "-t", "n1", "-c", "true", "--wait")
+    watcher.wait_for(lambda t, b, r: b.get("type") == "submit", "the submission")
+    p.send_signal(signal.SIGINT)
+    code, _, err = finish(p, 30)
+    assert code == 130 and "no coordinator has acknowledged it yet" in err, err

@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -258,7 +259,7 @@ def test_cronicle_success_passes_output_and_completes_with_0(running: Bus) -> No
     run = check_protocol(got.stdout)
     assert run.output == [("n1", "hello from cronicle")]
     submitted, outcome = run.notes  # both in the log, in order with the output
-    assert re.fullmatch(r"opsbay: Cronicle job \S+: opsbay job \S+ submitted", submitted)
+    assert re.fullmatch(r"opsbay: Cronicle job \S+: opsbay job \S+ sent", submitted)
     assert outcome == "opsbay: n1: succeeded (exit 0)"
     assert run.log.index(submitted) < run.log.index("[n1] hello from cronicle")
     assert run.log.index("[n1] hello from cronicle") < run.log.index(outcome)
@@ -267,7 +268,7 @@ def test_cronicle_success_passes_output_and_completes_with_0(running: Bus) -> No
     assert "succeeded" in run.complete["description"]
     assert run.complete["table"]["rows"][0][:3] == ["n1", "succeeded", 0]
     job_id = run.complete["description"].split()[2].rstrip(":")
-    assert f"opsbay job {job_id} submitted" in submitted
+    assert f"opsbay job {job_id} sent" in submitted
     assert got.stderr == b""  # Cronicle writes stderr straight into its log, out of order
     assert running.cli_json("result", job_id)["state"] == "succeeded"
 
@@ -460,3 +461,15 @@ def test_submit_wait_large_fast_output_is_shown_once_in_order_or_says_what_is_mi
         "opsbay: n1: succeeded (exit 0)",
         "opsbay: n2: succeeded (exit 0)",
     }
+
+
+def test_cronicle_with_no_coordinator_gives_up_at_opsbay_ack_timeout(bus: Bus) -> None:
+    """Cronicle passes its environment to the plugin: OPSBAY_ACK_TIMEOUT bounds the wait for an
+    acknowledgement, as for `opsbay submit`, and the log says why it ended."""
+    started = time.monotonic()
+    got = plugin(bus, cronicle_input(), OPSBAY_ACK_TIMEOUT="3s")
+    assert got.returncode == 0, got.stderr
+    run = check_protocol(got.stdout)
+    assert run.complete["code"] == 69, run.complete
+    assert "will never run" in run.complete["description"]
+    assert time.monotonic() - started < 30  # 3 s, and at most 5 s to ask once more
