@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -388,9 +389,7 @@ class Coordinator:
         """The job's state, the executions that changed, and the count in each state: to its
         submitter (signed with the submitter's key) and to watchers."""
         if counts is None:
-            counts = {}
-            for x in job.executions:
-                counts[x.state] = counts.get(x.state, 0) + 1
+            counts = dict(Counter(x.state for x in job.executions))
         event = job_event_body(queries.fit(replace(job, executions=list(changed))), counts)
         kid = job.submitted_kid if job.submitted_kid in self.cfg.keyring.keys else None
         self._send_body(self.cfg.topics.job_events(job.job_id), event, kid=kid)

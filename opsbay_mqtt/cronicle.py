@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -225,9 +226,7 @@ def describe(job: Job) -> str:
             f"opsbay job {job.job_id}: {ex.node}: {outcome(ex.state, ex.exit_code, ex.reason)}"
         ]
     else:
-        counts: dict[str, int] = {}
-        for ex in job.executions:
-            counts[ex.state] = counts.get(ex.state, 0) + 1
+        counts = Counter(ex.state for ex in job.executions)
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         lines = [f"opsbay job {job.job_id}: {job.state} on {len(job.executions)} nodes ({summary})"]
     if job.reason:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
@@ -337,9 +338,7 @@ class WaitView:
                     f"{ex.stderr_bytes} of stderr (head and tail kept)\n"
                 )
         if many:
-            counts: dict[str, int] = {}
-            for ex in job.executions:
-                counts[ex.state] = counts.get(ex.state, 0) + 1
+            counts = Counter(ex.state for ex in job.executions)
             summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
             self.err.write(f"opsbay: job {job.job_id}: {job.state} ({summary})\n")
         self.err.flush()

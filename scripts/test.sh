@@ -8,4 +8,5 @@ cd "$root"
 ruff check opsbay_mqtt tests bench
 ruff format --check opsbay_mqtt tests bench
 mypy
+lint-imports
 exec pytest "$@"

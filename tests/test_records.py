@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -120,14 +118,3 @@ def test_job_events_carry_plain_jobs_and_check_them() -> None:
     assert event.model_dump(mode="json")["job"] == data
     with pytest.raises(ValueError, match=r"job\.state"):
         JobEvent.model_validate({"v": 1, "type": "job", "job": wire_job(state="x"), "total": 2})
-
-
-def test_the_cli_path_does_not_import_pydantic() -> None:
-    """`opsbay submit --wait`, `result` and `results` read the coordinator's answers as plain
-    data: importing pydantic would double their start-up (docs/benchmarks.md)."""
-    modules = "opsbay_mqtt.cli_jobs, opsbay_mqtt.client, opsbay_mqtt.render, opsbay_mqtt.waiting"
-    code = f"import sys, {modules}; print(sorted(m for m in sys.modules if 'pydantic' in m))"
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert out.stdout.strip() == "[]"
