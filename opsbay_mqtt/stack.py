@@ -22,7 +22,19 @@ from opsbay_mqtt.errors import BrokerError, ConfigError
 
 log = logging.getLogger(__name__)
 
-REPO_CONF = Path(__file__).resolve().parent.parent / "mosquitto" / "mosquitto.conf"
+
+def shipped_config(name: str = "mosquitto.conf") -> Path:
+    """One of the repository's `mosquitto/` files: from the clone (or an editable install), else
+    from the installed wheel, which carries them as the package data `opsbay_mqtt.mosquitto`."""
+    clone = Path(__file__).resolve().parent.parent / "mosquitto" / name
+    if clone.is_file():
+        return clone
+    from importlib.resources import files
+
+    return Path(str(files("opsbay_mqtt.mosquitto") / name))
+
+
+REPO_CONF = shipped_config()
 INSTALL_HINT = "sudo apt-get install -y mosquitto mosquitto-clients"
 
 
