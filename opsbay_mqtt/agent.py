@@ -20,8 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from opsbay_mqtt.policy import WorkerPolicy
-from opsbay_mqtt.settings import BusOptions
+from opsbay_mqtt.lazymodules import defer_urllib_request
+
+defer_urllib_request()  # the agent's entry point: before settings imports paho
+
+from opsbay_mqtt.policy import WorkerPolicy  # noqa: E402
+from opsbay_mqtt.settings import BusOptions  # noqa: E402
 
 log = logging.getLogger(__name__)
 

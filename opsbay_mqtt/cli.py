@@ -314,6 +314,10 @@ def _group() -> None:
 def main() -> None:
     import importlib
 
+    from opsbay_mqtt.lazymodules import defer_urllib_request
+
+    defer_urllib_request()  # before any command imports paho
+
     words = [a for a in sys.argv[1:] if not a.startswith("-")]
     wanted = COMMAND_MODULES.get(words[0]) if words else None
     for module in [wanted] if wanted else sorted(set(COMMAND_MODULES.values())):

@@ -6,46 +6,25 @@ paho callbacks only convert and enqueue; all work happens on the caller's thread
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import queue
 import select
 import socket
 import ssl
-import sys
 import threading
 import time
-import types
-import urllib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
+# The entry points give paho a stand-in for urllib.request first (lazymodules).
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
-class _ImportedOnFirstUse(types.ModuleType):
-    """Stands in for a module until one of its attributes is used, then becomes it."""
-
-    def __getattr__(self, attr: str) -> Any:
-        if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]
-        real = importlib.import_module(self.__name__)
-        self.__dict__.update(real.__dict__)
-        return getattr(real, attr)
-
-
-# paho imports urllib.request, and with it http.client, email and tempfile (10-18 ms of every
-# `opsbay` call, 2 MB of every worker), only to look for a proxy, which it does only when
-# PySocks is installed. It gets a stand-in that imports the real module when first used.
-if "urllib.request" not in sys.modules:
-    sys.modules["urllib.request"] = urllib.request = _ImportedOnFirstUse("urllib.request")
-
-import paho.mqtt.client as mqtt  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
-from paho.mqtt.packettypes import PacketTypes  # noqa: E402
-from paho.mqtt.properties import Properties  # noqa: E402
-
-from opsbay_mqtt.errors import BrokerError, BrokerRefused, ConfigError  # noqa: E402
+from opsbay_mqtt.errors import BrokerError, BrokerRefused, ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,8 @@ from tests.helpers import Broker, Watcher, stop_process, wait_until
 
 CODE = """
 import json, sys
+from opsbay_mqtt.lazymodules import defer_urllib_request
+defer_urllib_request()  # as the entry points do
 import opsbay_mqtt.transport
 before = sorted(m for m in ("http.client", "email.message", "tempfile") if m in sys.modules)
 import urllib.request
