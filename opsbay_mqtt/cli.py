@@ -148,7 +148,13 @@ _UNFINISHED: dict[Callable[..., Any], Callable[[], None]] = {}
 
 
 def bus_options(fn: F) -> F:
-    """Give a command the shared bus options, passed to it as one `bus: BusOptions` argument."""
+    """Give a command the shared bus options, passed to it as one `bus: BusOptions` argument.
+
+    Why signatures are rewritten here: typer has no shared options other than the app's
+    callback, whose options go before the command (`opsbay --broker URL submit ...`), which
+    would break every script and cron line that puts them after it; and typer reads each
+    command's options from its signature. So the eight shared options are added to each
+    command's signature, and only for the command about to run (`finish_commands`)."""
 
     @functools.wraps(fn)
     def wrapper(**kwargs: Any) -> Any:

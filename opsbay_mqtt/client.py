@@ -71,7 +71,7 @@ class QueryFailed(OpsbayError):
         self.code = code
 
 
-class ClientConfig(NamedTuple):  # not a dataclass: cheaper to define on every CLI call
+class ClientConfig(NamedTuple):
     url: BrokerURL
     topics: Topics
     keyring: Keyring

@@ -78,7 +78,7 @@ class Rejection:
     reason: str
 
 
-class SubmitArgs(typing.NamedTuple):  # not a dataclass: cheaper to define on every CLI call
+class SubmitArgs(typing.NamedTuple):
     """What someone asks to run, before a job id and an absolute deadline are chosen (the
     arguments of Client.submit, from the command line or a Cronicle job)."""
 
@@ -95,9 +95,9 @@ _Record = typing.TypeVar("_Record", Job, Execution)
 
 
 def replace(record: _Record, /, **changes: Any) -> _Record:
-    """`dataclasses.replace` for a job or an execution, without running `__init__` again: the
-    coordinator replaces records several times per message (15 µs each through `__init__`,
-    about 4 µs here). The records have no `__post_init__`, so the result is the same."""
+    """`dataclasses.replace` for a job or an execution, without running `__init__` again (the
+    coordinator does it several times per message; docs/benchmarks.md). The records have no
+    `__post_init__`, so the result is the same."""
     cls = type(record)
     unknown = changes.keys() - _HINTS[cls].keys()
     if unknown:

@@ -42,7 +42,7 @@ def mac(secret: bytes, obj: Mapping[str, Any]) -> str:
     return hmac.new(secret, canonical(obj), hashlib.sha256).hexdigest()
 
 
-class Identity(NamedTuple):  # not a dataclass: cheaper to define (see transport.TlsFiles)
+class Identity(NamedTuple):
     """Who holds a key: a client or a node, by name."""
 
     kind: str  # "client" or "node"

@@ -47,7 +47,7 @@ SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT: another connection used our clien
 PERMANENT_RETRY_S = 60.0
 
 
-class BrokerURL(NamedTuple):  # not a dataclass: cheaper to define (see TlsFiles)
+class BrokerURL(NamedTuple):
     host: str
     port: int
     tls: bool
@@ -132,8 +132,6 @@ class BrokerURL(NamedTuple):  # not a dataclass: cheaper to define (see TlsFiles
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}{version}"
 
 
-# Small records are named tuples here: a frozen dataclass costs about 1 ms to define (its
-# methods are generated and compiled), and every `opsbay` call imports this module.
 def disconnect_reason(flags: Any, rc: Any) -> str:
     """Why a connection ended, in words: paho reports a closed socket as 'Unspecified error'."""
     if getattr(flags, "is_disconnect_packet_from_server", False):
