@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from opsbay_mqtt.errors import ConfigError
 from opsbay_mqtt.records import Execution, Job, fields_of
 from opsbay_mqtt.states import TERMINAL
 
@@ -93,6 +94,45 @@ class Brief(NamedTuple):
     dispatched_ms: int | None
 
 
+def _add_columns(db: sqlite3.Connection, wanted: dict[str, dict[str, str]]) -> None:
+    """Add the columns a table lacks (records from before a column was added)."""
+    for table, columns in wanted.items():
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for name, decl in columns.items():
+            if name not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+
+
+def _v1_columns_since_0_1_0(db: sqlite3.Connection) -> None:
+    _add_columns(
+        db,
+        {
+            "jobs": {
+                "submitted_kid": "TEXT NOT NULL DEFAULT ''",
+                "where_labels": "TEXT NOT NULL DEFAULT '{}'",
+                "batch": "TEXT",
+                "max_failures": "TEXT",
+            },
+            "executions": {"start_by_ms": "INTEGER"},
+            "nodes": {"kid": "TEXT NOT NULL DEFAULT ''"},
+        },
+    )
+
+
+def _v2_node_conflicts(db: sqlite3.Connection) -> None:
+    _add_columns(
+        db,
+        {"nodes": {"conflict": "TEXT", "conflict_ms": "INTEGER", "conflict_session": "INTEGER"}},
+    )
+
+
+# The record's schema versions (PRAGMA user_version): MIGRATIONS[n - 1] takes a record from
+# version n - 1 to n. Version 0 is a record from before versions were counted (0.1.0 and what
+# followed it), whatever columns it has: each step adds only what is missing.
+MIGRATIONS = (_v1_columns_since_0_1_0, _v2_node_conflicts)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
 class Store:
     """Jobs, executions, nodes and seen nonces. Writes are batched: call `commit()`."""
 
@@ -102,33 +142,38 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.executescript(SCHEMA)
-        self._add_missing_columns(
-            {
-                "jobs": {
-                    "submitted_kid": "TEXT NOT NULL DEFAULT ''",
-                    "where_labels": "TEXT NOT NULL DEFAULT '{}'",
-                    "batch": "TEXT",
-                    "max_failures": "TEXT",
-                },
-                "executions": {"start_by_ms": "INTEGER"},
-                "nodes": {
-                    "kid": "TEXT NOT NULL DEFAULT ''",
-                    "conflict": "TEXT",
-                    "conflict_ms": "INTEGER",
-                    "conflict_session": "INTEGER",
-                },
-            }
-        )
+        self._migrate()
         self.db.execute("BEGIN")
 
-    def _add_missing_columns(self, wanted: dict[str, dict[str, str]]) -> None:
-        """Records made by 0.1.0 lack columns added since."""
-        for table, columns in wanted.items():
-            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
-            for name, decl in columns.items():
-                if name not in have:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+    def _migrate(self) -> None:
+        """Bring the record to SCHEMA_VERSION, one versioned step at a time, each in its own
+        transaction; refuse a record written by a newer opsbay (its schema may mean things
+        this code does not know)."""
+        version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            self.db.close()
+            raise ConfigError(
+                f"--data-dir / OPSBAY_DATA_DIR: {self.path} is a record of schema version "
+                f"{version}, newer than this opsbay knows ({SCHEMA_VERSION}): run the opsbay "
+                "that wrote it, or a newer one"
+            )
+        fresh = (
+            self.db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
+            ).fetchone()
+            is None
+        )
+        if fresh:
+            self.db.executescript(SCHEMA)
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return
+        for number, step in enumerate(MIGRATIONS, 1):
+            if number > version:
+                self.db.execute("BEGIN IMMEDIATE")
+                step(self.db)
+                self.db.execute(f"PRAGMA user_version = {number}")
+                self.db.execute("COMMIT")
+        self.db.executescript(SCHEMA)  # tables and indexes added since, if any
 
     @contextmanager
     def atomic(self) -> Iterator[None]:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from opsbay_mqtt.errors import ConfigError
 from opsbay_mqtt.records import Execution, Job, replace
-from opsbay_mqtt.store import Store
+from opsbay_mqtt.store import SCHEMA_VERSION, Store
 
 MS = 1_700_000_000_000
 
@@ -368,3 +370,55 @@ def test_prune(store: Store, before: int, keep: int, deleted: int, left: list[in
         )
     }
     assert sorted(open_jobs) == [jid(3), jid(5)]
+
+
+def test_a_new_record_has_the_latest_schema_version(tmp_path: Path) -> None:
+    Store(tmp_path / "new.db").close()
+    con = sqlite3.connect(tmp_path / "new.db")
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    con.close()
+
+
+def test_a_record_from_before_versions_is_migrated_step_by_step_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    s = Store(path)
+    s.insert_job(make_job(1, nodes=("a",)))
+    s.node_seen("web", 5, state="online", session=1, seq=1)
+    s.commit()
+    s.close()
+    # As 0.1.0 left it: no version, and none of the columns added since.
+    con = sqlite3.connect(path)
+    for table, column in (("jobs", "submitted_kid"), ("jobs", "where_labels"),
+                          ("jobs", "batch"), ("jobs", "max_failures"),
+                          ("executions", "start_by_ms"), ("nodes", "kid"),
+                          ("nodes", "conflict"), ("nodes", "conflict_ms"),
+                          ("nodes", "conflict_session")):  # fmt: skip
+        con.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    con.execute("PRAGMA user_version = 0")
+    con.commit()
+    con.close()
+    s = Store(path)
+    assert s.get_job(jid(1)) is not None
+    assert node(s)["state"] == "online"
+    s.node_conflict("web", 9, "two agents", 1)  # a column of version 2, there again
+    s.commit()
+    s.close()
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    con.close()
+
+
+def test_a_record_from_a_newer_opsbay_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "newer.db"
+    Store(path).close()
+    con = sqlite3.connect(path)
+    con.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    con.commit()
+    con.close()
+    with pytest.raises(ConfigError, match="newer than this opsbay knows"):
+        Store(path)
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    con.close()
