@@ -29,9 +29,9 @@ from opsbay_mqtt.protocol import (
     job_event_body,
     peek,
 )
+from opsbay_mqtt.record import Brief, Record
 from opsbay_mqtt.records import Execution, Job, replace
 from opsbay_mqtt.signing import Auth, Keyring, check_fresh
-from opsbay_mqtt.store import Brief, Store
 from opsbay_mqtt.topics import Topics
 from opsbay_mqtt.transport import CONNECTED, Connection, Inbound
 
@@ -71,7 +71,7 @@ class Outgoing:
 @dataclass
 class Coordinator:
     cfg: CoordinatorConfig
-    store: Store
+    store: Record
     clock: Callable[[], float] = time.time
     outbox: list[Outgoing] = field(default_factory=list)
     next_prune: float = 0.0

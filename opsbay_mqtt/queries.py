@@ -8,8 +8,8 @@ from typing import Any
 from opsbay_mqtt import signing
 from opsbay_mqtt.errors import Refused
 from opsbay_mqtt.protocol import Query, Reply
+from opsbay_mqtt.record import Record
 from opsbay_mqtt.records import Job, as_dict, replace
-from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import REPLY_ID_RE
 
 # `results` lists many jobs in one reply: each stream is cut to its last this-many characters
@@ -53,7 +53,7 @@ def _json_size(job: Job) -> int:
     return len(json.dumps(as_dict(job), separators=(",", ":")))
 
 
-def answer(q: Query, store: Store) -> Reply:
+def answer(q: Query, store: Record) -> Reply:
     if q.query == "result":
         job = store.get_job(q.job_id) if q.job_id else None
         if job is None:

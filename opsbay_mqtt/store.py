@@ -7,9 +7,10 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from opsbay_mqtt.errors import ConfigError
+from opsbay_mqtt.record import Brief
 from opsbay_mqtt.records import Execution, Job, fields_of
 from opsbay_mqtt.states import TERMINAL
 
@@ -88,12 +89,6 @@ _JOB_COLS = (
 )  # fmt: skip
 
 
-class Brief(NamedTuple):
-    node: str
-    state: str
-    dispatched_ms: int | None
-
-
 def _add_columns(db: sqlite3.Connection, wanted: dict[str, dict[str, str]]) -> None:
     """Add the columns a table lacks (records from before a column was added)."""
     for table, columns in wanted.items():
@@ -134,7 +129,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class Store:
-    """Jobs, executions, nodes and seen nonces. Writes are batched: call `commit()`."""
+    """The record in SQLite (`record.Record`): jobs, executions, nodes and seen nonces. Writes
+    are batched: call `commit()`."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
