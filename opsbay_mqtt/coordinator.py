@@ -4,7 +4,6 @@ tracks every execution to a terminal state, and answers queries. The only writer
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -13,6 +12,7 @@ from typing import Any
 
 from opsbay_mqtt import authz, queries, rollout, signing, states
 from opsbay_mqtt.errors import Refused
+from opsbay_mqtt.inbound import CONNECTED, Inbound
 from opsbay_mqtt.policy import ClientPolicy
 from opsbay_mqtt.protocol import (
     Cancel,
@@ -33,7 +33,6 @@ from opsbay_mqtt.record import Brief, Record
 from opsbay_mqtt.records import Execution, Job, replace
 from opsbay_mqtt.signing import Auth, Keyring, check_fresh
 from opsbay_mqtt.topics import Topics
-from opsbay_mqtt.transport import CONNECTED, Connection, Inbound
 
 log = logging.getLogger(__name__)
 
@@ -520,26 +519,20 @@ def granted_labels(
     return kept, {k: v for k, v in claimed.items() if k not in kept}
 
 
-def serve(coord: Coordinator, conn: Connection, stop: threading.Event) -> None:
-    """The coordinator's loop: take a batch, handle it, commit once, acknowledge, publish."""
-    coord.redispatch_pending()
-    next_tick = 0.0
-    while not stop.is_set():
-        batch = conn.receive(coord.cfg.tick_s, coord.cfg.batch_max)
-        for msg in batch:
-            coord.handle(msg)
-        if time.monotonic() >= next_tick:
-            next_tick = time.monotonic() + coord.cfg.tick_s
-            mark = len(coord.outbox)
-            try:
-                with coord.store.atomic():
-                    coord.tick()
-            except Exception:
-                del coord.outbox[mark:]
-                log.exception("error in the deadline check")
-        coord.store.commit()
-        for msg in batch:
-            conn.ack(msg)
-        for out in coord.outbox:
-            conn.publish(out.topic, out.payload, retain=out.retain, expiry_s=out.expiry_s)
-        coord.outbox.clear()
+def step(coord: Coordinator, batch: list[Inbound], tick_due: bool) -> list[Outgoing]:
+    """One turn of the coordinator's loop, without I/O: handle a batch, run the deadline check
+    when it is due, commit once; what to publish. The caller acknowledges the batch (after this
+    commit) and publishes (`daemons.serve_coordinator`)."""
+    for msg in batch:
+        coord.handle(msg)
+    if tick_due:
+        mark = len(coord.outbox)
+        try:
+            with coord.store.atomic():
+                coord.tick()
+        except Exception:
+            del coord.outbox[mark:]
+            log.exception("error in the deadline check")
+    coord.store.commit()
+    out, coord.outbox = coord.outbox, []
+    return out

@@ -8,6 +8,7 @@ import pwd
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from opsbay_mqtt.topics import Topics, validate_node
 from opsbay_mqtt.transport import Connection
 
 if TYPE_CHECKING:
+    from opsbay_mqtt.coordinator import Coordinator
     from opsbay_mqtt.policy import WorkerPolicy
     from opsbay_mqtt.settings import Settings
 
@@ -74,7 +76,7 @@ def run_coordinator(
     limits: dict[str, int],
 ) -> None:
     # Imported here: a worker process (every node) never loads the coordinator's modules.
-    from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig, serve
+    from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig
     from opsbay_mqtt.store import Store
 
     _make_dir(data_dir, "--data-dir / OPSBAY_DATA_DIR")
@@ -134,11 +136,29 @@ def run_coordinator(
     )
     log.info("coordinator: ready")
     try:
-        serve(Coordinator(cfg, store), conn, stop)
+        serve_coordinator(Coordinator(cfg, store), conn, stop)
     finally:
         conn.close()
         store.close()
         log.info("coordinator: stopped")
+
+
+def serve_coordinator(coord: Coordinator, conn: Connection, stop: threading.Event) -> None:
+    """The coordinator's loop: a batch in, `coordinator.step`, acknowledge, publish."""
+    from opsbay_mqtt.coordinator import step
+
+    coord.redispatch_pending()
+    next_tick = 0.0
+    while not stop.is_set():
+        batch = conn.receive(coord.cfg.tick_s, coord.cfg.batch_max)
+        tick_due = time.monotonic() >= next_tick
+        if tick_due:
+            next_tick = time.monotonic() + coord.cfg.tick_s
+        outgoing = step(coord, batch, tick_due)
+        for msg in batch:  # only now: what they changed is committed
+            conn.ack(msg)
+        for out in outgoing:
+            conn.publish(out.topic, out.payload, retain=out.retain, expiry_s=out.expiry_s)
 
 
 def run_worker(

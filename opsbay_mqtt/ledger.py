@@ -71,6 +71,22 @@ class Ledger:
                 self.db.execute("PRAGMA synchronous=NORMAL")
             return cur.rowcount == 1
 
+    def claim(self, job_id: str, state: str, result: bytes, now_ms: int) -> bool:
+        """Record `job_id` as already ended (`state`, with its result) unless the ledger knows
+        it; False if it did. One statement: a worker that dies right after it never reports a
+        job it did not run as `lost`."""
+        with self._lock:
+            self.db.execute("PRAGMA synchronous=FULL")
+            try:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO ledger (node, job_id, state, result, updated_ms) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (self.node, job_id, state, result, now_ms),
+                )
+            finally:
+                self.db.execute("PRAGMA synchronous=NORMAL")
+            return cur.rowcount == 1
+
     def set_pid(self, job_id: str, pid: int, started_at: float) -> None:
         """Remember the job's process group, so a restarted worker can end what is left of it."""
         with self._lock:

@@ -25,6 +25,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from opsbay_mqtt.errors import BrokerError, BrokerRefused, ConfigError
+from opsbay_mqtt.inbound import CONNECTED as CONNECTED
+from opsbay_mqtt.inbound import Inbound as Inbound
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +157,6 @@ class TlsFiles(NamedTuple):
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
-
-
-class Inbound(NamedTuple):
-    """A received message. `topic == CONNECTED` marks a reconnection instead."""
-
-    topic: str
-    payload: bytes
-    retain: bool = False
-    mid: int = 0
-    qos: int = 0
-
-
-CONNECTED = "$connected"
 
 
 class Will(NamedTuple):

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 
@@ -77,6 +77,40 @@ def _base_env(clean: bool, run_as: str | None) -> dict[str, str]:
         user = pwd.getpwnam(run_as)
         env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
     return env
+
+
+# -- the worker's decisions: pure, from what a message says, what this process and its ledger
+# know, and the clock (tests/test_worker.py goes through each); `Worker` carries them out.
+Seen = tuple[str, bytes | None]  # a job in the ledger: its state, and its result once it ended
+
+
+def on_dispatch(queued: bool, seen: Seen | None) -> Literal["ignore", "resend", "queue"]:
+    """A dispatch: a job queued or running here is left alone; one in the ledger gets its stored
+    result sent again (never run twice); anything else waits for a free slot."""
+    if queued:
+        return "ignore"
+    return "resend" if seen is not None else "queue"
+
+
+def on_cancel(queued: bool, seen: Seen | None) -> Literal["stop", "resend", "claim"]:
+    """A cancel: a job queued or running here is stopped; one in the ledger gets its result sent
+    again; one not here yet is claimed in the ledger as cancelled, so that it never starts."""
+    if queued:
+        return "stop"
+    return "resend" if seen is not None else "claim"
+
+
+def before_start(
+    *, cancelled: str | None, now_ms: int, start_by_ms: int, refusal: Refused | None
+) -> tuple[str, str] | None:
+    """Why a queued job ends without running, as (state, reason), or None: run it now."""
+    if cancelled is not None:
+        return "cancelled", "cancelled before it started"
+    if now_ms > start_by_ms:
+        return "expired", "not started by its start-by deadline"
+    if refusal is not None:
+        return "rejected", f"{refusal.code}: {refusal.text}"
+    return None
 
 
 class Worker:
@@ -357,21 +391,25 @@ class Worker:
         """Stop a job: before it starts, it never will; while it runs, its group is killed."""
         with self._lock:
             control = self._active.get(job_id)
-            if control is not None:
+            seen = self.ledger.get(job_id)
+            action = on_cancel(control is not None, seen)
+            if action == "stop":
+                assert control is not None
                 log.info("job %s: cancelled", job_id)
                 control.cancel("cancelled on request")
                 return
-            seen = self.ledger.get(job_id)
-            # Not here yet (or expired on the way): make sure it never runs.
-            if seen is None and not self.ledger.start(job_id, self._now_ms()):
-                return
+            if action == "claim":  # not here yet: it must never run when it comes
+                reason = "cancelled before it arrived"
+                result = self._result(
+                    job_id, "cancelled", finished_ms=self._now_ms(), reason=reason
+                )
+                payload = encode(result, self.cfg.keyring, self._now_s())
+                if self.ledger.claim(job_id, "cancelled", payload, self._now_ms()):
+                    self._publish(self.cfg.topics.result(self.cfg.node, job_id), payload)
+                    return
+                seen = self.ledger.get(job_id)  # it came meanwhile
         if seen is not None:
             self._resend(job_id, seen)
-            return
-        reason = "cancelled before it arrived"
-        self._finish(
-            self._result(job_id, "cancelled", finished_ms=self._now_ms(), reason=reason), None
-        )
 
     def _resend(self, job_id: str, seen: tuple[str, bytes | None]) -> None:
         """A job this node has seen before: its stored result goes out again, nothing runs."""
@@ -383,17 +421,19 @@ class Worker:
     def accept(self, d: Dispatch, msg: Inbound | None) -> None:
         """Queue a dispatch to run, unless this node has seen its job id before."""
         with self._lock:
-            if d.job_id in self._active:
-                log.info("job %s: duplicate dispatch while queued or running; ignored", d.job_id)
-                self._ack(msg)
-                return
             seen = self.ledger.get(d.job_id)
-            if seen is not None:
+            action = on_dispatch(d.job_id in self._active, seen)
+            if action == "ignore":
+                log.info("job %s: duplicate dispatch while queued or running; ignored", d.job_id)
+            elif action == "resend":
+                assert seen is not None
                 self._resend(d.job_id, seen)
-                self._ack(msg)
-                return
-            self._active[d.job_id] = runner.RunControl()
-        self._pool.submit(self._run, d, msg)
+            else:
+                self._active[d.job_id] = runner.RunControl()
+        if action == "queue":
+            self._pool.submit(self._run, d, msg)
+        else:
+            self._ack(msg)
 
     def _run(self, d: Dispatch, msg: Inbound | None) -> None:
         """Run one job once a slot is free: the start-by deadline and policy are checked now."""
@@ -408,26 +448,22 @@ class Worker:
 
     def _run_once(self, d: Dispatch, msg: Inbound | None) -> None:
         control = self._active[d.job_id]
-        if control.cancelled is not None:
-            reason = "cancelled before it started"
-            self._finish(
-                self._result(d.job_id, "cancelled", finished_ms=self._now_ms(), reason=reason), msg
-            )
-            return
-        if self._now_ms() > d.start_by_ms:
-            log.warning("job %s: not started by its start-by deadline; not run", d.job_id)
-            reason = "not started by its start-by deadline"
-            self._finish(
-                self._result(d.job_id, "expired", finished_ms=self._now_ms(), reason=reason), msg
-            )
-            return
+        command, refusal = d.command, None
         try:
             command = self.cfg.policy.resolve(d.command)
         except Refused as e:
-            log.warning("job %s: refused by this node's policy: %s", d.job_id, e)
-            reason = f"{e.code}: {e.text}"
+            refusal = e
+        ended = before_start(
+            cancelled=control.cancelled,
+            now_ms=self._now_ms(),
+            start_by_ms=d.start_by_ms,
+            refusal=refusal,
+        )
+        if ended is not None:
+            state, reason = ended
+            log.warning("job %s: not run: %s", d.job_id, reason)
             self._finish(
-                self._result(d.job_id, "rejected", finished_ms=self._now_ms(), reason=reason), msg
+                self._result(d.job_id, state, finished_ms=self._now_ms(), reason=reason), msg
             )
             return
         if not self.ledger.start(d.job_id, self._now_ms()):
@@ -531,6 +567,11 @@ class Worker:
                 next_info = time.monotonic() + self.cfg.info_interval_s
                 topic = self.cfg.topics.node_info(self.cfg.node)
                 self._publish(topic, self.info_payload(), retain=True)
+
+    def busy(self) -> bool:
+        """Whether a job is queued or running (a test steps the worker until it is not)."""
+        with self._lock:
+            return bool(self._active)
 
     def shutdown(self) -> None:
         """Wait for the jobs queued and running to end. Their results go out as they end; the

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig, granted_labels
+from opsbay_mqtt.inbound import CONNECTED, Inbound
 from opsbay_mqtt.protocol import Cancel, NodeStatus, Result, Submit, encode
 from opsbay_mqtt.signing import Auth, Identity, Keyring
 from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import Topics
-from opsbay_mqtt.transport import CONNECTED, Inbound
 
 KEYS = Keyring.shared("unit-test-secret")
 T0 = 1_800_000_000.0
