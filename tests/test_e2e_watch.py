@@ -16,7 +16,15 @@ INFO_FACTS = (
 def test_plain_subscriber_sees_node_info_status_and_results(bus: Bus) -> None:
     bus.coordinator()
     bus.worker("n1", "--label", "role=web", "--label", "region=eu-west")
-    # A subscriber that arrives later still gets the retained info and status.
+    # A subscriber that arrives later still gets the retained info and status. "Later": once
+    # both were published (the coordinator has them), or one could arrive live, not retained.
+    wait_until(
+        lambda: any(n["node"] == "n1" and n["state"] == "online" and n.get("labels")
+                    for n in bus.cli_json("nodes")),
+        20,
+        "n1 online with its info, as the coordinator records it",
+        0.2,
+    )  # fmt: skip
     watch = bus.watch("#")
     info = watch.wait_for(
         lambda topic, body, retained: topic == f"{bus.prefix}/nodes/n1/info" and retained,
