@@ -250,37 +250,6 @@ def test_a_conflict_reported_by_a_node_is_recorded_and_leaves_its_status(
     assert node["conflict"] == "two agents: this one stopped"
 
 
-def test_the_same_bytes_of_a_submission_refused_unstored_get_the_same_reason_again(
-    coord: Coordinator,
-) -> None:
-    now = clock(coord).now
-    msg = Submit(job_id=str(uuid.uuid4()), target="nothing-*", command="true", timeout_s=10,
-                 start_by_ms=int((now + 60) * 1000))  # fmt: skip
-    payload = encode(msg, KEYS, int(now))
-    for _ in range(2):
-        coord.handle(Inbound("t/submit", payload))
-    codes = [r["code"] for r in sent(coord, f"/jobs/{msg.job_id}")]
-    assert codes == ["no_match", "no_match"]  # not "replay": nothing was done to repeat
-    accepted = msg.model_copy(update={"target": "n1"})
-    once = encode(accepted, KEYS, int(now))
-    coord.handle(Inbound("t/submit", once))
-    coord.outbox.clear()
-    coord.handle(Inbound("t/submit", once))  # stored: the job is answered, as it stands
-    assert [e["type"] for e in sent(coord, f"/jobs/{msg.job_id}")] == ["job"]
-
-
-def test_a_refusal_as_bad_json_still_names_the_job_and_nonce_its_sender_used(
-    coord: Coordinator,
-) -> None:
-    job_id = str(uuid.uuid4())
-    body = {"v": 1, "type": "submit", "job_id": job_id, "target": "n1", "command": "true",
-            "timeout_s": 1.5, "start_by_ms": 1, "auth": {"kid": "default", "nonce": "ab" * 16,
-            "ts": int(clock(coord).now)}, "sig": "00" * 32}  # fmt: skip
-    coord.handle(Inbound("t/submit", json.dumps(body).encode()))
-    (refusal,) = sent(coord, f"/jobs/{job_id}")
-    assert (refusal["code"], refusal["job_id"], refusal["nonce"]) == ("bad_json", job_id, "ab" * 16)
-
-
 @pytest.mark.parametrize(
     ("identity", "claimed", "granted", "kept", "refused"),
     [

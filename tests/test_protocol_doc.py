@@ -1065,3 +1065,41 @@ def test_shell_example_with_a_client_key(bus: Bus, tmp_path: Path) -> None:
         "info": {node_kid},
         "status": {node_kid},
     }, kids
+
+
+def test_a_bad_json_refusal_names_the_job_and_nonce_as_the_rejected_table_says(
+    tmp_path: Path,
+) -> None:
+    (job_row,) = [r for r in table("fields: rejected") if r[0] == "`job_id`"]
+    assert "Read leniently when the payload is refused as `bad_json`" in job_row[3]
+    c = coordinator(tmp_path)
+    job_id, nonce = str(uuid.uuid4()), "ab" * 16
+    body = {"v": 1, "type": "submit", "job_id": job_id, "target": "n1", "command": "true",
+            "timeout_s": 1.5, "start_by_ms": 1, "sig": "00" * 32,
+            "auth": {"kid": "default", "nonce": nonce, "ts": T0}}  # fmt: skip
+    c.handle(Inbound("t/submit", json.dumps(body).encode()))
+    refusals = [json.loads(o.payload) for o in c.outbox if o.topic == f"t/jobs/{job_id}"]
+    assert [(r["code"], r["job_id"], r["nonce"]) for r in refusals] == [("bad_json", job_id, nonce)]
+
+
+def test_the_same_bytes_of_an_unstored_refusal_get_the_same_reason_as_the_document_says(
+    tmp_path: Path,
+) -> None:
+    (row,) = [r for r in table_rows_of("Freshness and replay") if r[0] == "`submit`"]
+    assert "the same bytes sent again get the same reason again" in row[3]
+    c = coordinator(tmp_path)
+    sub = Submit(job_id=str(uuid.uuid4()), target="nothing-*", command="true", timeout_s=60,
+                 start_by_ms=(T0 + 60) * 1000)  # fmt: skip
+    payload = encode(sub, TEST_KEYRING, T0)
+    for _ in range(2):
+        c.handle(Inbound("t/submit", payload))
+    codes = [json.loads(o.payload)["code"] for o in c.outbox if o.topic == f"t/jobs/{sub.job_id}"]
+    assert codes == ["no_match", "no_match"]
+
+
+def table_rows_of(section: str) -> list[list[str]]:
+    """The rows of the first Markdown table under the heading `## {section}`."""
+    found = re.search(rf"^## {re.escape(section)}\n(?:.*\n)*?((?:\|.*\n)+)", DOC, re.M)
+    assert found, f"no table under '## {section}'"
+    rows = found[1].splitlines()[2:]
+    return [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows]
