@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -303,9 +303,6 @@ class Coordinator:
         if job is None or ex is None:
             log.warning("result for unknown execution %s on %s; ignored", res.job_id, res.node)
             return
-        if not states.can_move(ex.state, res.state):
-            log.info("job %s on %s: %s after %s; ignored", job.job_id, ex.node, res.state, ex.state)
-            return
         fields: dict[str, Any] = {"state": res.state}
         if res.state == "running":
             fields["started_ms"] = res.started_ms
@@ -313,6 +310,22 @@ class Coordinator:
             fields.update(res.model_dump(exclude={"v", "type", "job_id", "node", "session"}))
             fields["started_ms"] = res.started_ms or ex.started_ms
         self._update(job, [replace(ex, **fields)])
+
+    def _allowed(self, job_id: str, changed: Iterable[Execution], new: bool) -> Iterator[Execution]:
+        """The one transition guard: every change to an execution passes here (results,
+        cancels, deadlines, the rollout's cancels). A change the states do not allow (a result
+        after a terminal state, `running` after `succeeded`) is dropped and logged; terminal
+        states never change, not even to themselves."""
+        for x in changed:
+            before = None if new else self.store.execution_state(job_id, x.node)
+            if (
+                before is None
+                or (before == x.state and not states.is_terminal(before))
+                or states.can_move(before, x.state)
+            ):
+                yield x
+            else:
+                log.info("job %s on %s: %s after %s; not changed", job_id, x.node, x.state, before)
 
     def _update(
         self, job: Job, changed: Iterable[Execution], announce: bool = False, new: bool = False
@@ -323,7 +336,7 @@ class Coordinator:
         Only the changed executions are read and written in full. The others are read as briefs
         (node, state, dispatch time) only while the rollout holds some back, and otherwise only
         counted per state in SQL, so a result for a job on many nodes stays cheap."""
-        touched = {x.node: x for x in changed}
+        touched = {x.node: x for x in self._allowed(job.job_id, changed, new)}
         step = rollout.Step([], [])
         # Without a batch size, every execution is released when the job is accepted: only
         # a rollout in batches holds some back afterwards.

@@ -12,9 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from opsbay_mqtt.errors import ConfigError
+from opsbay_mqtt.states import sql
 from opsbay_mqtt.topics import NODE_NAME_RE
 
 DEFAULT_MAX_ENTRIES = 10_000
+RUNNING = sql("running")  # a job started and not ended, in SQL text
 
 # PRAGMA user_version of the file. 1: one table keyed by job id (0.1.0, which left
 # user_version at 0); 2: keyed by (node, job id).
@@ -64,7 +66,7 @@ class Ledger:
             try:
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO ledger (node, job_id, state, updated_ms) "
-                    "VALUES (?, ?, 'running', ?)",
+                    f"VALUES (?, ?, {RUNNING}, ?)",
                     (self.node, job_id, now_ms),
                 )
             finally:
@@ -111,15 +113,15 @@ class Ledger:
         """(job id, pid, pid start time) of jobs running when the previous worker ended."""
         with self._lock:
             rows = self.db.execute(
-                "SELECT job_id, pid, pid_started FROM ledger WHERE node = ? AND state = 'running'",
+                f"SELECT job_id, pid, pid_started FROM ledger WHERE node = ? AND state = {RUNNING}",
                 (self.node,),
             )
             return [(r[0], r[1], r[2]) for r in rows]
 
     def _prune(self) -> None:
         self.db.execute(
-            "DELETE FROM ledger WHERE node = ? AND state != 'running' AND job_id IN ("
-            "SELECT job_id FROM ledger WHERE node = ? AND state != 'running' "
+            f"DELETE FROM ledger WHERE node = ? AND state != {RUNNING} AND job_id IN ("
+            f"SELECT job_id FROM ledger WHERE node = ? AND state != {RUNNING} "
             "ORDER BY updated_ms DESC LIMIT -1 OFFSET ?)",
             (self.node, self.node, self.max_entries),
         )

@@ -20,6 +20,9 @@ ExecState = Literal[
 JobState = ExecState
 
 EXEC_STATES: tuple[str, ...] = get_args(ExecState)
+PENDING: ExecState = "pending"
+RUNNING: ExecState = "running"
+OPEN: tuple[ExecState, ...] = (PENDING, RUNNING)  # not terminal
 JOB_STATES: tuple[str, ...] = get_args(JobState)
 TERMINAL: frozenset[str] = frozenset(
     {"succeeded", "failed", "timed_out", "expired", "cancelled", "lost", "rejected"}
@@ -32,6 +35,14 @@ _ALLOWED: dict[str, frozenset[str]] = {
 
 # When executions end differently, the job shows the worst: this order decides.
 _SEVERITY = ("succeeded", "cancelled", "expired", "failed", "timed_out", "lost", "rejected")
+
+
+def sql(*names: ExecState) -> str:
+    """State names as SQL text, `'pending'` or `('pending', 'running')`: the SQL of the store
+    and the ledger spells states only through this (names from this module, never input)."""
+    assert all(n in EXEC_STATES for n in names), names
+    quoted = ", ".join(f"'{n}'" for n in names)
+    return quoted if len(names) == 1 else f"({quoted})"
 
 
 def is_terminal(state: str) -> bool:

@@ -9,10 +9,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from opsbay_mqtt import states
 from opsbay_mqtt.errors import ConfigError
 from opsbay_mqtt.record import Brief
 from opsbay_mqtt.records import Execution, Job, fields_of
 from opsbay_mqtt.states import TERMINAL
+
+# State names in SQL text, from the one list of states (states.sql).
+PENDING, RUNNING, OPEN = states.sql("pending"), states.sql("running"), states.sql(*states.OPEN)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -56,7 +60,7 @@ CREATE INDEX IF NOT EXISTS executions_by_state ON executions (state);
 -- A job's counts per state, and whether its rollout holds any back, without reading its rows.
 CREATE INDEX IF NOT EXISTS executions_by_job_state ON executions (job_id, state, dispatched_ms);
 CREATE INDEX IF NOT EXISTS executions_open ON executions (node, state)
-    WHERE state IN ('pending', 'running');
+    WHERE state IN $OPEN;
 CREATE TABLE IF NOT EXISTS nodes (
     node TEXT PRIMARY KEY,
     state TEXT NOT NULL DEFAULT 'unknown',
@@ -76,7 +80,7 @@ CREATE TABLE IF NOT EXISTS nonces (
     PRIMARY KEY (kid, nonce)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS nonces_by_ts ON nonces (ts);
-"""
+""".replace("$OPEN", states.sql(*states.OPEN))
 
 _EXEC_COLS = (
     "node", "state", "exit_code", "stdout", "stderr", "stdout_bytes", "stderr_bytes", "truncated",
@@ -250,6 +254,12 @@ class Store:
             fields["executions"] = [self._execution(r) for r in ex_rows]
         return Job(**fields)
 
+    def execution_state(self, job_id: str, node: str) -> str | None:
+        row = self.db.execute(
+            "SELECT state FROM executions WHERE job_id = ? AND node = ?", (job_id, node)
+        ).fetchone()
+        return str(row[0]) if row else None
+
     def execution(self, job_id: str, node: str) -> Execution | None:
         row = self.db.execute(
             f"SELECT {', '.join(_EXEC_COLS)} FROM executions WHERE job_id = ? AND node = ?",
@@ -267,7 +277,7 @@ class Store:
     def has_held(self, job_id: str) -> bool:
         """Whether the job's rollout holds any execution back (`rollout.is_held`, in SQL)."""
         row = self.db.execute(
-            "SELECT 1 FROM executions WHERE job_id = ? AND state = 'pending'"
+            f"SELECT 1 FROM executions WHERE job_id = ? AND state = {PENDING}"
             " AND dispatched_ms IS NULL LIMIT 1",
             (job_id,),
         ).fetchone()
@@ -310,8 +320,8 @@ class Store:
         grace, or running past start + timeout + grace."""
         return self.db.execute(
             "SELECT e.job_id, e.node FROM executions e JOIN jobs j USING (job_id) "
-            "WHERE (e.state = 'pending' AND e.start_by_ms + ? < ?) "
-            "OR (e.state = 'running' AND e.started_ms + j.timeout_s * 1000 + ? < ?)",
+            f"WHERE (e.state = {PENDING} AND e.start_by_ms + ? < ?) "
+            f"OR (e.state = {RUNNING} AND e.started_ms + j.timeout_s * 1000 + ? < ?)",
             (grace_ms, now_ms, grace_ms, now_ms),
         ).fetchall()
 
@@ -321,14 +331,14 @@ class Store:
         where = "" if node is None else "node = ? AND "
         return self.db.execute(
             f"SELECT job_id, node FROM executions WHERE {where}dispatched_ms IS NOT NULL "
-            "AND state = 'pending' AND start_by_ms > ?",
+            f"AND state = {PENDING} AND start_by_ms > ?",
             (*(() if node is None else (node,)), now_ms),
         ).fetchall()
 
     def open_count(self, node: str) -> int:
         """Executions for `node` not yet in a terminal state."""
         row = self.db.execute(
-            "SELECT count(*) FROM executions WHERE node = ? AND state IN ('pending', 'running')",
+            f"SELECT count(*) FROM executions WHERE node = ? AND state IN {OPEN}",
             (node,),
         ).fetchone()
         return int(row[0])
@@ -336,7 +346,7 @@ class Store:
     def prune(self, *, before_ms: int, keep: int) -> int:
         """Delete finished jobs submitted before `before_ms`, and beyond the newest `keep`
         finished ones. Jobs with an execution still open are never deleted."""
-        open_jobs = "SELECT job_id FROM executions WHERE state IN ('pending', 'running')"
+        open_jobs = f"SELECT job_id FROM executions WHERE state IN {OPEN}"
         cur = self.db.execute(
             f"DELETE FROM jobs WHERE job_id NOT IN ({open_jobs}) AND (submitted_ms < ? OR "
             f"job_id IN (SELECT job_id FROM jobs WHERE job_id NOT IN ({open_jobs}) "

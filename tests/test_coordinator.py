@@ -311,3 +311,17 @@ def test_after_a_conflict_the_agent_that_stayed_is_heard_again_and_a_restart_cle
     assert node()["state"] == "offline"
     status(coord, "dup", "online", session=12, seq=1)  # a new agent: the conflict is over
     assert node()["state"] == "online" and "conflict" not in node()
+
+
+def test_one_guard_for_every_change_a_terminal_state_never_changes_even_to_itself(
+    coord: Coordinator,
+) -> None:
+    job_id = submit(coord)
+    report(coord, job_id, "failed", exit_code=3, started_ms=int(T0 * 1000))
+    report(coord, job_id, "failed", exit_code=4)  # a second terminal report: dropped
+    report(coord, job_id, "running", started_ms=int(T0 * 1000))  # late: dropped
+    clock(coord).now += 3600
+    coord.tick()  # no deadline applies to a terminal execution either
+    job = coord.store.get_job(job_id)
+    assert job is not None
+    assert (job.state, job.executions[0].exit_code) == ("failed", 3)
