@@ -357,6 +357,13 @@ def _append_key(path: Path, entry: str) -> None:
 
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o077:  # never write a secret into a file others may read
+            os.close(fd)
+            raise ConfigError(
+                f"--append: {path} has mode {mode:04o}, which lets other users read or write it: "
+                f"chmod 600 {path} first (opsbay refuses such key files anyway)"
+            )
         with os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write("\n" + entry)
     except OSError as e:

@@ -64,7 +64,8 @@ class Outgoing:
     payload: bytes
     retain: bool = False
     expiry_s: int | None = None
-    dispatch_of: str | None = None  # a dispatch: its job id (a cancel may take it back)
+    dispatch_of: str | None = None  # a dispatch: its job id
+    first: bool = False  # a dispatch's first release: never sent before (a cancel may take it back)
 
 
 @dataclass
@@ -93,13 +94,14 @@ class Coordinator:
         kid: str | None,
         expiry_s: int | None = None,
         dispatch_of: str | None = None,
+        first: bool = False,
     ) -> None:
         """`_send` for a message body built as plain data (`protocol.job_event_body`, ...)."""
         if kid is None:
             payload = signing.canonical(body)
         else:
             payload = signing.sign(body, self.cfg.keyring, int(self.clock()), kid=kid)
-        self.outbox.append(Outgoing(topic, payload, False, expiry_s, dispatch_of))
+        self.outbox.append(Outgoing(topic, payload, False, expiry_s, dispatch_of, first))
 
     # -- one message, all or nothing
     def handle(self, msg: Inbound) -> None:
@@ -108,12 +110,12 @@ class Coordinator:
             # Reconnected: the broker may have lost what it held for us and for the nodes.
             self.redispatch_pending()
             return
-        mark = len(self.outbox)
+        before = list(self.outbox)  # a cancel may take back what an earlier message queued
         try:
             with self.store.atomic():
                 self._route(msg)
         except Exception:
-            del self.outbox[mark:]
+            self.outbox = before
             log.exception("error handling a message on %s; nothing of it was kept", msg.topic)
 
     def _route(self, msg: Inbound) -> None:
@@ -371,29 +373,32 @@ class Coordinator:
             self.store.set_job_state(job.job_id, new_state)
         job = replace(job, state=new_state)
         for node in step.dispatch:
-            self._send_dispatch(job, touched[node])
+            self._send_dispatch(job, touched[node], first=True)
         if announce:
             touched = {**{x.node: x for x in job.executions}, **touched}
         if touched:
             self._send_event(job, touched.values(), counts)
 
-    def _send_dispatch(self, job: Job, ex: Execution) -> None:
+    def _send_dispatch(self, job: Job, ex: Execution, first: bool = False) -> None:
+        """`first`: released now, never sent before (a copy sent again is not)."""
         assert ex.start_by_ms is not None
         d = dispatch_body(job, ex.node, ex.start_by_ms)
         expiry = min(MAX_EXPIRY_S, max(1, (ex.start_by_ms - self._now_ms()) // 1000 + 1))
         topic, kid = self.cfg.topics.node_jobs(ex.node), self._node_kid(ex.node)
-        self._send_body(topic, d, kid=kid, expiry_s=expiry, dispatch_of=job.job_id)
+        self._send_body(topic, d, kid=kid, expiry_s=expiry, dispatch_of=job.job_id, first=first)
 
     def _take_back_dispatch(self, job_id: str, node: str) -> bool:
-        """Drop the dispatch of `job_id` to `node` if it is still in the outbox (the submission
-        and its cancel came in one batch, as after a coordinator restart): then it is never
-        sent, and the node cannot start what was cancelled before it ever saw it."""
+        """Drop the dispatch of `job_id` to `node` if its *first* release is still in the outbox
+        (the submission and its cancel came in one batch, as after a coordinator restart): then
+        it was never sent, so the node cannot start what was cancelled before it saw it. A copy
+        sent again (on start, on reconnection, when the node comes online) is no proof: the
+        node may hold the first one; then the node must get the cancel."""
         topic = self.cfg.topics.node_jobs(node)
-        for i, out in enumerate(self.outbox):
-            if out.dispatch_of == job_id and out.topic == topic:
-                del self.outbox[i]
-                return True
-        return False
+        mine = [o for o in self.outbox if o.dispatch_of == job_id and o.topic == topic]
+        if not any(o.first for o in mine):
+            return False
+        self.outbox = [o for o in self.outbox if not (o.dispatch_of == job_id and o.topic == topic)]
+        return True
 
     def _send_event(
         self, job: Job, changed: Iterable[Execution], counts: dict[str, int] | None = None

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from opsbay_mqtt.errors import ConfigError, Refused
+from opsbay_mqtt.errors import BrokerError, BrokerRefused, ConfigError, Refused
 from opsbay_mqtt.topics import Topics, validate_node
 from opsbay_mqtt.transport import Connection
 
@@ -66,6 +66,22 @@ def _make_dir(path: Path, setting: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{setting}: cannot create {path}: {e}") from e
+
+
+def _subscribe(conn: Connection, topics: list[tuple[str, int]], stop: threading.Event) -> bool:
+    """Subscribe, and again while the broker drops the connection meanwhile (a daemon waits for
+    its broker as long as it takes, saying so); False if asked to stop first. A refusal (the
+    broker's ACL) is not retried: it raises BrokerRefused."""
+    while not stop.is_set():
+        try:
+            conn.subscribe(topics)
+            return True
+        except BrokerRefused:
+            raise
+        except BrokerError as e:
+            log.warning("%s: %s; subscribing again", conn.client_id, e)
+            stop.wait(1.0)
+    return False
 
 
 def run_coordinator(
@@ -125,15 +141,19 @@ def run_coordinator(
         store.close()
         log.info("coordinator: stopped before the broker accepted the connection")
         return
-    conn.subscribe(
+    if not _subscribe(
+        conn,
         [
             (topics.submit, 1),
             (topics.rpc_request, 1),
             (topics.all_results, 1),
             (topics.all_node_info, 1),
             (topics.all_node_status, 1),
-        ]
-    )
+        ],
+        stop,
+    ):
+        store.close()
+        return
     log.info("coordinator: ready")
     try:
         serve_coordinator(Coordinator(cfg, store), conn, stop)
@@ -211,7 +231,10 @@ def run_worker(
     # Its own status topic too: to see that the broker lets it read and write there, and to
     # find another agent using the same node name.
     topics = settings.topics
-    conn.subscribe([(topics.node_jobs(node), 1), (topics.node_status(node), 1)])
+    if not _subscribe(conn, [(topics.node_jobs(node), 1), (topics.node_status(node), 1)], stop):
+        ledger.close()
+        state_lock.close()
+        return
     log.info("worker %s: ready", node)
     try:
         w.serve(conn, stop)
@@ -223,13 +246,7 @@ def run_worker(
                 w.publish_offline()
             except Exception:
                 log.warning("worker %s: could not publish offline status", node)
-        w.report_conflict(
-            lambda: Connection(
-                url=settings.url,
-                client_id=client_id("worker", settings.topics, node) + ":conflict",
-                tls=settings.tls,
-            )
-        )
+        w.report_conflict()
         conn.close()
         ledger.close()
         state_lock.close()

@@ -211,6 +211,7 @@ class Connection:
         self._in_flight: dict[int, str] = {}
         self._refused_mids: dict[int, BrokerRefused] = {}
         self._sub_topics: dict[int, list[str]] = {}
+        self._resubscribed = -1  # packet id of the last re-subscription after a reconnect
         self.on_refused = on_refused
         self.log_refusals = log_refusals  # False: the caller raises them (the CLI)
         self.last_disconnect: str | None = None  # why the last connection ended, for a person
@@ -299,7 +300,10 @@ class Connection:
             return
         self.permanent_error = False
         if self._subscriptions:
-            client.subscribe(self._subscriptions)
+            _, resubscribed = client.subscribe(self._subscriptions)
+            if resubscribed is not None:
+                self._sub_topics[resubscribed] = [t for t, _ in self._subscriptions]
+                self._resubscribed = resubscribed
         self._connect_error = None
         self._retry_delay = 1.0
         self._connected.set()
@@ -448,7 +452,7 @@ class Connection:
         while not self._connected.is_set() and time.monotonic() < deadline:
             # Lost (a broker restart): nothing reconnects but this thread, so do it first.
             self.pump(min(0.05, deadline - time.monotonic()))
-        self._subscriptions.extend(topics)
+        self._subscriptions.extend(t for t in topics if t not in self._subscriptions)
         with self._io:
             rc, mid = self._client.subscribe(topics)
             if mid is not None:
@@ -457,7 +461,13 @@ class Connection:
             raise BrokerError(f"subscribe failed: {mqtt.error_string(rc)}")
         if not wait:
             return
+        before = self._resubscribed
         while mid not in self._acked_mids:
+            if self._resubscribed != before and self._resubscribed in self._acked_mids:
+                # Reconnected meanwhile: the re-subscription (every topic, these included)
+                # was acknowledged instead; the first SUBACK will never come.
+                mid = self._resubscribed
+                break
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BrokerError(
@@ -506,12 +516,13 @@ class Connection:
     def wait_published(self, info: mqtt.MQTTMessageInfo, topic: str, timeout_s: float) -> None:
         """Wait for the PUBACK of a QoS 1 publish (sent again on reconnection, if need be)."""
         deadline = time.monotonic() + timeout_s
-        try:
-            while not info.is_published() and time.monotonic() < deadline:
-                self.pump(min(0.05, deadline - time.monotonic()))
-        except (RuntimeError, ValueError) as e:  # paho: the message could not be sent
-            raise BrokerError(f"publish to {topic} failed: {e}") from e
-        if not info.is_published():
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise BrokerError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        # Published while disconnected (NO_CONN), paho keeps it and sends it on reconnection,
+        # but its is_published() then raises: wait for the PUBACK as `_in_flight` sees it.
+        while info.mid in self._in_flight and time.monotonic() < deadline:
+            self.pump(min(0.05, deadline - time.monotonic()))
+        if info.mid in self._in_flight:
             raise BrokerError(f"broker {self.url} did not acknowledge a publish to {topic}")
         refused = self._refused_mids.pop(info.mid, None)
         if refused is not None:
@@ -573,17 +584,23 @@ class Connection:
             readable = True
         else:
             waiting = select.poll()
-            waiting.register(sock, select.POLLIN | (select.POLLOUT if c.want_write() else 0))
+            try:
+                waiting.register(sock, select.POLLIN | (select.POLLOUT if c.want_write() else 0))
+            except (ValueError, OSError):  # closed by another thread's failed write
+                return
             waiting.register(self._wake_r, select.POLLIN)
             ready = dict(waiting.poll(max(0, int(timeout_s * 1000))))
             if self._wake_r in ready:
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(self._wake_r, 4096)
             readable = bool(ready.get(sock.fileno(), 0) & ~select.POLLOUT)
-        reading = select.poll()
-        reading.register(sock, select.POLLIN)
         rc = mqtt.MQTT_ERR_SUCCESS
         with self._io:
+            # Another thread's publish may have failed and closed the socket meanwhile.
+            if c.socket() is not sock or sock.fileno() < 0:
+                return
+            reading = select.poll()
+            reading.register(sock, select.POLLIN)
             for _ in range(most):  # loop_read reads a few packets a time: on while more waits
                 if not readable:
                     break

@@ -139,7 +139,7 @@ class Worker:
         self._found: dict[int, int] = {}  # session -> seq of other agents' retained statuses
         self._newer_seen: set[int] = set()
         self._reconnected = False  # after our first connection: retained statuses are news
-        self._conflict: bytes | None = None  # stepping down: our `conflict` status
+        self._conflict: tuple[str, Any] | None = None  # stepping down: our `conflict` status
 
     def _now_s(self) -> int:
         return int(self.clock())
@@ -253,9 +253,10 @@ class Worker:
         )
 
     def step_down(self, why: str) -> None:
-        """Stop for good: stop running jobs and never reconnect, so the other agent keeps the
-        session; then (`report_conflict`) tell the coordinator, not retained: the other
-        agent's status stays."""
+        """Stop for good: tell the coordinator (not retained: the other agent's status stays),
+        start nothing more, stop the jobs that run, and never reconnect, so the other agent
+        keeps the session; jobs queued and not started are left unacknowledged, so that the
+        broker delivers them to the agent that stays."""
         if self.fatal is not None:
             return
         self.fatal = why
@@ -268,29 +269,32 @@ class Worker:
             published_ms=self._now_ms(),
             reason=f"{why} (host {socket.gethostname()}, pid {os.getpid()})"[:1024],
         )
-        self._conflict = encode(conflict, self.cfg.keyring, self._now_s())
+        payload = encode(conflict, self.cfg.keyring, self._now_s())
         if self.conn is not None:
+            # On the connection that just brought the other agent's status: it is most likely
+            # still up (a side connection would, on the production broker, take its session).
+            topic = self.cfg.topics.node_status(self.cfg.node)
+            self._conflict = topic, self.conn.publish(topic, payload)
             self.conn.reconnect = False  # while its jobs end: the other agent holds the session
         with self._lock:
             for control in self._active.values():
                 control.cancel("the agent stopped: another agent uses this node name")
 
-    def report_conflict(self, side: Callable[[], Connection]) -> None:
-        """Last thing before stepping down: tell the coordinator why, over a connection of its
-        own (`side`: another client id, a clean session), so that the agent that keeps the
-        name is not disconnected once more."""
-        if self._conflict is None:
+    def report_conflict(self) -> None:
+        """Last thing before stepping down: make sure the `conflict` status reached the broker.
+        If the other agent took the connection before it went out, reconnect once for it (the
+        persistent session, resumed, not wiped: the other agent takes it back with everything
+        queued in it), for a few seconds at most."""
+        if self._conflict is None or self.conn is None:
             return
-        conn = side()
+        topic, sent = self._conflict
+        self.conn.reconnect = True
         try:
-            conn.connect(timeout_s=5.0)
-            conn.publish_wait(
-                self.cfg.topics.node_status(self.cfg.node), self._conflict, timeout_s=5
-            )
+            self.conn.wait_published(sent, topic, 5.0)
         except Exception as e:
             log.warning("worker %s: could not report the conflict: %s", self.cfg.node, e)
         finally:
-            conn.close()
+            self.conn.reconnect = False
 
     def on_refused(self, refused: BrokerRefused) -> None:
         """The broker refused one of our messages: this agent cannot work (its status, results
@@ -349,7 +353,7 @@ class Worker:
                     self.cancel(got.job_id)
                     self._ack(m)
         for m, got in checked:
-            if isinstance(got, Dispatch):
+            if isinstance(got, Dispatch) and self.fatal is None:  # stepped down: not ours now
                 with self._logged(m):
                     self.accept(got, m)
 
@@ -447,6 +451,8 @@ class Worker:
                 self._live.pop(d.job_id, None)
 
     def _run_once(self, d: Dispatch, msg: Inbound | None) -> None:
+        if self.fatal is not None:  # stepped down before it started: left for the other agent
+            return
         control = self._active[d.job_id]
         command, refusal = d.command, None
         try:

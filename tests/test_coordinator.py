@@ -325,3 +325,14 @@ def test_one_guard_for_every_change_a_terminal_state_never_changes_even_to_itsel
     job = coord.store.get_job(job_id)
     assert job is not None
     assert (job.state, job.executions[0].exit_code) == ("failed", 3)
+
+
+def test_a_cancel_never_takes_back_a_dispatch_sent_again_the_node_may_hold_the_first(
+    coord: Coordinator,
+) -> None:
+    job_id = submit(coord)
+    coord.outbox.clear()  # the first dispatch went out
+    coord.handle(Inbound(CONNECTED, b""))  # reconnected: sent again
+    cancel(coord, job_id)
+    assert [m["type"] for m in sent(coord, "/nodes/n1/jobs")] == ["dispatch", "cancel"]
+    assert state(coord, job_id) == "pending"  # the node decides

@@ -784,3 +784,25 @@ def test_mosquitto_sub_watches_the_production_broker_as_the_readme_shows(
             sub.kill()
             sub.communicate()
     assert sub.returncode == 0 and seen.startswith("opsbay/jobs/"), (seen, err)
+
+
+def test_two_agents_with_one_node_name_on_the_production_broker(
+    tls_bus: Bus, secure: SecureBroker
+) -> None:
+    """There the client id is the login: the later agent stops and reports the conflict without
+    taking the session from the agent that stays (no clean start: nothing queued is lost)."""
+    first = tls_bus.start("worker-twin-1", "worker", "--node", "web-02", "--state-dir",
+                          str(tls_bus.tmp / "twin1"), **login(secure, "web-02"))  # fmt: skip
+    try:
+        tls_bus.wait_log("worker-twin-1", "worker web-02: ready")
+        second = tls_bus.start("worker-twin-2", "worker", "--node", "web-02", "--state-dir",
+                               str(tls_bus.tmp / "twin2"), **login(secure, "web-02"))  # fmt: skip
+        assert second.wait(30) == 78, tls_bus.log("worker-twin-2")
+        out = tls_bus.cli("submit", "-t", "web-02", "-c", "echo still", "--wait",
+                          **login(secure, "ci"))  # fmt: skip
+        assert (out.returncode, out.stdout) == (0, "still\n"), out.stderr
+        assert first.poll() is None
+        nodes = {n["node"]: n for n in json.loads(nodes_cli(tls_bus, **login(secure, "ci")).stdout)}
+        assert "was already running" in nodes["web-02"].get("conflict", ""), nodes["web-02"]
+    finally:
+        stop_process(first)

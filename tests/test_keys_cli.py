@@ -196,3 +196,15 @@ def test_each_login_goes_to_its_listeners_password_file_and_port(
 def test_a_daemon_login_may_not_look_like_a_client_id() -> None:
     with pytest.raises(Refused, match="may not start with opsbay-"):
         new_key_instructions("node", "opsbay-web")
+
+
+def test_append_never_writes_a_secret_into_a_file_others_may_read(tmp_path: Path) -> None:
+    loose = tmp_path / "keys.toml"
+    loose.write_text("")
+    loose.chmod(0o644)
+    out = subprocess.run(
+        [sys.executable, "-m", "opsbay_mqtt", "keys", "node", "web-01", "--append", str(loose)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 78 and "chmod 600" in out.stderr, out.stderr
+    assert loose.read_text() == ""

@@ -96,6 +96,28 @@ def test_a_call_on_a_lost_connection_reconnects_first(tmp_path: Path) -> None:
         stop_process(broker.process)
 
 
+def test_a_publish_made_while_disconnected_goes_out_on_reconnection(tmp_path: Path) -> None:
+    """paho queues a QoS 1 publish made with no connection and sends it once reconnected (its
+    is_published() raises meanwhile): publish_wait waits for that PUBACK, within its timeout,
+    instead of failing at once."""
+    broker = start_broker(tmp_path / "own-broker")
+    topic = f"queued/{uuid.uuid4().hex[:8]}"
+    conn = Connection(url=BrokerURL.parse(broker.url), client_id=f"t-{uuid.uuid4().hex[:8]}")
+    try:
+        conn.connect(timeout_s=10)
+        stop_process(broker.process)
+        wait_until(lambda: conn.pump(0.05) or not conn.connected, 10, "the connection lost")
+        info = conn.publish(topic, b'{"late": true}')  # no connection: queued by paho
+        broker = start_broker(tmp_path / "own-broker", port=broker.port)
+        watcher = Watcher(broker.port, topic)
+        conn.wait_published(info, topic, 30)
+        watcher.wait_for(lambda t, b, r: b == {"late": True}, "the queued message", 10)
+        watcher.close()
+    finally:
+        conn.close()
+        stop_process(broker.process)
+
+
 class _Flags:
     def __init__(self, from_server: bool) -> None:
         self.is_disconnect_packet_from_server = from_server
