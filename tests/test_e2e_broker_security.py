@@ -13,7 +13,8 @@ import signal
 import subprocess
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
@@ -166,12 +167,11 @@ class SecureBroker:
         return f"mqtts://{user}:{self.passwords[user]}@localhost:{port}"
 
 
-@pytest.fixture(scope="module")
-def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
-    d = tmp_path_factory.mktemp("secure-broker")
+@contextmanager
+def production_broker(d: Path, users: Iterable[str]) -> Iterator[SecureBroker]:
+    """Mosquitto on production.conf in `d` (which holds the PKI), a login for each user."""
     (d / "data").mkdir()
-    make_pki(d)
-    passwords = {u: secrets.token_urlsafe(12) for u in {*DAEMON_USERS, *CLIENT_USERS}}
+    passwords = {u: secrets.token_urlsafe(12) for u in users}
     write_logins(d, passwords)
     ports = Ports.free()
     conf = d / "mosquitto.conf"
@@ -188,6 +188,14 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
         yield SecureBroker(broker, d, ports, passwords=passwords)
     finally:
         stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
+    d = tmp_path_factory.mktemp("secure-broker")
+    make_pki(d)
+    with production_broker(d, {*DAEMON_USERS, *CLIENT_USERS}) as b:
+        yield b
 
 
 class Peer:
@@ -605,25 +613,9 @@ def test_the_documented_certificate_is_a_tls_server_certificate_for_its_san_only
 @pytest.fixture
 def documented_broker(tmp_path: Path) -> Iterator[SecureBroker]:
     """production.conf with the certificate the documented commands make for localhost."""
-    (tmp_path / "data").mkdir()
     documented_pki(tmp_path, "localhost", "127.0.0.1")
-    passwords = {"ci": secrets.token_urlsafe(12), "coordinator": secrets.token_urlsafe(12)}
-    write_logins(tmp_path, passwords)
-    ports = Ports.free()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(production_config(tmp_path, ports), encoding="utf-8")
-    log = tmp_path / "mosquitto.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [find_mosquitto(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        for port in ports.all():
-            wait_for_port(port, 10, proc)
-        broker = Broker(port=ports.plain, process=proc, conf=conf, log=log)
-        yield SecureBroker(broker, tmp_path, ports, passwords=passwords)
-    finally:
-        stop_process(proc)
+    with production_broker(tmp_path, ("ci", "coordinator")) as b:
+        yield b
 
 
 def test_a_client_reaches_a_broker_with_the_documented_certificate_by_the_name_in_its_san(

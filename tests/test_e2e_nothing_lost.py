@@ -52,6 +52,13 @@ def finish(p: subprocess.Popen[str], timeout: float) -> tuple[int, str, str]:
     return p.returncode, out, err
 
 
+def wait_succeeded(bus: Bus, job_id: str, timeout: float) -> None:
+    def state() -> object:
+        return json.loads(bus.cli("result", job_id, "--json").stdout or "{}").get("state")
+
+    wait_until(lambda: state() == "succeeded", timeout, f"job {job_id} succeeded", 0.2)
+
+
 def runs_of(marker: Path) -> int:
     return len(marker.read_text().splitlines()) if marker.exists() else 0
 
@@ -68,15 +75,7 @@ def test_a_job_for_a_node_never_seen_runs_once_when_its_agent_first_connects(
     assert out.returncode == 0, out.stderr  # accepted, waiting for its node
     job_id = out.stdout.strip()
     bus.worker("fresh-01")
-    wait_until(
-        lambda: (
-            json.loads(bus.cli("result", job_id, "--json").stdout or "{}").get("state")
-            == "succeeded"
-        ),
-        30,
-        f"job {job_id} succeeded on fresh-01",
-        0.2,
-    )
+    wait_succeeded(bus, job_id, 30)
     assert runs_of(marker) == 1
 
 
@@ -97,15 +96,7 @@ def test_a_dispatch_lost_by_a_broker_restarted_without_its_data_is_sent_again(
     own_broker.process = restarted.process
     own_bus.wait_log("coordinator", "reconnected", 40)
     own_bus.worker("n1")
-    wait_until(
-        lambda: (
-            json.loads(own_bus.cli("result", job_id, "--json").stdout or "{}").get("state")
-            == "succeeded"
-        ),
-        40,
-        f"job {job_id} succeeded after the broker lost its dispatch",
-        0.2,
-    )
+    wait_succeeded(own_bus, job_id, 40)
     assert runs_of(marker) == 1
 
 
