@@ -49,6 +49,24 @@ class NotAcknowledged(OpsbayError):
     """No coordinator acknowledged a submission or cancel in time."""
 
 
+CHECK_COORDINATOR = "Is `opsbay coordinator` running, with the same --broker and --prefix?"
+
+
+class _Resends:
+    """When to send a request nobody has answered again: at `next_at`, then `gap` later, the
+    gap doubling up to 8 s."""
+
+    def __init__(self, next_at: float, gap: float = RESEND_FIRST_S) -> None:
+        self.next_at, self._delay = next_at, gap
+
+    def due(self, now: float) -> bool:
+        """Whether it is time to send again; if so, the next time is set."""
+        if now < self.next_at:
+            return False
+        self.next_at, self._delay = now + self._delay, min(self._delay * 2, RESEND_MAX_S)
+        return True
+
+
 class _Asking:
     """A submission or cancel not yet acknowledged: when to send it again, when to say so,
     when to give up."""
@@ -56,13 +74,12 @@ class _Asking:
     def __init__(self, msg: dict[str, Any], now: float, give_up_s: float) -> None:
         self.msg = msg
         self.started = now
-        self.delay = RESEND_FIRST_S
-        self.resend_at = now + RESEND_FIRST_S
+        self.resends = _Resends(now + RESEND_FIRST_S, gap=2 * RESEND_FIRST_S)
         self.warn_at = now + ACK_WARN_S if give_up_s > ACK_WARN_S else float("inf")
         self.give_up_at = now + give_up_s
 
     def due(self) -> float:
-        return min(self.resend_at, self.warn_at, self.give_up_at)
+        return min(self.resends.next_at, self.warn_at, self.give_up_at)
 
 
 class QueryFailed(OpsbayError):
@@ -204,27 +221,23 @@ class Client:
                 raise NotAcknowledged(
                     f"job {job_id}: no coordinator acknowledged the cancel within {waited:.0f} s "
                     f"({self._where()}); a coordinator that reads it later still applies it. "
-                    "Is `opsbay coordinator` running, with the same --broker and --prefix?"
+                    f"{CHECK_COORDINATOR}"
                 )
             raise NotAcknowledged(
                 f"job {job_id}: no coordinator acknowledged the submission within {waited:.0f} s "
                 f"({self._where()}); it will never run: a coordinator that reads it later "
-                "refuses it (too_late). Is `opsbay coordinator` running, with the same --broker "
-                "and --prefix?"
+                f"refuses it (too_late). {CHECK_COORDINATOR}"
             )
         if now >= asking.warn_at:
             asking.warn_at = float("inf")
             self.notice(
                 f"job {job_id}: no coordinator has acknowledged the {kind} after "
                 f"{now - asking.started:.0f} s ({self._where()}); still trying for "
-                f"{asking.give_up_at - now:.0f} s. Is `opsbay coordinator` running, with the "
-                "same --broker and --prefix?"
+                f"{asking.give_up_at - now:.0f} s. {CHECK_COORDINATOR}"
             )
-        if now >= asking.resend_at:
+        if asking.resends.due(now):
             log.info("job %s: not acknowledged yet; sending the %s again", job_id, kind)
             self._publish_submit(asking.msg)
-            asking.delay = min(asking.delay * 2, RESEND_MAX_S)
-            asking.resend_at = now + asking.delay
         return None
 
     def _publish_submit(self, msg: dict[str, Any]) -> None:
@@ -421,25 +434,23 @@ class Client:
             **params,
         }
         deadline = time.monotonic() + timeout_s
-        delay, resend_at = RESEND_FIRST_S, 0.0
+        resends = _Resends(next_at=0.0)  # at once, then again while unanswered
         reply_topic = self.cfg.topics.rpc_reply(self.reply_id)
         stash: list[Inbound] = []
         try:
             while True:
-                if time.monotonic() >= resend_at:
+                if resends.due(time.monotonic()):
                     self.conn.publish_wait(
                         self.cfg.topics.rpc_request,
                         signing.sign(q, self.cfg.keyring, int(self.clock())),
                         timeout_s=max(1.0, deadline - time.monotonic()),
                     )
-                    resend_at, delay = time.monotonic() + delay, min(delay * 2, RESEND_MAX_S)
-                msg = self._next(min(deadline, resend_at))
+                msg = self._next(min(deadline, resends.next_at))
                 if msg is None:
                     if time.monotonic() >= deadline:
                         raise BrokerError(
                             f"no answer from the coordinator within {timeout_s:g} s "
-                            f"({self._where()}): is `opsbay coordinator` running, with the "
-                            "same --broker and --prefix?"
+                            f"({self._where()}). {CHECK_COORDINATOR}"
                         )
                     continue
                 if msg.topic != reply_topic:

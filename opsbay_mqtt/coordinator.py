@@ -58,6 +58,10 @@ class CoordinatorConfig:
     batch_max: int = 200
 
 
+# A change to an execution: the state it had (None: new), and the execution as it becomes.
+Change = tuple[str | None, Execution]
+
+
 @dataclass(frozen=True)
 class Outgoing:
     topic: str
@@ -205,7 +209,7 @@ class Coordinator:
         job = self._job(sub, client, auth, now, state=states.job_state(x.state for x in execs))
         self.store.insert_job(job)  # its executions are written once, by _update
         log.info("job %s: accepted from %s for %d node(s)", job.job_id, client, len(nodes))
-        self._update(job, execs, announce=True, new=True)
+        self._update(job, [(None, x) for x in execs], announce=True, new=True)
 
     def _authorize(
         self, sub: Submit, client: str, nodes: list[str], known: Mapping[str, Mapping[str, str]]
@@ -281,7 +285,9 @@ class Coordinator:
                 ex.state == "pending" and self._take_back_dispatch(job.job_id, ex.node)
             )
             if ex.state == "pending" and unsent:
-                changed.append(replace(ex, state="cancelled", finished_ms=now, reason=reason))
+                changed.append(
+                    (ex.state, replace(ex, state="cancelled", finished_ms=now, reason=reason))
+                )
             elif not states.is_terminal(ex.state):  # the node decides: it may be running already
                 msg = Cancel(job_id=job.job_id, node=ex.node)
                 self._send(self.cfg.topics.node_jobs(ex.node), msg, kid=self._node_kid(ex.node))
@@ -311,15 +317,16 @@ class Coordinator:
         else:
             fields.update(res.model_dump(exclude={"v", "type", "job_id", "node", "session"}))
             fields["started_ms"] = res.started_ms or ex.started_ms
-        self._update(job, [replace(ex, **fields)])
+        self._update(job, [(ex.state, replace(ex, **fields))])
 
-    def _allowed(self, job_id: str, changed: Iterable[Execution], new: bool) -> Iterator[Execution]:
+    @staticmethod
+    def _allowed(job_id: str, changes: Iterable[Change]) -> Iterator[Execution]:
         """The one transition guard: every change to an execution passes here (results,
-        cancels, deadlines, the rollout's cancels). A change the states do not allow (a result
-        after a terminal state, `running` after `succeeded`) is dropped and logged; terminal
-        states never change, not even to themselves."""
-        for x in changed:
-            before = None if new else self.store.execution_state(job_id, x.node)
+        cancels, deadlines, the rollout's releases and cancels), as (state before, execution
+        after). A change the states do not allow (a result after a terminal state, `running`
+        after `succeeded`) is dropped and logged; terminal states never change, not even to
+        themselves. `None` before: a new execution."""
+        for before, x in changes:
             if (
                 before is None
                 or (before == x.state and not states.is_terminal(before))
@@ -330,15 +337,16 @@ class Coordinator:
                 log.info("job %s on %s: %s after %s; not changed", job_id, x.node, x.state, before)
 
     def _update(
-        self, job: Job, changed: Iterable[Execution], announce: bool = False, new: bool = False
+        self, job: Job, changed: Iterable[Change], announce: bool = False, new: bool = False
     ) -> None:
-        """Record changed executions, take the rollout's next step, and tell the submitter.
-        `new`: the job was just accepted and `changed` holds all its executions.
+        """Record changed executions (each with the state it had), take the rollout's next
+        step, and tell the submitter. `new`: the job was just accepted and `changed` holds all
+        its executions.
 
         Only the changed executions are read and written in full. The others are read as briefs
         (node, state, dispatch time) only while the rollout holds some back, and otherwise only
         counted per state in SQL, so a result for a job on many nodes stays cheap."""
-        touched = {x.node: x for x in self._allowed(job.job_id, changed, new)}
+        touched = {x.node: x for x in self._allowed(job.job_id, changed)}
         step = rollout.Step([], [])
         # Without a batch size, every execution is released when the job is accepted: only
         # a rollout in batches holds some back afterwards.
@@ -362,7 +370,8 @@ class Coordinator:
             for node in nodes:
                 base = touched.get(node) or self.store.execution(job.job_id, node)
                 assert base is not None
-                touched[node] = replace(base, **update)
+                for x in self._allowed(job.job_id, [(base.state, replace(base, **update))]):
+                    touched[node] = x
         for ex in touched.values():
             self.store.upsert_execution(job.job_id, ex)
             level = logging.INFO if states.is_terminal(ex.state) else logging.DEBUG
@@ -488,7 +497,7 @@ class Coordinator:
             else:
                 reason = "no result from the node by start + timeout + grace"
                 update = {"state": "lost", "finished_ms": now, "reason": reason}
-            self._update(job, [replace(ex, **update)])
+            self._update(job, [(ex.state, replace(ex, **update))])
         if self.clock() >= self.next_prune:
             self.next_prune = self.clock() + self.cfg.prune_every_s
             self.prune()

@@ -254,12 +254,6 @@ class Store:
             fields["executions"] = [self._execution(r) for r in ex_rows]
         return Job(**fields)
 
-    def execution_state(self, job_id: str, node: str) -> str | None:
-        row = self.db.execute(
-            "SELECT state FROM executions WHERE job_id = ? AND node = ?", (job_id, node)
-        ).fetchone()
-        return str(row[0]) if row else None
-
     def execution(self, job_id: str, node: str) -> Execution | None:
         row = self.db.execute(
             f"SELECT {', '.join(_EXEC_COLS)} FROM executions WHERE job_id = ? AND node = ?",

@@ -214,11 +214,9 @@ class Connection:
         self._resubscribed = -1  # packet id of the last re-subscription after a reconnect
         self.on_refused = on_refused
         self.log_refusals = log_refusals  # False: the caller raises them (the CLI)
-        self.last_disconnect: str | None = None  # why the last connection ended, for a person
         self.permanent_error = False  # the last attempt failed for a reason only a person fixes
-        self.reconnect = (
-            True  # False: once lost, the connection stays down (a worker stepping down)
-        )
+        # False: once lost, the connection stays down (a worker stepping down).
+        self.reconnect = True
         self.keepalive_s = keepalive_s
         # MQTT 5: how many unacknowledged QoS 1 messages the broker may send us at once
         # (Mosquitto's default is 20, which caps a busy coordinator's batches).
@@ -326,10 +324,8 @@ class Connection:
             )
         if self._connected.is_set() and not self._closing:
             self.reconnects += 1
-            self.last_disconnect = disconnect_reason(flags, rc)
-            log.warning(
-                "%s: disconnected from %s: %s", self.client_id, self.url, self.last_disconnect
-            )
+            why = disconnect_reason(flags, rc)
+            log.warning("%s: disconnected from %s: %s", self.client_id, self.url, why)
         self._connected.clear()
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
@@ -406,6 +402,13 @@ class Connection:
                 delay = min(delay * 2, 30.0)
         return False
 
+    def _unverified(self, e: ssl.SSLCertVerificationError) -> str:
+        return (
+            f"the certificate of broker {self.url} does not verify ({e}); give the CA that "
+            "signed it with --ca-file / OPSBAY_CA_FILE, and make sure the certificate names "
+            "this host"
+        )
+
     def _attempt(self, timeout_s: float) -> tuple[str | None, bool]:
         """One connection attempt: (None, _) once connected, else (why not, is it permanent)."""
         options: dict[str, Any] = {}
@@ -421,12 +424,7 @@ class Connection:
                 self.url.host, self.url.port, keepalive=self.keepalive_s, **options
             )
         except ssl.SSLCertVerificationError as e:
-            return (
-                f"the certificate of broker {self.url} does not verify ({e}); "
-                "give the CA that signed it with --ca-file / OPSBAY_CA_FILE, and make sure the "
-                "certificate names this host",
-                True,
-            )
+            return self._unverified(e), True
         except (OSError, ssl.SSLError) as e:
             return f"cannot reach broker {self.url}: {e}", False
         deadline = time.monotonic() + timeout_s
@@ -638,13 +636,9 @@ class Connection:
         try:
             with self._io:
                 self._client.reconnect()
-        except ssl.SSLCertVerificationError as e:
-            log.error(
-                "%s: the certificate of broker %s does not verify (%s)",
-                self.client_id,
-                self.url,
-                e,
-            )
+        except ssl.SSLCertVerificationError as e:  # as a refused login: a person must act
+            self.permanent_error, self._connect_error = True, self._unverified(e)
+            log.error("%s: %s", self.client_id, self._connect_error)
         except (OSError, ssl.SSLError) as e:
             log.warning("%s: cannot reach broker %s (%s); retrying", self.client_id, self.url, e)
 

@@ -466,11 +466,7 @@ class Worker:
             refusal=refusal,
         )
         if ended is not None:
-            state, reason = ended
-            log.warning("job %s: not run: %s", d.job_id, reason)
-            self._finish(
-                self._result(d.job_id, state, finished_ms=self._now_ms(), reason=reason), msg
-            )
+            self._not_run(d.job_id, ended, msg)
             return
         if not self.ledger.start(d.job_id, self._now_ms()):
             self._ack(msg)
@@ -485,11 +481,15 @@ class Worker:
         live = LiveOutput(d.job_id, d.node, self._send_output)
         with self._lock:
             self._live[d.job_id] = live
-        if control.cancelled is not None:  # a cancel that came while it was being recorded
-            reason = "cancelled before it started"
-            self._finish(
-                self._result(d.job_id, "cancelled", finished_ms=self._now_ms(), reason=reason), msg
-            )
+        # A cancel that came while it was being recorded: decided once more before it spawns.
+        ended = before_start(
+            cancelled=control.cancelled,
+            now_ms=self._now_ms(),
+            start_by_ms=d.start_by_ms,
+            refusal=None,
+        )
+        if ended is not None:
+            self._not_run(d.job_id, ended, msg)
             return
         try:
             r = runner.run(
@@ -528,6 +528,11 @@ class Worker:
             )
         log.info("job %s: %s (exit %s)", d.job_id, result.state, result.exit_code)
         self._finish(result, msg)
+
+    def _not_run(self, job_id: str, ended: tuple[str, str], msg: Inbound | None) -> None:
+        state, reason = ended
+        log.warning("job %s: not run: %s", job_id, reason)
+        self._finish(self._result(job_id, state, finished_ms=self._now_ms(), reason=reason), msg)
 
     def _send_output(self, chunk: Output) -> None:
         payload = encode(chunk, self.cfg.keyring, self._now_s())

@@ -65,6 +65,28 @@ def bus(broker: Broker, tmp_path: Path) -> Iterator[Bus]:
 
 
 @pytest.fixture
+def own(tmp_path: Path) -> Iterator[Bus]:
+    """A bus on a Mosquitto of its own, which the test may stop (`stop_process(bus.broker
+    .process)`, a clean stop: Mosquitto saves its sessions) and start again (`restart`)."""
+    bus = Bus(broker=start_broker(tmp_path / "own-broker"), tmp=tmp_path)
+    try:
+        yield bus
+    finally:
+        bus.stop()
+        stop_process(bus.broker.process)
+
+
+def restart(bus: Bus, *, keep_data: bool = True) -> None:
+    """Start the bus's own broker again on the same port: with the sessions it saved, or with
+    nothing at all (`keep_data=False`: its persistence file deleted first)."""
+    stop_process(bus.broker.process)
+    if not keep_data:
+        for f in (bus.tmp / "own-broker" / "broker-data").glob("*"):
+            f.unlink()
+    bus.broker = start_broker(bus.tmp / "own-broker", port=bus.broker.port)
+
+
+@pytest.fixture
 def running(bus: Bus) -> Bus:
     """A bus with a coordinator and one worker, node `n1`."""
     bus.coordinator()

@@ -8,28 +8,12 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, start_broker
-from tests.helpers import Broker, Bus, stop_process, wait_until
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[Broker]:
-    """A broker of the test's own, which it may restart and wipe."""
-    b = start_broker(tmp_path / "own-broker")
-    yield b
-    stop_process(b.process)
-
-
-@pytest.fixture
-def own_bus(own_broker: Broker, tmp_path: Path) -> Iterator[Bus]:
-    b = Bus(broker=own_broker, tmp=tmp_path)
-    yield b
-    b.stop()
+from tests.conftest import free_port, restart
+from tests.helpers import Bus, stop_process, wait_until
 
 
 def background(bus: Bus, *args: str, **env: str) -> subprocess.Popen[str]:
@@ -80,23 +64,19 @@ def test_a_job_for_a_node_never_seen_runs_once_when_its_agent_first_connects(
 
 
 def test_a_dispatch_lost_by_a_broker_restarted_without_its_data_is_sent_again(
-    own_bus: Bus, own_broker: Broker, tmp_path: Path
+    own: Bus, tmp_path: Path
 ) -> None:
-    own_bus.coordinator()
-    stop_process(own_bus.worker("n1"))  # offline: its dispatch waits in its broker session
+    own.coordinator()
+    stop_process(own.worker("n1"))  # offline: its dispatch waits in its broker session
     marker = tmp_path / "ran"
-    out = own_bus.cli("submit", "-t", "n1", "-c", f"echo x >> {marker}", "--start-by", "2m")
+    out = own.cli("submit", "-t", "n1", "-c", f"echo x >> {marker}", "--start-by", "2m")
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip()
     # The broker loses everything: sessions, queued dispatches and retained messages.
-    stop_process(own_broker.process)
-    for f in (own_broker.conf.parent / "broker-data").glob("*"):
-        f.unlink()
-    restarted = start_broker(own_broker.conf.parent, own_broker.port)
-    own_broker.process = restarted.process
-    own_bus.wait_log("coordinator", "reconnected", 40)
-    own_bus.worker("n1")
-    wait_succeeded(own_bus, job_id, 40)
+    restart(own, keep_data=False)
+    own.wait_log("coordinator", "reconnected", 40)
+    own.worker("n1")
+    wait_succeeded(own, job_id, 40)
     assert runs_of(marker) == 1
 
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -17,7 +16,7 @@ import pytest
 
 from opsbay_mqtt.protocol import NodeStatus, encode
 from opsbay_mqtt.signing import Keyring
-from tests.conftest import start_broker
+from tests.conftest import restart
 from tests.helpers import Bus, stop_process, wait_until
 
 
@@ -201,23 +200,6 @@ def test_queue_limit_per_node_refuses_clearly(bus: Bus) -> None:
     submit(bus, "-c", "true")
     out = bus.cli("submit", "-t", "n1", "-c", "true")
     assert out.returncode == 77 and "queue_full" in out.stderr
-
-
-@pytest.fixture
-def own(tmp_path: Path) -> Iterator[Bus]:
-    """A bus on a Mosquitto of its own, which the test may stop (`stop_process(bus.broker
-    .process)`, a clean stop: Mosquitto saves its sessions) and start again (`restart`)."""
-    bus = Bus(broker=start_broker(tmp_path / "own-broker"), tmp=tmp_path)
-    try:
-        yield bus
-    finally:
-        bus.stop()
-        stop_process(bus.broker.process)
-
-
-def restart(bus: Bus) -> None:
-    """Start the bus's own broker again, on the same port and with the sessions it saved."""
-    bus.broker = start_broker(bus.tmp / "own-broker", port=bus.broker.port)
 
 
 def test_everything_reconnects_after_a_broker_restart(own: Bus) -> None:

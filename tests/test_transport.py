@@ -9,13 +9,14 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
 from opsbay_mqtt.transport import BrokerURL, Connection, Inbound, disconnect_reason
-from tests.conftest import start_broker
-from tests.helpers import Broker, Watcher, stop_process, wait_until
+from tests.conftest import restart
+from tests.helpers import Broker, Bus, Watcher, stop_process, wait_until
 
 CODE = """
 import json, sys
@@ -77,45 +78,42 @@ def test_an_unthreaded_connection_starts_no_thread_and_delivers(broker: Broker) 
         watcher.close()
 
 
-def test_a_call_on_a_lost_connection_reconnects_first(tmp_path: Path) -> None:
-    """No thread reconnects behind the caller's back: after a broker restart, the next
-    subscribe does it (with the usual backoff) before it goes on, as paho's thread would have."""
-    broker = start_broker(tmp_path / "own-broker")
-    topic = f"lost/{uuid.uuid4().hex[:8]}"
-    conn = Connection(url=BrokerURL.parse(broker.url), client_id=f"t-{uuid.uuid4().hex[:8]}")
+@contextmanager
+def connection_lost(own: Bus) -> Iterator[Connection]:
+    """A connection to the bus's own broker, which has just stopped under it (the test starts
+    it again with `restart`); closed at the end."""
+    conn = Connection(url=BrokerURL.parse(own.broker.url), client_id=f"t-{uuid.uuid4().hex[:8]}")
     try:
         conn.connect(timeout_s=10)
-        stop_process(broker.process)
+        stop_process(own.broker.process)
         wait_until(lambda: conn.pump(0.05) or not conn.connected, 10, "the connection lost")
-        broker = start_broker(tmp_path / "own-broker", port=broker.port)
+        yield conn
+    finally:
+        conn.close()
+
+
+def test_a_call_on_a_lost_connection_reconnects_first(own: Bus) -> None:
+    """No thread reconnects behind the caller's back: after a broker restart, the next
+    subscribe does it (with the usual backoff) before it goes on, as paho's thread would have."""
+    topic = f"lost/{uuid.uuid4().hex[:8]}"
+    with connection_lost(own) as conn:
+        restart(own)
         conn.subscribe([(topic, 1)], wait=False)
         conn.publish_wait(topic, b"{}")
         assert conn.connected
-    finally:
-        conn.close()
-        stop_process(broker.process)
 
 
-def test_a_publish_made_while_disconnected_goes_out_on_reconnection(tmp_path: Path) -> None:
+def test_a_publish_made_while_disconnected_goes_out_on_reconnection(own: Bus) -> None:
     """paho queues a QoS 1 publish made with no connection and sends it once reconnected (its
     is_published() raises meanwhile): publish_wait waits for that PUBACK, within its timeout,
     instead of failing at once."""
-    broker = start_broker(tmp_path / "own-broker")
-    topic = f"queued/{uuid.uuid4().hex[:8]}"
-    conn = Connection(url=BrokerURL.parse(broker.url), client_id=f"t-{uuid.uuid4().hex[:8]}")
-    try:
-        conn.connect(timeout_s=10)
-        stop_process(broker.process)
-        wait_until(lambda: conn.pump(0.05) or not conn.connected, 10, "the connection lost")
+    topic = f"{own.prefix}/queued/{uuid.uuid4().hex[:8]}"
+    with connection_lost(own) as conn:
         info = conn.publish(topic, b'{"late": true}')  # no connection: queued by paho
-        broker = start_broker(tmp_path / "own-broker", port=broker.port)
-        watcher = Watcher(broker.port, topic)
+        restart(own)
+        watcher = own.watch(topic.removeprefix(f"{own.prefix}/"))
         conn.wait_published(info, topic, 30)
         watcher.wait_for(lambda t, b, r: b == {"late": True}, "the queued message", 10)
-        watcher.close()
-    finally:
-        conn.close()
-        stop_process(broker.process)
 
 
 class _Flags:
