@@ -24,8 +24,8 @@ import paho.mqtt.client as mqtt
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from opsbay_mqtt.cli.stack import broker_config, find_mosquitto, wait_for_port
 from opsbay_mqtt.signing import Keyring
-from opsbay_mqtt.stack import broker_config, find_mosquitto, wait_for_port
 from opsbay_mqtt.topics import Topics
 
 REPO = Path(__file__).resolve().parent.parent

@@ -212,7 +212,7 @@ def imports() -> list[str]:
         "typer,pydantic,paho.mqtt.client,psutil,sqlite3,ssl",
         "pydantic,opsbay_mqtt.protocol",
         "opsbay_mqtt.worker,opsbay_mqtt.daemons",
-        "opsbay_mqtt.cli,opsbay_mqtt.cli_admin,opsbay_mqtt.cli_jobs,opsbay_mqtt.daemons",
+        "opsbay_mqtt.cli.app,opsbay_mqtt.cli.admin,opsbay_mqtt.cli.jobs,opsbay_mqtt.daemons",
     ]
     code = (
         "import importlib, sys, psutil\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from bench.common import REPO, Row
-from opsbay_mqtt.stack import find_mosquitto
+from opsbay_mqtt.cli.stack import find_mosquitto
 
 KEPT_HEADING = "## What the profiles showed"
 KEPT_STUB = f"""{KEPT_HEADING}

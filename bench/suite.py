@@ -128,9 +128,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 # What the suite's children import: compiled once before any figure, so that no figure (the
 # idle worker's footprint, with --only, included) pays for compiling or measures its memory.
 WARM = (
-    "opsbay_mqtt.agent, opsbay_mqtt.cli, opsbay_mqtt.cli_admin, opsbay_mqtt.cli_jobs, "
-    "opsbay_mqtt.cli_fleet, opsbay_mqtt.client, opsbay_mqtt.coordinator, opsbay_mqtt.daemons, "
-    "opsbay_mqtt.render, opsbay_mqtt.store, opsbay_mqtt.waiting, opsbay_mqtt.worker, "
+    "opsbay_mqtt.agent, opsbay_mqtt.cli.app, opsbay_mqtt.cli.admin, opsbay_mqtt.cli.jobs, "
+    "opsbay_mqtt.cli.fleet, opsbay_mqtt.client, opsbay_mqtt.coordinator, opsbay_mqtt.daemons, "
+    "opsbay_mqtt.cli.render, opsbay_mqtt.store, opsbay_mqtt.cli.waiting, opsbay_mqtt.worker, "
     "paho.mqtt.client, pydantic, typer, psutil"
 )
 

@@ -1,3 +1,3 @@
-from opsbay_mqtt.cli import main
+from opsbay_mqtt.cli.app import main
 
 main()

@@ -69,9 +69,8 @@ def become(bus: BusOptions, log_level: int, worker: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     """Run the worker from the options `become` left in the file descriptor `argv[0]`."""
-    from opsbay_mqtt import render
     from opsbay_mqtt.daemons import run_worker
-    from opsbay_mqtt.errors import BrokerError, ConfigError
+    from opsbay_mqtt.errors import EXIT_USAGE, OpsbayError, exit_for
     from opsbay_mqtt.logs import setup_logging
     from opsbay_mqtt.settings import resolve
 
@@ -80,7 +79,7 @@ def main(argv: list[str]) -> int:
             options = json.load(f)
     except (IndexError, ValueError, OSError) as e:
         print(f"opsbay: the worker agent is started by `opsbay worker` ({e})", file=sys.stderr)
-        return render.EXIT_USAGE
+        return EXIT_USAGE
     setup_logging(options["log_level"])
     given: dict[str, Any] = {
         k: Path(v) if k in _PATHS and v else v for k, v in options["bus"].items()
@@ -99,12 +98,10 @@ def main(argv: list[str]) -> int:
                 ),
             },
         )
-    except ConfigError as e:
-        print(f"opsbay: {e}", file=sys.stderr)
-        return render.EXIT_CONFIG
-    except BrokerError as e:
-        print(f"opsbay: {e}", file=sys.stderr)
-        return render.EXIT_UNAVAILABLE
+    except OpsbayError as e:
+        code, text = exit_for(e) or (1, str(e))
+        print(f"opsbay: {text}", file=sys.stderr)
+        return code
     return 0
 
 

@@ -13,7 +13,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from opsbay_mqtt import signing, states
-from opsbay_mqtt.errors import BrokerError, BrokerRefused, OpsbayError, Refused
+from opsbay_mqtt.errors import (
+    BrokerError,
+    BrokerRefused,
+    NotAcknowledged,
+    QueryFailed,
+    Refused,
+    WaitTimeout,
+)
 from opsbay_mqtt.records import (
     PROTOCOL_VERSION,
     Execution,
@@ -39,14 +46,6 @@ ACK_TIMEOUT_S = 60.0  # default: how long a submission is sent again until a coo
 ACK_WARN_S = 10.0  # then say on stderr that nobody has answered yet, and what to check
 RESEND_FIRST_S, RESEND_MAX_S = 1.0, 8.0  # re-publish an unacknowledged request: 1, 2, 4, 8, 8 s
 CONFIRM_S = 5.0  # after giving up, ask the coordinator once whether it has the job after all
-
-
-class WaitTimeout(OpsbayError):
-    """The caller's wait ran out; the job goes on."""
-
-
-class NotAcknowledged(OpsbayError):
-    """No coordinator acknowledged a submission or cancel in time."""
 
 
 CHECK_COORDINATOR = "Is `opsbay coordinator` running, with the same --broker and --prefix?"
@@ -80,12 +79,6 @@ class _Asking:
 
     def due(self) -> float:
         return min(self.resends.next_at, self.warn_at, self.give_up_at)
-
-
-class QueryFailed(OpsbayError):
-    def __init__(self, code: str, text: str) -> None:
-        super().__init__(f"{code}: {text}")
-        self.code = code
 
 
 class ClientConfig(NamedTuple):

@@ -1,4 +1,5 @@
-"""The one exception root, and the errors a person may need to act on."""
+"""The one exception root, the errors a person may need to act on, and the exit code each one
+means (`exit_for`: the one mapping, for every command, the Cronicle plugin and the agent)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,61 @@ class Refused(OpsbayError):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.text}"
+
+
+class UsageError(ConfigError):
+    """An invalid argument or option value as typed (exit 2, not 78). A ConfigError still, for
+    the callers that read settings and arguments alike (the Cronicle plugin's params)."""
+
+    def __init__(self, option: str, text: str) -> None:
+        super().__init__(f"{option}: {text}")
+        self.option = option
+
+
+class WaitTimeout(OpsbayError):
+    """The caller's wait ran out; the job goes on."""
+
+
+class NotAcknowledged(OpsbayError):
+    """No coordinator acknowledged a submission or cancel in time."""
+
+
+class QueryFailed(OpsbayError):
+    """The coordinator answered a query with an error (`code`: not_found, ...)."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(f"{code}: {text}")
+        self.code = code
+
+
+# Exit codes of `opsbay submit --wait` and `opsbay result` (documented in the README).
+# A job that ran to completion exits with the command's own code; these cover the rest.
+EXIT_USAGE = 2
+EXIT_EXPIRED = 68  # not started before its start-by deadline (node offline or unknown)
+EXIT_UNAVAILABLE = 69  # broker unreachable, or the coordinator did not answer
+EXIT_LOST = 70  # the worker died or restarted during the run
+EXIT_NOT_FOUND = 66  # `opsbay result`: no such job
+EXIT_WAIT_GAVE_UP = 75  # the caller's wait ran out (or no acknowledgement yet); the job goes on
+EXIT_REJECTED = 77  # refused by the coordinator (signature, freshness, replay, schema, policy)
+EXIT_CONFIG = 78  # a setting is missing or invalid
+EXIT_CANCELLED = 80  # cancelled before it finished
+EXIT_TIMED_OUT = 124  # the run timeout hit; the process group was killed (as timeout(1))
+
+
+def exit_for(e: BaseException) -> tuple[int, str] | None:
+    """The exit code and message for one of this package's errors (None: not one of ours)."""
+    if isinstance(e, UsageError):  # what was typed (a ConfigError too: checked first)
+        return EXIT_USAGE, str(e)
+    if isinstance(e, ConfigError):
+        return EXIT_CONFIG, str(e)
+    if isinstance(e, BrokerRefused):  # the broker's ACL: a permission, as for a refusal
+        return EXIT_REJECTED, str(e)
+    if isinstance(e, BrokerError | NotAcknowledged):
+        return EXIT_UNAVAILABLE, str(e)
+    if isinstance(e, WaitTimeout):
+        return EXIT_WAIT_GAVE_UP, f"{e}; the job goes on (see `opsbay result`)"
+    if isinstance(e, QueryFailed):
+        return EXIT_NOT_FOUND if e.code == "not_found" else EXIT_REJECTED, str(e)
+    if isinstance(e, Refused):
+        return EXIT_USAGE if e.code.startswith("bad_") else EXIT_REJECTED, e.text
+    return None

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from opsbay_mqtt.stack import (
+from opsbay_mqtt.cli.stack import (
     INSTALL_HINT,
     broker_config,
     find_mosquitto,

@@ -9,14 +9,13 @@ import sys
 
 import pytest
 
-from opsbay_mqtt import cli
-from opsbay_mqtt.cliargs import UsageError
-from opsbay_mqtt.errors import ConfigError
+from opsbay_mqtt.cli import app as cli
+from opsbay_mqtt.errors import ConfigError, UsageError
 
 
 def test_every_command_is_in_the_lazy_loaders_map() -> None:
     for module in set(cli.COMMAND_MODULES.values()):
-        importlib.import_module(f"opsbay_mqtt.{module}")
+        importlib.import_module(f"opsbay_mqtt.cli.{module}")
     names = {c.name or c.callback.__name__ for c in cli.app.registered_commands}  # type: ignore[union-attr]
     assert names == set(cli.COMMAND_MODULES)
 

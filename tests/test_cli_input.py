@@ -20,10 +20,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from opsbay_mqtt import cliargs, protocol, render
-from opsbay_mqtt.cli import exit_for
-from opsbay_mqtt.cliargs import UsageError
-from opsbay_mqtt.errors import ConfigError
+from opsbay_mqtt import protocol
+from opsbay_mqtt.cli import args as cliargs
+from opsbay_mqtt.cli import render
+from opsbay_mqtt.cli.app import exit_for
+from opsbay_mqtt.errors import ConfigError, UsageError
 from opsbay_mqtt.records import Execution
 from opsbay_mqtt.transport import BrokerURL
 from tests.conftest import free_port
@@ -282,7 +283,7 @@ def test_bad_input_fails_before_connecting(
 def test_a_long_command_comes_from_a_file_or_stdin(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from opsbay_mqtt.cli_jobs import _command
+    from opsbay_mqtt.cli.jobs import _command
 
     long = "echo é; " * 7000  # 63,000 bytes: more than a command line may hold
     path = tmp_path / "cmd"

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from opsbay_mqtt.cli import parse_duration
-from opsbay_mqtt.cronicle import (
+from opsbay_mqtt.cli.app import parse_duration
+from opsbay_mqtt.cli.cronicle import (
     MAX_DESCRIPTION,
     BadInput,
     Follow,
@@ -27,9 +27,9 @@ from opsbay_mqtt.cronicle import (
     record,
     table,
 )
+from opsbay_mqtt.cli.waiting import MAX_PARTIAL_LINE
 from opsbay_mqtt.protocol import Output
 from opsbay_mqtt.records import Execution, Job
-from opsbay_mqtt.waiting import MAX_PARTIAL_LINE
 from tests.helpers import sample_job
 
 JOB = "6f1c2b1e-8a4d-4c3e-9f0a-1b2c3d4e5f60"

@@ -24,7 +24,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from opsbay_mqtt.stack import find_mosquitto, wait_for_port
+from opsbay_mqtt.cli.stack import find_mosquitto, wait_for_port
 from tests.conftest import free_port
 from tests.helpers import Broker, Bus, stop_process, wait_until
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from opsbay_mqtt.client import Client, ClientConfig, NotAcknowledged
-from opsbay_mqtt.errors import BrokerError
+from opsbay_mqtt.client import Client, ClientConfig
+from opsbay_mqtt.errors import BrokerError, NotAcknowledged
 from opsbay_mqtt.records import Rejection
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.states import TERMINAL

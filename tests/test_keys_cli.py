@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from opsbay_mqtt import keys
+from opsbay_mqtt.cli.stack import find_mosquitto, wait_for_port
 from opsbay_mqtt.errors import ConfigError, Refused
 from opsbay_mqtt.keys import new_key_instructions
-from opsbay_mqtt.stack import find_mosquitto, wait_for_port
 from tests.conftest import free_port
 from tests.helpers import stop_process
 from tests.test_e2e_broker_security import NOT_AUTHORIZED, Peer

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import pytest
 
+from opsbay_mqtt.cli.waiting import MAX_PARTIAL_LINE, Line, Note, OutputAssembly, Shown, WaitView
 from opsbay_mqtt.livelog import CHUNK_BYTES, FLUSH_EVERY_S, LiveOutput
 from opsbay_mqtt.protocol import Output
 from opsbay_mqtt.records import Execution
 from opsbay_mqtt.runner import HeadTail
-from opsbay_mqtt.waiting import MAX_PARTIAL_LINE, Line, Note, OutputAssembly, Shown, WaitView
 from tests.helpers import sample_job
 
 JOB = "6f1c2b1e-8a4d-4c3e-9f0a-1b2c3d4e5f60"

@@ -11,6 +11,17 @@ from typing import Any
 
 import pytest
 
+from opsbay_mqtt.cli.watchlog import (
+    JOB_PREFIX_RE,
+    Seen,
+    clock,
+    human_lines,
+    json_line,
+    matches,
+    read_message,
+    split_lines,
+    subscriptions,
+)
 from opsbay_mqtt.protocol import (
     JobEvent,
     Message,
@@ -24,17 +35,6 @@ from opsbay_mqtt.protocol import (
 from opsbay_mqtt.records import Execution, Job
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics
-from opsbay_mqtt.watchlog import (
-    JOB_PREFIX_RE,
-    Seen,
-    clock,
-    human_lines,
-    json_line,
-    matches,
-    read_message,
-    split_lines,
-    subscriptions,
-)
 from tests.helpers import sample_job
 
 TOPICS = Topics("ob")

@@ -16,16 +16,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from opsbay_mqtt.cli import Verbose, app, bus_options, fail, parse_duration, run, setup_logging
+from opsbay_mqtt.cli.app import Verbose, app, bus_options, fail, parse_duration, run, setup_logging
 
 if TYPE_CHECKING:
+    from opsbay_mqtt.cli.cronicle import PluginOut, PluginParams
+    from opsbay_mqtt.cli.watchlog import Seen
     from opsbay_mqtt.client import ClientConfig
-    from opsbay_mqtt.cronicle import PluginOut, PluginParams
     from opsbay_mqtt.settings import BusOptions
     from opsbay_mqtt.signing import Keyring
     from opsbay_mqtt.topics import Topics
     from opsbay_mqtt.transport import BrokerURL, TlsFiles
-    from opsbay_mqtt.watchlog import Seen
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ def watch(
     Ctrl-C, --count or --for. Signatures are checked with the key given (OPSBAY_SECRET,
     OPSBAY_KEY_FILE); without one, or for messages signed with a key we do not hold, lines are
     marked unverified: anyone who may publish to the broker could have sent them."""
-    from opsbay_mqtt import cliargs, render
-    from opsbay_mqtt.watchlog import (
+    from opsbay_mqtt.cli import args as cliargs
+    from opsbay_mqtt.cli import render
+    from opsbay_mqtt.cli.watchlog import (
         JOB_PREFIX_RE,
         human_lines,
         json_line,
@@ -209,8 +210,8 @@ def cronicle(bus: BusOptions, verbose: Verbose = False) -> None:
     unreachable, 78 bad setting, 2 bad params). Cronicle's Abort cancels the job. Exits 0,
     or 2 when stdin is not a Cronicle job.
     """
-    from opsbay_mqtt import render
-    from opsbay_mqtt.cronicle import MAX_INPUT_BYTES, BadInput, PluginOut, read_job
+    from opsbay_mqtt.cli import render
+    from opsbay_mqtt.cli.cronicle import MAX_INPUT_BYTES, BadInput, PluginOut, read_job
 
     setup_logging(logging.INFO if verbose else logging.WARNING)
     out = PluginOut(sys.stdout.buffer)
@@ -234,10 +235,10 @@ def _plugin(
     bus: BusOptions, cronicle_job: dict[str, Any], out: PluginOut
 ) -> tuple[int, str, dict[str, Any]]:
     """Submit, follow and summarise; (code, description, extra keys of the complete line)."""
-    from opsbay_mqtt import render
-    from opsbay_mqtt.cli import exit_for
+    from opsbay_mqtt.cli import render
+    from opsbay_mqtt.cli.app import exit_for
+    from opsbay_mqtt.cli.cronicle import BadInput, plugin_params
     from opsbay_mqtt.client import ClientConfig
-    from opsbay_mqtt.cronicle import BadInput, plugin_params
     from opsbay_mqtt.errors import OpsbayError
     from opsbay_mqtt.settings import resolve
 
@@ -275,9 +276,9 @@ def _ack_timeout_from_environment() -> float:
 def _submit(
     cfg: ClientConfig, p: PluginParams, cronicle_id: str, out: PluginOut
 ) -> tuple[int, str, dict[str, Any]]:
-    from opsbay_mqtt import render
+    from opsbay_mqtt.cli import render
+    from opsbay_mqtt.cli.cronicle import Follow, describe, table
     from opsbay_mqtt.client import Client
-    from opsbay_mqtt.cronicle import Follow, describe, table
     from opsbay_mqtt.records import Rejection
     from opsbay_mqtt.topics import new_job_id
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from opsbay_mqtt import statedir
-from opsbay_mqtt.cli import (
+from opsbay_mqtt.cli.app import (
     Quiet,
     app,
     bus_options,
@@ -91,7 +91,7 @@ def coordinator(
     quiet: Quiet = False,
 ) -> None:
     """Run the coordinator: validate, record and dispatch jobs; answer queries."""
-    from opsbay_mqtt import cliargs
+    from opsbay_mqtt.cli import args as cliargs
     from opsbay_mqtt.daemons import run_coordinator
 
     setup_logging(logging.WARNING if quiet else logging.INFO)
@@ -214,7 +214,7 @@ def worker(
 def _node_name(node: str | None) -> str | None:
     """The node's name as given, checked (None: the host's name). Empty is an error, not the
     host's name: 2 from --node, 78 from OPSBAY_NODE (which may come from a unit file)."""
-    from opsbay_mqtt import cliargs
+    from opsbay_mqtt.cli import args as cliargs
     from opsbay_mqtt.errors import ConfigError
 
     if node is None and os.environ.get("OPSBAY_NODE") == "":
@@ -234,7 +234,7 @@ def _worker_args(
     label: list[str], define: list[str], allow: list[str]
 ) -> tuple[dict[str, str], dict[str, str]]:
     """--label, --define and --allow as typed: labels and named commands, or UsageError."""
-    from opsbay_mqtt import cliargs
+    from opsbay_mqtt.cli import args as cliargs
     from opsbay_mqtt.errors import ConfigError
     from opsbay_mqtt.policy import parse_named
 
@@ -279,8 +279,8 @@ def stack(
 ) -> None:
     """Bring up a whole bus on this machine (Mosquitto, coordinator, one worker), run a demo job,
     and keep it up until Ctrl-C."""
+    from opsbay_mqtt.cli.stack import run_stack
     from opsbay_mqtt.daemons import default_node_name
-    from opsbay_mqtt.stack import run_stack
 
     setup_logging(logging.INFO)
     name = run(lambda: default_node_name(node))

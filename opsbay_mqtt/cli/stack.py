@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def shipped_config(name: str = "mosquitto.conf") -> Path:
     """One of the repository's `mosquitto/` files: from the clone (or an editable install), else
     from the installed wheel, which carries them as the package data `opsbay_mqtt.mosquitto`."""
-    clone = Path(__file__).resolve().parent.parent / "mosquitto" / name
+    clone = Path(__file__).resolve().parents[2] / "mosquitto" / name
     if clone.is_file():
         return clone
     from importlib.resources import files

@@ -1,6 +1,6 @@
 """What `opsbay watch` makes of the bus: which topics it subscribes to, which received messages
 it can read (and whether their signature checked), which concern the job and node asked for, and
-the line or lines each one becomes. Pure: the connection and the loop are in `cli_fleet`.
+the line or lines each one becomes. Pure: the connection and the loop are in `cli.fleet`.
 
 Whoever may publish to the broker chooses what these lines hold, so control characters in them
 are shown escaped (a message must not drive the terminal), and `--json` lines are ASCII-only.
@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from opsbay_mqtt import states
+from opsbay_mqtt.cli.render import visible
 from opsbay_mqtt.errors import Refused
 from opsbay_mqtt.protocol import (
     JobEvent,
@@ -25,7 +26,6 @@ from opsbay_mqtt.protocol import (
     decode,
     decode_unverified,
 )
-from opsbay_mqtt.render import visible
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import JOB_ID_RE, Topics
 

@@ -6,20 +6,32 @@ import datetime as dt
 import re
 from typing import Any
 
+from opsbay_mqtt.errors import (
+    EXIT_CANCELLED,
+    EXIT_CONFIG,
+    EXIT_EXPIRED,
+    EXIT_LOST,
+    EXIT_NOT_FOUND,
+    EXIT_REJECTED,
+    EXIT_TIMED_OUT,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    EXIT_WAIT_GAVE_UP,
+)
 from opsbay_mqtt.records import Execution, Job, as_dict
 
-# Exit codes of `opsbay submit --wait` and `opsbay result` (documented in the README).
-# A job that ran to completion exits with the command's own code; these cover the rest.
-EXIT_USAGE = 2
-EXIT_EXPIRED = 68  # not started before its start-by deadline (node offline or unknown)
-EXIT_UNAVAILABLE = 69  # broker unreachable, or the coordinator did not answer
-EXIT_LOST = 70  # the worker died or restarted during the run
-EXIT_NOT_FOUND = 66  # `opsbay result`: no such job
-EXIT_WAIT_GAVE_UP = 75  # the caller's wait ran out (or no acknowledgement yet); the job goes on
-EXIT_REJECTED = 77  # refused by the coordinator (signature, freshness, replay, schema, policy)
-EXIT_CONFIG = 78  # a setting is missing or invalid
-EXIT_CANCELLED = 80  # cancelled before it finished
-EXIT_TIMED_OUT = 124  # the run timeout hit; the process group was killed (as timeout(1))
+__all__ = [  # the exit codes, for the commands that read them from here
+    "EXIT_CANCELLED",
+    "EXIT_CONFIG",
+    "EXIT_EXPIRED",
+    "EXIT_LOST",
+    "EXIT_NOT_FOUND",
+    "EXIT_REJECTED",
+    "EXIT_TIMED_OUT",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "EXIT_WAIT_GAVE_UP",
+]
 
 _STATE_EXIT = {
     "timed_out": EXIT_TIMED_OUT,

@@ -1,6 +1,6 @@
 """The `opsbay` command: the app, the options every bus command shares, and error handling.
 
-The commands live in `cli_jobs` (submit, result, results, nodes) and `cli_admin` (coordinator,
+The commands live in `cli.jobs` (submit, result, results, nodes) and `cli.admin` (coordinator,
 worker, stack, keys). Each imports what it needs only when it runs, so start-up stays fast.
 """
 
@@ -17,6 +17,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
+from opsbay_mqtt.errors import exit_for as exit_for  # the one mapping, for every command
 from opsbay_mqtt.logs import setup_logging as setup_logging
 
 if typing.TYPE_CHECKING:
@@ -216,31 +217,6 @@ def fail(code: int, text: str) -> NoReturn:
     raise typer.Exit(code)
 
 
-def exit_for(e: Exception) -> tuple[int, str] | None:
-    """The exit code and message for one of this package's errors (None: not one of ours).
-    The one mapping, used by every command and the Cronicle plugin."""
-    from opsbay_mqtt import render
-    from opsbay_mqtt.cliargs import UsageError
-    from opsbay_mqtt.client import NotAcknowledged, QueryFailed, WaitTimeout
-    from opsbay_mqtt.errors import BrokerError, BrokerRefused, ConfigError, Refused
-
-    if isinstance(e, UsageError):  # what was typed (a ConfigError too: checked first)
-        return render.EXIT_USAGE, str(e)
-    if isinstance(e, ConfigError):
-        return render.EXIT_CONFIG, str(e)
-    if isinstance(e, BrokerRefused):  # the broker's ACL: a permission, as for a refusal
-        return render.EXIT_REJECTED, str(e)
-    if isinstance(e, BrokerError | NotAcknowledged):
-        return render.EXIT_UNAVAILABLE, str(e)
-    if isinstance(e, WaitTimeout):
-        return render.EXIT_WAIT_GAVE_UP, f"{e}; the job goes on (see `opsbay result`)"
-    if isinstance(e, QueryFailed):
-        return render.EXIT_NOT_FOUND if e.code == "not_found" else render.EXIT_REJECTED, str(e)
-    if isinstance(e, Refused):
-        return render.EXIT_USAGE if e.code.startswith("bad_") else render.EXIT_REJECTED, e.text
-    return None
-
-
 def run(fn: Callable[[], Any]) -> Any:
     """Call `fn`, turning this package's errors into a message and an exit code."""
     from opsbay_mqtt.errors import OpsbayError
@@ -264,7 +240,7 @@ def parse_duration(text: str, option: str) -> int:
     """'90', '90s', '15m', '2h', '1d' -> seconds (1 s to 3650 days), or UsageError (a
     ConfigError) naming `option`; the run timeout (`option` --timeout or the Cronicle param
     'timeout') at most 7 days."""
-    from opsbay_mqtt import cliargs
+    from opsbay_mqtt.cli import args as cliargs
 
     if option in ("--timeout", "param 'timeout'"):
         return cliargs.parse_timeout(text, option)
@@ -281,8 +257,7 @@ def given_in_environment(flags: tuple[str, ...], envvar: str) -> bool:
 def usage_or_setting(flags: tuple[str, ...], envvar: str, fn: Callable[[], T]) -> T:
     """`run(fn)`, where a UsageError about an option that came from its environment variable
     is a setting (78) rather than bad usage (2)."""
-    from opsbay_mqtt.cliargs import UsageError
-    from opsbay_mqtt.errors import ConfigError
+    from opsbay_mqtt.errors import ConfigError, UsageError
 
     def checked() -> T:
         try:
@@ -298,17 +273,17 @@ def usage_or_setting(flags: tuple[str, ...], envvar: str, fn: Callable[[], T]) -
 
 # Which module defines each command: a call imports (and typer builds) only the one it needs.
 COMMAND_MODULES = {
-    "submit": "cli_jobs",
-    "cancel": "cli_jobs",
-    "result": "cli_jobs",
-    "results": "cli_jobs",
-    "nodes": "cli_jobs",
-    "coordinator": "cli_admin",
-    "worker": "cli_admin",
-    "stack": "cli_admin",
-    "keys": "cli_admin",
-    "watch": "cli_fleet",
-    "cronicle": "cli_fleet",
+    "submit": "jobs",
+    "cancel": "jobs",
+    "result": "jobs",
+    "results": "jobs",
+    "nodes": "jobs",
+    "coordinator": "admin",
+    "worker": "admin",
+    "stack": "admin",
+    "keys": "admin",
+    "watch": "fleet",
+    "cronicle": "fleet",
 }
 
 
@@ -327,7 +302,7 @@ def main() -> None:
     words = [a for a in sys.argv[1:] if not a.startswith("-")]
     wanted = COMMAND_MODULES.get(words[0]) if words else None
     for module in [wanted] if wanted else sorted(set(COMMAND_MODULES.values())):
-        importlib.import_module(f"opsbay_mqtt.{module}")  # registers its commands
+        importlib.import_module(f"opsbay_mqtt.cli.{module}")  # registers its commands
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     everything = app.registered_commands
     if wanted:  # typer builds every registered command's options; build the one that runs

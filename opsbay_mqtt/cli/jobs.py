@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TextIO, cast
 
 import typer
 
-from opsbay_mqtt.cli import (
+from opsbay_mqtt.cli.app import (
     JsonOut,
     Verbose,
     app,
@@ -217,7 +217,7 @@ def _submit_args(
     job_id: str | None,
 ) -> tuple[SubmitArgs, str | None]:
     """What was typed, checked as the coordinator would check it (UsageError otherwise)."""
-    from opsbay_mqtt import cliargs
+    from opsbay_mqtt.cli import args as cliargs
     from opsbay_mqtt.records import SubmitArgs
 
     labels = cliargs.parse_labels(where or [], "--where")
@@ -243,7 +243,7 @@ def _submit_args(
 
 def _command(command: str | None, command_file: Path | None) -> str:
     """The command: given, or read from a file or stdin (`-`), at most 64 KiB of UTF-8."""
-    from opsbay_mqtt import cliargs
+    from opsbay_mqtt.cli import args as cliargs
 
     if (command is None) == (command_file is None):
         raise cliargs.UsageError(
@@ -277,7 +277,7 @@ class _Visible(io.TextIOBase):
         self.stream, self.progress = stream, progress
 
     def write(self, text: str) -> int:
-        from opsbay_mqtt import render
+        from opsbay_mqtt.cli import render
 
         if not (self.progress and self._OWN.fullmatch(text)):
             text = render.visible(text, keep_newlines=True)
@@ -297,7 +297,7 @@ def _for_terminal(stream: TextIO, progress: bool = False) -> TextIO:
 def _write(text: str) -> None:
     """To stdout as it is, byte for byte (typer.echo would strip escape sequences when stdout
     is not a terminal), or escaped on a terminal; a final newline added if missing."""
-    from opsbay_mqtt import render
+    from opsbay_mqtt.cli import render
 
     if sys.stdout.isatty():
         text = render.visible(text, keep_newlines=True)
@@ -319,10 +319,10 @@ def _submit(
     cancel_on_interrupt: bool,
     json_out: bool,
 ) -> None:
-    from opsbay_mqtt import render
+    from opsbay_mqtt.cli import render
+    from opsbay_mqtt.cli.waiting import WaitView
     from opsbay_mqtt.client import Client
     from opsbay_mqtt.records import Rejection
-    from opsbay_mqtt.waiting import WaitView
 
     with Client(cfg, notice=_notice) as client:
         jid = client.submit(
@@ -367,7 +367,7 @@ def _submit(
 
 def _interrupted(client: Client, job_id: str, cancel: bool) -> Job | Rejection:
     """Ctrl-C while waiting: cancel the job (asked, on a terminal) or leave it running."""
-    from opsbay_mqtt import render
+    from opsbay_mqtt.cli import render
 
     if not cancel and sys.stdin.isatty() and sys.stderr.isatty():
         try:
@@ -392,7 +392,7 @@ def _interrupted(client: Client, job_id: str, cancel: bool) -> Job | Rejection:
 
 
 def _rejected(r: Rejection) -> NoReturn:
-    from opsbay_mqtt import render
+    from opsbay_mqtt.cli import render
 
     fail(render.EXIT_REJECTED, f"job {r.job_id or '?'} rejected: {r.code}: {r.reason}")
 
@@ -419,8 +419,11 @@ def cancel(
     whole process group, TERM then KILL); a node that is offline gets the cancel before the
     job when it returns. Prints the job as it stands once the coordinator has taken the
     cancel (exit 0); with --wait, once every node has answered."""
-    from opsbay_mqtt import cliargs, render, states
-    from opsbay_mqtt.client import Client, QueryFailed, WaitTimeout
+    from opsbay_mqtt import states
+    from opsbay_mqtt.cli import args as cliargs
+    from opsbay_mqtt.cli import render
+    from opsbay_mqtt.client import Client
+    from opsbay_mqtt.errors import QueryFailed, WaitTimeout
     from opsbay_mqtt.records import Rejection
 
     run(lambda: cliargs.check_job_id(job_id))
@@ -462,7 +465,8 @@ def result(
     verbose: Verbose = False,
 ) -> None:
     """Show a job's stored outcome. Exits as `submit --wait` would (75 while still running)."""
-    from opsbay_mqtt import cliargs, render
+    from opsbay_mqtt.cli import args as cliargs
+    from opsbay_mqtt.cli import render
     from opsbay_mqtt.client import Client
 
     run(lambda: cliargs.check_job_id(job_id))
@@ -502,7 +506,8 @@ def results(
     verbose: Verbose = False,
 ) -> None:
     """List recent jobs, newest first (output cut to its last 200 characters: see `result`)."""
-    from opsbay_mqtt import cliargs, render
+    from opsbay_mqtt.cli import args as cliargs
+    from opsbay_mqtt.cli import render
     from opsbay_mqtt.client import Client
     from opsbay_mqtt.states import JOB_STATES
 
@@ -537,7 +542,8 @@ def nodes(
 ) -> None:
     """List known nodes: online/offline, last seen, and the facts they report (OS, arch,
     kernel, uptime, load, CPUs, memory, disk, labels)."""
-    from opsbay_mqtt import cliargs, render
+    from opsbay_mqtt.cli import args as cliargs
+    from opsbay_mqtt.cli import render
     from opsbay_mqtt.client import Client
 
     if state is not None and state not in ("online", "offline", "unknown"):

@@ -12,19 +12,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from opsbay_mqtt.errors import ConfigError
+from opsbay_mqtt.errors import UsageError as UsageError
 from opsbay_mqtt.records import LIMIT_PATTERN
 from opsbay_mqtt.topics import JOB_ID_RE, NODE_NAME_RE
-
-
-class UsageError(ConfigError):
-    """An invalid argument or option value as typed (exit 2, not 78). A ConfigError still, for
-    the callers that read settings and arguments alike (the Cronicle plugin's params)."""
-
-    def __init__(self, option: str, text: str) -> None:
-        super().__init__(f"{option}: {text}")
-        self.option = option
-
 
 MAX_TIMEOUT_S = 7 * 86400  # protocol.MAX_TIMEOUT_S
 MAX_DURATION_S = 3650 * 86400  # any other duration: ten years is already a mistake

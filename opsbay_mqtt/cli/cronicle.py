@@ -1,6 +1,6 @@
 """The Cronicle Plugin's pure parts: reading the job Cronicle sends, turning its Plugin params
 into a job, and everything written back: progress, labelled output, the closing `complete` line
-with its description and table. The command, its connection and its signals are in `cli_fleet`.
+with its description and table. The command, its connection and its signals are in `cli.fleet`.
 
 This follows Cronicle's Plugin documentation, docs/Plugins.md in jhuckaby/Cronicle ("JSON
 Input", "JSON Output", "Reporting Progress", "Custom Data Tables"), and what its job runner
@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from opsbay_mqtt import states
+from opsbay_mqtt.cli.waiting import OutputAssembly, Shown
 from opsbay_mqtt.errors import ConfigError, OpsbayError
 from opsbay_mqtt.policy import parse_labels
 from opsbay_mqtt.protocol import Output
 from opsbay_mqtt.records import LIMIT_PATTERN, Job, SubmitArgs
-from opsbay_mqtt.waiting import OutputAssembly, Shown
 
 MAX_INPUT_BYTES = 16 * 1024 * 1024
 MAX_DESCRIPTION = 2000
