@@ -1,4 +1,4 @@
-"""The benchmark suite of opsbay-mqtt: `python -m bench` (see docs/benchmarks.md).
+"""The benchmarks of opsbay-mqtt: `python -m bench --help` (see docs/benchmarks.md).
 
-Kept empty of imports on purpose: `python -m bench.simworkers` starts with this module.
+Kept empty of imports on purpose: `python -m bench.baseline` and `bench.simworkers` start here.
 """

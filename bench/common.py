@@ -1,5 +1,5 @@
 """What every figure shares: statistics, table rows, child processes that are always stopped,
-and one private bus (Mosquitto on a free loopback port, a topic prefix, a secret, directories)."""
+one private bus (Mosquitto on a free loopback port, a topic prefix, a secret, directories)."""
 
 from __future__ import annotations
 
@@ -24,14 +24,15 @@ import paho.mqtt.client as mqtt
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from opsbay_mqtt.cli.stack import broker_config, find_mosquitto, wait_for_port
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics
+from tests.harness import HOST as HOST
+from tests.harness import start_broker, stop_process
+from tests.harness import wait_until as wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 OPSBAY = BIN / "opsbay"
-HOST = "127.0.0.1"  # loopback only: every connection of the suite goes here
 
 T = TypeVar("T")
 
@@ -50,11 +51,6 @@ class Summary:
     hi: float
     q1: float
     q3: float
-
-    def scaled(self, k: float) -> Summary:
-        return Summary(
-            self.n, self.p50 * k, self.p99 * k, self.lo * k, self.hi * k, self.q1 * k, self.q3 * k
-        )
 
 
 def summarize(samples: list[float]) -> Summary:
@@ -109,6 +105,11 @@ def iqr(s: Summary, unit: Callable[[float], str]) -> str:
     return f"IQR {unit(s.q1)}-{unit(s.q3)}, max {unit(s.hi)}"
 
 
+def tenths(rates: list[float]) -> str:
+    s = summarize(rates)
+    return f"per tenth: min {per_s(s.lo)}, median {per_s(s.p50)}, max {per_s(s.hi)}"
+
+
 @dataclass(frozen=True)
 class Row:
     """One line of the table. `met` is None where the figure has no target."""
@@ -133,22 +134,6 @@ def _die_with_parent() -> None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() == 1:  # the suite already died between fork and prctl
         os._exit(1)
-
-
-def stop_group(
-    proc: subprocess.Popen[Any], grace_s: float = 5.0, sig: int = signal.SIGTERM
-) -> None:
-    """Signal the child's process group (SIGTERM), SIGKILL it after `grace_s`."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(grace_s)
-    # A leader already reaped is left alone: its pid, and so its group id, may be reused.
 
 
 @dataclass
@@ -190,7 +175,7 @@ class Procs:
     def stop(self, proc: subprocess.Popen[Any]) -> None:
         # py-spy writes its profile on SIGINT.
         sig = signal.SIGINT if proc.pid in self.profiled else signal.SIGTERM
-        stop_group(proc, 15 if sig == signal.SIGINT else 5, sig)
+        stop_process(proc, 15 if sig == signal.SIGINT else 5, sig)
         if proc in self.children:
             self.children.remove(proc)
 
@@ -220,17 +205,6 @@ class Suite:
         return quick if self.quick else full
 
 
-def wait_until(predicate: Callable[[], T], timeout_s: float, what: str, every: float = 0.01) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = predicate()
-        if got:
-            return got
-        if time.monotonic() >= deadline:
-            raise BenchError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(every)  # the poll interval of a bounded wait
-
-
 def spawn_true(timeout: float | None = None) -> None:
     """Spawn `sh -c true` and reap it as the worker's runner does (pipes, a new session, no
     inherited descriptors), nothing more: the baseline of what running a job costs."""
@@ -242,12 +216,6 @@ def spawn_true(timeout: float | None = None) -> None:
         start_new_session=True,
         close_fds=True,
     ).communicate(timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def rss(pid: int) -> int:
@@ -288,20 +256,37 @@ class CpuMeter:
         }
 
 
-def new_paho(client_id: str) -> mqtt.Client:
-    """A plain paho client (MQTT 5) with TCP_NODELAY, as the package's transport sets it."""
+def paho_thread(
+    name: str, port: int, subscribe: list[tuple[str, int]], inbox: queue.Queue[Any] | None = None
+) -> mqtt.Client:
+    """A paho client (MQTT 5, TCP_NODELAY as the package's transport sets it) with its network
+    thread, once subscribed (or connected); messages go to `inbox` as (arrival time, payload)."""
     c = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=client_id,
+        client_id=f"bench-{name}-{secrets.token_hex(4)}",
         protocol=MQTTProtocolVersion.MQTTv5,
     )
-
-    def nodelay(client: Any, userdata: Any, sock: Any) -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    c.on_socket_open = nodelay
+    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.on_socket_open = lambda cl, u, sock: sock.setsockopt(*nodelay)  # type: ignore[attr-defined]
+    ready = threading.Event()
+    if inbox is not None:
+        c.on_message = lambda cl, u, m: inbox.put((time.perf_counter(), bytes(m.payload)))
+    if subscribe:
+        c.on_connect = lambda cl, u, f, rc, p: cl.subscribe(subscribe)
+        c.on_subscribe = lambda cl, u, mid, rcs, p: ready.set()
+    else:
+        c.on_connect = lambda cl, u, f, rc, p: ready.set()
+    c.connect(HOST, port)
+    c.loop_start()
+    if not ready.wait(10):
+        c.loop_stop()
+        raise BenchError(f"{name}: no CONNACK or SUBACK")
     return c
+
+
+def close_paho(c: mqtt.Client) -> None:
+    c.disconnect()
+    c.loop_stop()
 
 
 # -- one private bus
@@ -337,9 +322,6 @@ class Bus:
             PYTHONUNBUFFERED="1",
         )
         return env
-
-    def log_path(self, name: str) -> Path:
-        return self.directory / "logs" / f"{name}.log"
 
     def start(
         self, name: str, argv: list[str], *, piped: bool = False, **env: str
@@ -394,23 +376,13 @@ class Bus:
 
 @contextlib.contextmanager
 def private_bus(suite: Suite, name: str) -> Iterator[Bus]:
-    """A fresh Mosquitto (the shipped config, this run's port and directory) for one figure;
-    on the way out every process started for it is stopped, the broker last."""
+    """A fresh Mosquitto (the shipped config, a free port, this figure's directory); on the way
+    out every process started for it is stopped, the broker last."""
     directory = suite.workdir / name
-    (directory / "broker").mkdir(parents=True, exist_ok=True)
-    for _attempt in range(3):
-        port = free_port()
-        conf = directory / "mosquitto.conf"
-        conf.write_text(broker_config(port, (directory / "broker").resolve()))
-        broker = suite.procs.start(f"{name}-mosquitto", [find_mosquitto(), "-c", str(conf)])
-        try:
-            wait_for_port(port, 10, broker)
-            break
-        except Exception:
-            suite.procs.stop(broker)
-    else:
-        raise BenchError(f"mosquitto did not start; see {suite.procs.logs}/{name}-mosquitto.log")
-    bus = Bus(suite=suite, name=name, directory=directory, port=port, broker=broker)
+    directory.mkdir(parents=True, exist_ok=True)
+    started = start_broker(directory, popen=lambda argv, log: suite.procs.start(name, argv))
+    broker = started.process
+    bus = Bus(suite=suite, name=name, directory=directory, port=started.port, broker=broker)
     try:
         yield bus
     finally:
@@ -450,3 +422,55 @@ class Lines:
                 return line
             if line == "" and self.proc.poll() is not None:
                 raise BenchError(f"child exited ({self.proc.returncode}) before {prefix!r}")
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None, timeout_s: float = 60) -> float:
+    """Wall time of one run of `argv`, which must exit 0. A run killed by a signal is run again
+    (twice at most): nothing here signals it, so another process on this busy machine did (pids
+    are reused quickly with pid_max 32768)."""
+    for _attempt in range(3):
+        t0 = time.perf_counter()
+        done = subprocess.run(
+            argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout_s
+        )
+        elapsed = time.perf_counter() - t0
+        if done.returncode >= 0:
+            break
+        print(f"bench: {argv[0]} killed by signal {-done.returncode}; again", file=sys.stderr)
+    if done.returncode != 0:
+        err = done.stderr.decode(errors="replace").strip()[-500:]
+        raise BenchError(f"{' '.join(argv[:3])}... exited {done.returncode}: {err}")
+    return elapsed
+
+
+def interleaved(
+    commands: dict[str, list[str]], rounds: int, warm: int, env: dict[str, str] | None = None
+) -> dict[str, list[float]]:
+    """Run every command once per round, rotating the order; drop the warm-up rounds."""
+    names = list(commands)
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(warm + rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t = timed(commands[name], env)
+            if i >= warm:
+                samples[name].append(t)
+    return samples
+
+
+def baseline(bus: Bus, role: str, *args: str, ready: bool = True) -> Lines:
+    """A `bench.baseline` process on the bus (stopped with it), once it is subscribed."""
+    argv = [sys.executable, "-m", "bench.baseline", role, str(bus.port), *args]
+    lines = Lines(bus.start(f"{role}-{secrets.token_hex(2)}", argv, piped=True))
+    if ready:
+        lines.expect("ready", 15)
+    return lines
+
+
+def close_input(*lines: Lines) -> None:
+    """End of input: each long-lived baseline process disconnects and exits."""
+    for x in lines:
+        if x.proc.stdin is not None:
+            x.proc.stdin.close()
+    for x in lines:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # else stopped with the bus
+            x.proc.wait(5)

@@ -11,6 +11,7 @@ from bench.common import (
     BenchError,
     Row,
     Suite,
+    interleaved,
     mb,
     ms,
     private_bus,
@@ -18,22 +19,9 @@ from bench.common import (
     summarize,
     wait_until,
 )
-from bench.fig_cli import interleaved
-from opsbay_mqtt.records import Execution, Job
+from opsbay_mqtt.protocol import Execution, Job
 from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import new_job_id
-
-STORE = """\
-**Store**: the coordinator's SQLite record filled to 1,000,000 finished jobs (one execution
-each, 100 node names, a line of output and host facts, submitted over the last 14 hours) in a
-bench-owned data directory: one job through `Store.insert_job`, the rest copied from it in SQL
-through the `Store`'s own connection, 100,000 rows per transaction. A coordinator is started on
-it with `--keep-jobs` above the count (the default retention, 100,000 jobs, would delete 90% of
-them at its first tick). Then, interleaved round by round: `opsbay results --limit 50`,
-`opsbay result ID` (a job from the middle of the record) and `opsbay --help` as the start-up
-baseline; the figure is each command's median minus the baseline's median. For reference, the
-same two queries from an in-process `Client` (one connection), and the time of one retention
-pass (`Store.prune`, which the coordinator runs every 60 s on its loop) over the record."""
 
 CHUNK = 100_000
 

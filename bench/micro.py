@@ -21,17 +21,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from bench.common import spawn_true
+from opsbay_mqtt.inbound import Inbound
 from opsbay_mqtt.protocol import Dispatch, Result, Submit, encode
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics, new_job_id
-from opsbay_mqtt.transport import Inbound
+from tests.harness import stepped_coordinator, wait_until
+from tests.memconn import MemoryConnection
 
 KEYRING = Keyring.shared("s" * 32)
 TOPICS = Topics("micro")
@@ -66,11 +66,8 @@ def _result(job_id: str, node: str, state: str) -> bytes:
 
 
 def coordinator(directory: Path, n: int = 3000) -> list[str]:
-    from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig
-    from opsbay_mqtt.store import Store
-
-    store = Store(directory / "opsbay.db")
-    coord = Coordinator(CoordinatorConfig(topics=TOPICS, keyring=KEYRING), store)
+    coord = stepped_coordinator(directory / "opsbay.db", TOPICS, KEYRING)
+    store = coord.store
 
     def feed(messages: list[Inbound]) -> float:
         t0 = time.perf_counter()
@@ -102,20 +99,6 @@ def coordinator(directory: Path, n: int = 3000) -> list[str]:
     return out
 
 
-class _FakeConnection:
-    """What the worker publishes and acknowledges, counted instead of sent."""
-
-    def __init__(self) -> None:
-        self.finished = threading.Semaphore(0)
-
-    def publish(self, topic: str, payload: bytes, retain: bool = False, **_: Any) -> None:
-        if b'"state":"succeeded"' in payload:
-            self.finished.release()
-
-    def ack(self, msg: Inbound) -> None:
-        pass
-
-
 def worker(directory: Path, synchronous: str, n: int = 600) -> str:
     from opsbay_mqtt.ledger import Ledger
     from opsbay_mqtt.worker import Worker, WorkerConfig
@@ -123,7 +106,7 @@ def worker(directory: Path, synchronous: str, n: int = 600) -> str:
     ledger = Ledger(directory / f"ledger-{synchronous}.db", node="n1")
     ledger.db.execute(f"PRAGMA synchronous={synchronous}")
     w = Worker(WorkerConfig(node="n1", topics=TOPICS, keyring=KEYRING), ledger)
-    conn = _FakeConnection()
+    conn = MemoryConnection()
     w.conn = conn  # type: ignore[assignment]
     now = time.time()
     msgs = [
@@ -148,9 +131,8 @@ def worker(directory: Path, synchronous: str, n: int = 600) -> str:
     cpu0, kids0, t0 = time.process_time(), os.times(), time.perf_counter()
     for m in msgs:
         w.handle(m)
-    for _ in range(n):
-        if not conn.finished.acquire(timeout=60):
-            break
+    ended = b'"state":"succeeded"'
+    wait_until(lambda: sum(ended in p.payload for p in conn.published) >= n, 60, "the jobs")
     elapsed = time.perf_counter() - t0
     cpu, kids = time.process_time() - cpu0, os.times()
     sh = (kids.children_user - kids0.children_user) + (kids.children_system - kids0.children_system)
@@ -169,16 +151,6 @@ def _median_ms(fn: Callable[[], object], n: int = 200) -> float:
         fn()
         xs.append(time.perf_counter() - t0)
     return statistics.median(xs) * 1000
-
-
-def runner() -> list[str]:
-    from opsbay_mqtt import runner as r
-
-    return [
-        f"runner.run('true'): {_median_ms(lambda: r.run('true', timeout_s=60)):.2f} ms",
-        f"Popen(sh -c true).communicate(): {_median_ms(spawn_true):.2f} ms",
-        f"the same with communicate(timeout=60): {_median_ms(lambda: spawn_true(60)):.2f} ms",
-    ]
 
 
 def runner_interleaved(n: int = 300) -> list[str]:
@@ -244,7 +216,6 @@ def main(argv: list[str] | None = None) -> int:
         d = Path(tmp)
         lines = coordinator(d)
         lines += [worker(d, "FULL"), worker(d, "NORMAL")]
-    lines += runner()
     lines += runner_interleaved()
     lines += imports()
     for line in lines:

@@ -1,12 +1,12 @@
-"""Simulated workers for the fleet figure: many MQTT connections in one process, driven by one
-epoll loop (a `loop_start()` thread per paho client stalls at a few hundred; paho's own loop uses
-select(), which fails above fd 1023).
+"""Simulated workers (the fleet and job-cycle figures): many MQTT connections in one process,
+one epoll loop (a `loop_start()` thread per paho client stalls at a few hundred; paho's own loop
+uses select(), which fails above fd 1023).
 
-Each simulated node speaks the real protocol: the worker's client id, a signed offline status as
-its Will, a subscription to `<prefix>/nodes/<node>/jobs`, a retained signed birth (info and
-online status), and for every dispatch: the signature, type, topic and node checked with
-`protocol.decode`, then a signed `running` and a signed `succeeded` result (exit 0, nothing run).
-It keeps no ledger and runs nothing: it measures the bus, not a node.
+Each node speaks the real protocol through the package's own functions (`protocol.encode` and
+`decode`, `topics.Topics`, the daemons' client id): a signed offline status as its Will, a
+subscription to its job topic, a retained signed birth (info and online status), and for every
+dispatch the signature, type, topic and node checked, then a signed `running` and a signed
+`succeeded` result (exit 0). It keeps no ledger and runs nothing: it measures the bus.
 
     python -m bench.simworkers --port P --prefix X --first 0 --count 250   (secret: BENCH_SECRET)
 
@@ -24,16 +24,20 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from opsbay_mqtt import sysinfo
+from opsbay_mqtt.daemons import client_id
 from opsbay_mqtt.errors import Refused
 from opsbay_mqtt.protocol import Dispatch, NodeInfo, NodeStatus, Result, decode, encode
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics
+
+if TYPE_CHECKING:
+    from bench.common import Bus, Lines
 
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 
@@ -145,7 +149,7 @@ class Fleet:
     def _client(self, node: str) -> mqtt.Client:
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"opsbay-worker:{self.topics.prefix}:{node}",
+            client_id=client_id("worker", self.topics, node),
             protocol=MQTTProtocolVersion.MQTTv5,
             userdata=node,
         )
@@ -205,6 +209,21 @@ class Fleet:
         while any(c.want_write() for c in self.clients) and time.monotonic() < deadline:
             self.pump(0.05)
         return 0
+
+
+def start_fleet(bus: Bus, total: int, processes: int, timeout_s: float) -> list[Lines]:
+    """`total` simulated nodes (`fleet-00000`...) in `processes` processes, once all are ready."""
+    from bench.common import Lines
+
+    per, sims = total // processes, []
+    for k in range(processes):
+        count = per if k < processes - 1 else total - per * (processes - 1)
+        argv = [sys.executable, "-m", "bench.simworkers", "--port", str(bus.port)]
+        argv += ["--prefix", bus.prefix, "--first", str(k * per), "--count", str(count)]
+        sims.append(Lines(bus.start(f"sim-{k}", argv, piped=True, BENCH_SECRET=bus.secret)))
+    for s in sims:
+        s.expect("ready", timeout_s)
+    return sims
 
 
 def main() -> int:

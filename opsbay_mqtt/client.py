@@ -1,16 +1,14 @@
 """The submitting side: submit a job, wait for it, query the coordinator. Used by the CLI.
 
-It builds its requests and reads the coordinator's answers as plain data (`records`), checked
-after their signature, without pydantic: the coordinator validates every request it gets, and a
-CLI call that imported pydantic would take twice as long to start. Only live output (`--follow`)
-is read through the `protocol` models."""
+Requests are built and answers decoded with `protocol` (its plain checks: a CLI call that
+imported pydantic would take twice as long to start)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from opsbay_mqtt import signing, states
 from opsbay_mqtt.errors import (
@@ -21,23 +19,28 @@ from opsbay_mqtt.errors import (
     Refused,
     WaitTimeout,
 )
-from opsbay_mqtt.records import (
-    PROTOCOL_VERSION,
+from opsbay_mqtt.protocol import (
+    Cancel,
     Execution,
     Job,
-    Rejection,
-    job_from_wire,
-    message_body,
-    rejection_from_wire,
+    JobEvent,
+    Output,
+    Query,
+    QueryKind,
+    Rejected,
+    Reply,
+    Submit,
+    Topic,
+    decode,
+    decode_unverified,
+    record,
     replace,
+    wire,
 )
 from opsbay_mqtt.settings import Settings
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics, new_job_id, validate_job_id, validate_node
 from opsbay_mqtt.transport import CONNECTED, BrokerURL, Connection, Inbound, TlsFiles
-
-if TYPE_CHECKING:
-    from opsbay_mqtt.protocol import Output
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ class _Asking:
     """A submission or cancel not yet acknowledged: when to send it again, when to say so,
     when to give up."""
 
-    def __init__(self, msg: dict[str, Any], now: float, give_up_s: float) -> None:
+    def __init__(self, msg: Submit | Cancel, now: float, give_up_s: float) -> None:
         self.msg = msg
         self.started = now
         self.resends = _Resends(now + RESEND_FIRST_S, gap=2 * RESEND_FIRST_S)
@@ -79,6 +82,19 @@ class _Asking:
 
     def due(self) -> float:
         return min(self.resends.next_at, self.warn_at, self.give_up_at)
+
+
+class SubmitArgs(NamedTuple):
+    """What someone asks to run, before a job id and an absolute deadline are chosen (the
+    arguments of Client.submit, from the command line or a Cronicle job)."""
+
+    target: str
+    where: dict[str, str]
+    command: str
+    timeout_s: int
+    start_by_s: int
+    batch: str | None
+    max_failures: str | None
 
 
 class ClientConfig(NamedTuple):
@@ -111,11 +127,12 @@ class Client:
         )
         self._reply_subscribed = False
         self._unacknowledged: dict[str, _Asking] = {}
-        self._submitted: dict[str, dict[str, Any]] = {}
+        self._submitted: dict[str, Submit] = {}
         self._nonces: dict[str, set[str]] = {}
         self._views: dict[str, dict[str, Execution]] = {}
         self._totals: dict[str, int] = {}
         self._unverifiable_output = False  # said once: live output we cannot verify
+        self._silent_since = 0.0  # when the coordinator stopped answering our queries
 
     def __enter__(self) -> Client:
         self.conn.connect(self.cfg.connect_timeout_s)
@@ -163,19 +180,17 @@ class Client:
         for item in target.split(",") if target else []:
             if "*" not in item and "?" not in item:
                 validate_node(item)
-        msg = {
-            "v": PROTOCOL_VERSION,
-            "type": "submit",
-            "job_id": job_id,
-            "target": target,
-            "where": where or {},
-            "command": command,
-            "timeout_s": timeout_s,
-            "start_by_ms": int(self.clock() * 1000) + start_by_s * 1000,
-            "batch": batch,
-            "max_failures": max_failures,
-            "accept_by_ms": int(self.clock() * 1000 + accept_s * 1000),
-        }
+        msg = Submit(
+            job_id=job_id,
+            target=target,
+            where=where or {},
+            command=command,
+            timeout_s=timeout_s,
+            start_by_ms=int(self.clock() * 1000) + start_by_s * 1000,
+            batch=batch,
+            max_failures=max_failures,
+            accept_by_ms=int(self.clock() * 1000 + accept_s * 1000),
+        )
         topics = [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
         if follow:
             topics.append((self.cfg.topics.job_output(job_id), 0))
@@ -198,7 +213,7 @@ class Client:
         now = time.monotonic()
         if asking is None or now < asking.due():
             return None
-        kind = "cancel" if asking.msg["type"] == "cancel" else "submission"
+        kind = "cancel" if isinstance(asking.msg, Cancel) else "submission"
         if now >= asking.give_up_at:
             job = None
             if kind == "submission":  # a late cancel is harmless: no need to ask
@@ -233,32 +248,26 @@ class Client:
             self._publish_submit(asking.msg)
         return None
 
-    def _publish_submit(self, msg: dict[str, Any]) -> None:
+    def _publish_submit(self, msg: Submit | Cancel) -> None:
         """A submission or cancel on `<prefix>/submit`, its nonce remembered (a refusal names
         it). Signed afresh each time: the coordinator knows the job id, so a retry never makes
         a second job."""
         nonce = signing.random_hex(16)
-        self._nonces.setdefault(msg["job_id"], set()).add(nonce)
-        payload = signing.sign(msg, self.cfg.keyring, int(self.clock()), nonce)
+        self._nonces.setdefault(msg.job_id, set()).add(nonce)
+        payload = signing.sign(wire(msg), self.cfg.keyring, int(self.clock()), nonce)
         self.conn.publish_wait(self.cfg.topics.submit, payload)
 
-    def _read(self, payload: bytes, *kinds: str) -> dict[str, Any]:
-        """Parse and verify a message of one of `kinds`; its body. Every failure is `Refused`."""
-        obj = signing.parse(payload)
-        auth = signing.verify(obj, self.cfg.keyring)
-        return _body(obj, kinds, auth.kid)
-
-    def _job_message(self, msg: Inbound, job_id: str) -> Job | Rejection | None:
+    def _job_message(self, msg: Inbound, job_id: str) -> Job | Rejected | None:
         if msg.topic not in (self.cfg.topics.job_events(job_id), self.cfg.topics.rejected):
             return None
+        topic = self.cfg.topics.parse(msg.topic)
         try:
-            body = self._read(msg.payload, "job", "rejected")
-            decoded = _rejection(body) if body["type"] == "rejected" else _job_event(body)
+            decoded, _ = decode(msg.payload, self.cfg.keyring, (JobEvent, Rejected), topic)
         except Refused as e:
             # A refusal of a badly signed submission cannot be signed with a key we share. It is
             # taken unverified only when it names one of our own submissions (by its nonce); it
             # can only make us report failure, never success.
-            rejected = _unverified_rejection(msg.payload)
+            rejected = _unverified(msg.payload, Rejected, topic)
             if (
                 rejected is not None
                 and rejected.job_id == job_id
@@ -268,14 +277,13 @@ class Client:
             if msg.topic != self.cfg.topics.rejected:  # that one carries everyone's refusals
                 log.warning("ignored an unverifiable message about job %s: %s", job_id, e)
             return None
-        if isinstance(decoded, Rejection):
+        if isinstance(decoded, Rejected):
             # Ours only if it names one of our submissions (another party may share our key).
             mine = decoded.nonce is None or decoded.nonce in self._nonces.get(job_id, ())
             return decoded if decoded.job_id == job_id and mine else None
-        job, total = decoded
-        if job.job_id != job_id:
+        if decoded.job_id != job_id:
             return None
-        return self._check_mine(self._merge(job, total))
+        return self._check_mine(self._merge(decoded.job, decoded.total))
 
     def _merge(self, job: Job, total: int) -> Job:
         """Events carry only the executions that changed: keep the whole picture."""
@@ -291,23 +299,23 @@ class Client:
             return job
         return self.result(job.job_id)
 
-    def cancel(self, job_id: str, timeout_s: float = 10.0) -> Job | Rejection:
+    def cancel(self, job_id: str, timeout_s: float = 10.0) -> Job | Rejected:
         """Ask the coordinator to cancel a job; return the job as it stands once it answers
         (the cancel is sent again until it does, for up to `timeout_s`)."""
         validate_job_id(job_id)
         self.conn.subscribe(
             [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
         )
-        msg = {"v": PROTOCOL_VERSION, "type": "cancel", "job_id": job_id}
+        msg = Cancel(job_id=job_id)
         self._unacknowledged[job_id] = _Asking(msg, time.monotonic(), timeout_s)
         self._publish_submit(msg)
         return self.wait(job_id, None, until=lambda j: True)
 
-    def _check_mine(self, job: Job) -> Job | Rejection:
+    def _check_mine(self, job: Job) -> Job | Rejected:
         """A job we submitted must be what we submitted (not another under the same id)."""
         mine = self._submitted.get(job.job_id)
-        if mine is not None and (mine["target"], mine["command"]) != (job.target, job.command):
-            return Rejection(
+        if mine is not None and (mine.target, mine.command) != (job.target, job.command):
+            return Rejected(
                 job_id=job.job_id,
                 code="job_id_conflict",
                 reason=f"job {job.job_id} exists with different content",
@@ -321,79 +329,103 @@ class Client:
         until: Callable[[Job], bool] = lambda j: states.is_terminal(j.state),
         on_update: Callable[[Job], None] | None = None,
         on_output: Callable[[Output], None] | None = None,
-    ) -> Job | Rejection:
+    ) -> Job | Rejected:
         """Wait until the job satisfies `until` (default: terminal) or is rejected. With
-        `on_output`, live output chunks (submit with follow=True) are passed on as they come."""
+        `on_output`, live output chunks (submit with follow=True) are passed on as they come.
+
+        Each turn: keep asking while unacknowledged, take the next message, classify it once
+        (`_classify`), act on it; when nothing comes for a while, ask the coordinator."""
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else float("inf"))
         last_heard = time.monotonic()
-        silent_since = 0.0  # when the coordinator stopped answering our queries
+        self._silent_since = 0.0
         while True:
             confirmed = self._keep_asking(job_id)
             if confirmed is not None:  # not acknowledged, but the coordinator has it
                 checked = self._check_mine(confirmed)
-                if isinstance(checked, Rejection) or until(checked):
+                if isinstance(checked, Rejected) or until(checked):
                     return checked
             asking = self._unacknowledged.get(job_id)
             msg = self._next(min(deadline, asking.due()) if asking else deadline)
-            if msg is not None and msg.topic == CONNECTED and asking is not None:
+            got = self._classify(msg, job_id, following=on_output is not None)
+            if isinstance(got, Rejected):
+                return got
+            if isinstance(got, Job):
+                last_heard = time.monotonic()
+                if on_update is not None:
+                    on_update(got)
+                if until(got):
+                    return self._complete(got) if states.is_terminal(got.state) else got
+                continue
+            if isinstance(got, Output):
+                assert on_output is not None
+                on_output(got)
+                continue
+            if got == "reconnected" and asking is not None:
                 # The connection dropped before the coordinator acknowledged: send it again.
                 log.info("job %s: reconnected before an acknowledgement; sending again", job_id)
                 self._publish_submit(asking.msg)
-            if msg is not None and on_output is not None and "/output/" in msg.topic:
-                chunk = self._output(msg, job_id)
-                if chunk is not None:
-                    on_output(chunk)
-                continue
-            if msg is not None and msg.topic != CONNECTED:
-                got = self._job_message(msg, job_id)
-                if got is not None:
-                    self._unacknowledged.pop(job_id, None)
-                if isinstance(got, Rejection):
-                    return got
-                if got is not None:
-                    last_heard = time.monotonic()
-                    if on_update is not None:
-                        on_update(got)
-                    if until(got):
-                        return self._complete(got) if states.is_terminal(got.state) else got
+            if got == "other":
                 continue
             if time.monotonic() >= deadline:
                 raise WaitTimeout(f"job {job_id}: gave up waiting after {timeout_s:g} s")
             if job_id in self._unacknowledged:
                 continue  # not taken yet: sending it again is how we ask
-            if msg is not None or time.monotonic() - last_heard >= POLL_EVERY_S:
+            if got == "reconnected" or time.monotonic() - last_heard >= POLL_EVERY_S:
                 # Reconnected, or quiet for a while: events may have been missed; ask.
                 last_heard = time.monotonic()
-                try:
-                    job = self.result(job_id, timeout_s=min(10.0, deadline - time.monotonic()))
-                except QueryFailed as e:
-                    if e.code != "not_found":
-                        raise
-                    continue
-                except BrokerRefused:
-                    raise
-                except BrokerError as e:
-                    if not silent_since:  # once per outage: why nothing is happening
-                        silent_since = time.monotonic()
-                        bound = "" if timeout_s is None else f" (for up to {timeout_s:g} s)"
-                        self.notice(
-                            f"job {job_id}: the coordinator is not answering ({e}); still "
-                            f"waiting for the job's outcome{bound}"
-                        )
-                    continue
-                if silent_since:
-                    self.notice(f"job {job_id}: the coordinator answers again")
-                    silent_since = 0.0
-                checked = self._check_mine(job)
-                if isinstance(checked, Rejection) or until(checked):
-                    return checked
+                job = self._ask(job_id, deadline, timeout_s)
+                answer = self._check_mine(job) if job is not None else None
+                if answer is not None and (isinstance(answer, Rejected) or until(answer)):
+                    return answer
+
+    def _classify(
+        self, msg: Inbound | None, job_id: str, following: bool
+    ) -> Job | Rejected | Output | Literal["nothing", "reconnected", "other"]:
+        """What the next message means for a wait on `job_id`, decided once: the job as it now
+        stands, its rejection, a chunk of its live output; or nothing arrived, the connection
+        came back, or a message that is not about this job (or could not be read)."""
+        if msg is None:
+            return "nothing"
+        if msg.topic == CONNECTED:
+            return "reconnected"
+        if following and "/output/" in msg.topic:
+            return self._output(msg, job_id) or "other"
+        got = self._job_message(msg, job_id)
+        if got is None:
+            return "other"
+        self._unacknowledged.pop(job_id, None)  # an answer about the job: acknowledged
+        return got
+
+    def _ask(self, job_id: str, deadline: float, timeout_s: float | None) -> Job | None:
+        """The job as the coordinator has it; None when it does not know it yet, or does not
+        answer (said once per outage, and when it answers again)."""
+        try:
+            job = self.result(job_id, timeout_s=min(10.0, deadline - time.monotonic()))
+        except QueryFailed as e:
+            if e.code != "not_found":
+                raise
+            return None
+        except BrokerRefused:
+            raise
+        except BrokerError as e:
+            if not self._silent_since:  # once per outage: why nothing is happening
+                self._silent_since = time.monotonic()
+                bound = "" if timeout_s is None else f" (for up to {timeout_s:g} s)"
+                self.notice(
+                    f"job {job_id}: the coordinator is not answering ({e}); still "
+                    f"waiting for the job's outcome{bound}"
+                )
+            return None
+        if self._silent_since:
+            self.notice(f"job {job_id}: the coordinator answers again")
+            self._silent_since = 0.0
+        return job
 
     def _output(self, msg: Inbound, job_id: str) -> Output | None:
-        from opsbay_mqtt.protocol import Output, decode  # only with --follow
-
         try:
-            kind, fields = self.cfg.topics.parse(msg.topic)
-            chunk, _ = decode(msg.payload, self.cfg.keyring, expect=(Output,))
+            chunk, _ = decode(
+                msg.payload, self.cfg.keyring, Output, self.cfg.topics.parse(msg.topic)
+            )
         except Refused as e:
             log.debug("ignored an output chunk on %s: %s", msg.topic, e)
             if e.code == "unknown_key" and not self._unverifiable_output:
@@ -404,13 +436,10 @@ class Client:
                     "when it finishes, from its stored result"
                 )
             return None
-        assert isinstance(chunk, Output)
-        if kind != "output" or (chunk.job_id, chunk.node) != (job_id, fields["node"]):
-            return None
-        return chunk
+        return chunk if chunk.job_id == job_id else None
 
     # -- queries
-    def query(self, query: str, timeout_s: float = 10.0, **params: Any) -> Any:
+    def query(self, query: QueryKind, timeout_s: float = 10.0, **params: Any) -> Any:
         """Ask the coordinator; its answer's data. Sent again (1, 2, 4 s apart) until answered
         or `timeout_s` runs out: a query the broker dropped (no coordinator subscribed at that
         moment) is asked again; each copy is signed afresh, and only one answer is read."""
@@ -418,14 +447,7 @@ class Client:
             self.conn.subscribe([(self.cfg.topics.rpc_reply(self.reply_id), 1)], wait=False)
             self._reply_subscribed = True
         correlation = signing.random_hex(8)
-        q = {
-            "v": PROTOCOL_VERSION,
-            "type": "query",
-            "query": query,
-            "reply_to": self.reply_id,
-            "correlation": correlation,
-            **params,
-        }
+        q = wire(Query(query=query, reply_to=self.reply_id, correlation=correlation, **params))
         deadline = time.monotonic() + timeout_s
         resends = _Resends(next_at=0.0)  # at once, then again while unanswered
         reply_topic = self.cfg.topics.rpc_reply(self.reply_id)
@@ -449,30 +471,23 @@ class Client:
                 if msg.topic != reply_topic:
                     stash.append(msg)  # not ours to handle here; put back for wait()
                     continue
-                reply = self._reply(msg.payload)
-                if reply is None or reply.get("correlation") != correlation:
+                reply = self._reply(msg.payload, self.cfg.topics.parse(msg.topic))
+                if reply is None or reply.correlation != correlation:
                     continue
-                if reply.get("ok") is not True:
-                    code, error = reply.get("code"), reply.get("error")
-                    raise QueryFailed(
-                        code if isinstance(code, str) else "error",
-                        error if isinstance(error, str) else "refused",
-                    )
-                return reply.get("data")
+                if not reply.ok:
+                    raise QueryFailed(reply.code or "error", reply.error or "refused")
+                return reply.data
         finally:
             for m in stash:
                 self.conn.inbox.put(m)
 
-    def _reply(self, payload: bytes) -> dict[str, Any] | None:
+    def _reply(self, payload: bytes, topic: Topic) -> Reply | None:
         try:
-            return self._read(payload, "reply")
+            return decode(payload, self.cfg.keyring, Reply, topic)[0]
         except Refused:
             # As with rejections: an error reply to a badly signed query is taken unverified.
-            try:
-                reply = _body(signing.parse(payload), ("reply",), None)
-            except Refused:
-                return None
-            return None if reply.get("ok") is True else reply
+            reply = _unverified(payload, Reply, topic)
+            return None if reply is None or reply.ok else reply
 
     def result(self, job_id: str, timeout_s: float = 10.0) -> Job:
         return _job(self.query("result", timeout_s, job_id=job_id))
@@ -491,40 +506,18 @@ def _by_node(ex: Execution) -> str:
     return ex.node
 
 
-def _unverified_rejection(payload: bytes) -> Rejection | None:
+_U = TypeVar("_U", Rejected, Reply)
+
+
+def _unverified(payload: bytes, expect: type[_U], topic: Topic) -> _U | None:
     try:
-        return _rejection(_body(signing.parse(payload), ("rejected",), None))
+        return decode_unverified(payload, expect, topic)
     except Refused:
         return None
 
 
-def _body(obj: dict[str, Any], kinds: tuple[str, ...], kid: str | None) -> dict[str, Any]:
-    """The message without its signature, if it is of this protocol version and of `kinds`."""
-    body = message_body(obj, kid)
-    if body.get("type") not in kinds:
-        raise Refused("bad_type", f"message type {body.get('type')!r} not expected here", kid)
-    return body
-
-
-def _job_event(body: dict[str, Any]) -> tuple[Job, int]:
-    total = body.get("total", 0)
-    if type(total) is not int or total < 0:
-        raise Refused("invalid", "total: not a count")
-    try:
-        return job_from_wire(body.get("job")), total
-    except ValueError as e:
-        raise Refused("invalid", str(e)) from e
-
-
-def _rejection(body: dict[str, Any]) -> Rejection:
-    try:
-        return rejection_from_wire({k: v for k, v in body.items() if k not in ("v", "type")})
-    except ValueError as e:
-        raise Refused("invalid", str(e)) from e
-
-
 def _job(data: Any) -> Job:
     try:
-        return job_from_wire(data)
+        return record(Job, data)
     except ValueError as e:
         raise QueryFailed("invalid", f"the coordinator's answer: {e}") from e

@@ -7,6 +7,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,10 @@ from opsbay_mqtt.inbound import CONNECTED, Inbound
 from opsbay_mqtt.policy import ClientPolicy
 from opsbay_mqtt.protocol import (
     Cancel,
+    Dispatch,
+    Execution,
+    Job,
+    JobEvent,
     Message,
     NodeInfo,
     NodeStatus,
@@ -24,19 +29,22 @@ from opsbay_mqtt.protocol import (
     Reply,
     Result,
     Submit,
+    Topic,
     decode,
-    dispatch_body,
-    job_event_body,
+    outcome_of,
     peek,
+    replace,
+    spec_of,
+    wire,
 )
-from opsbay_mqtt.record import Brief, Record
-from opsbay_mqtt.records import Execution, Job, replace
+from opsbay_mqtt.record import Brief, Contention, Record
 from opsbay_mqtt.signing import Auth, Keyring, check_fresh
 from opsbay_mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
 
 MAX_EXPIRY_S = 2**31 - 1  # MQTT 5 message expiry is a 32-bit count of seconds
+CONTENTION_TRIES = 5  # a message handled alone that still meets `Contention`: then give up
 
 
 @dataclass(frozen=True)
@@ -84,23 +92,18 @@ class Coordinator:
         return int(self.clock() * 1000)
 
     def _send(
-        self, topic: str, msg: Message, *, kid: str | None, expiry_s: int | None = None
-    ) -> None:
-        """Queue `msg` signed with `kid` (the reader's key), or unsigned when `kid` is None
-        (a refusal for someone who proved no key we share)."""
-        self._send_body(topic, msg.model_dump(mode="json"), kid=kid, expiry_s=expiry_s)
-
-    def _send_body(
         self,
         topic: str,
-        body: dict[str, Any],
+        msg: Message,
         *,
         kid: str | None,
         expiry_s: int | None = None,
         dispatch_of: str | None = None,
         first: bool = False,
     ) -> None:
-        """`_send` for a message body built as plain data (`protocol.job_event_body`, ...)."""
+        """Queue `msg` signed with `kid` (the reader's key), or unsigned when `kid` is None
+        (a refusal for someone who proved no key we share)."""
+        body = wire(msg)
         if kid is None:
             payload = signing.canonical(body)
         else:
@@ -118,6 +121,9 @@ class Coordinator:
         try:
             with self.store.atomic():
                 self._route(msg)
+        except Contention:  # the whole batch is handled again (`step`): not this one's fault
+            self.outbox = before
+            raise
         except Exception:
             self.outbox = before
             log.exception("error handling a message on %s; nothing of it was kept", msg.topic)
@@ -128,14 +134,15 @@ class Coordinator:
         except Refused as e:
             log.warning("ignored a message on an unknown topic: %s", e)
             return
+        where = (kind, fields)
         if kind == "submit":
-            self.on_submit(msg.payload)
+            self.on_submit(msg.payload, where)
         elif kind == "rpc_request":
-            self.on_query(msg.payload)
+            self.on_query(msg.payload, where)
         elif kind == "result":
-            self.on_result(msg.payload, fields["node"], fields["job_id"])
+            self.on_result(msg.payload, where)
         elif kind in ("node_info", "node_status"):
-            self.on_node(msg.payload, fields["node"])
+            self.on_node(msg.payload, where)
 
     def _fresh_once(self, auth: Auth) -> None:
         check_fresh(auth, int(self.clock()), self.cfg.window_s)
@@ -149,50 +156,27 @@ class Coordinator:
         return authz.node_kid(keyring, node, last)
 
     # -- submissions and cancels (both arrive on <prefix>/submit)
-    def on_submit(self, payload: bytes) -> None:
+    def on_submit(self, payload: bytes, topic: Topic) -> None:
+        """A submission or a cancel: admitted (refused, and not stored, if not), authorized
+        (refused and stored as `rejected` if not), then accepted."""
         auth: Auth | None = None
-        remembered = False  # this message's nonce, recorded by _fresh_once
+        sub: Submit | Cancel | None = None
         try:
-            msg, auth = decode(payload, self.cfg.keyring, expect=(Submit, Cancel))
+            sub, auth = decode(payload, self.cfg.keyring, (Submit, Cancel), topic)
             client = authz.client_name(auth)
-            if isinstance(msg, Cancel):
-                self._fresh_once(auth)
-                remembered = True
-                self.on_cancel(msg, client, auth)
+            if isinstance(sub, Cancel):
+                with self._once(auth):
+                    self.on_cancel(sub, client, auth)
                 return
-            assert isinstance(msg, Submit)
-            sub = msg
             existing = self.store.get_job(sub.job_id, executions=False)
             if existing is not None:
                 self._resubmitted(sub, client, existing)
                 return
-            self._fresh_once(auth)
-            remembered = True
-            now = self._now_ms()
-            if sub.accept_by_ms is not None and now > sub.accept_by_ms:
-                raise Refused(
-                    "too_late",
-                    f"arrived {now - sub.accept_by_ms} ms after the submitter stopped waiting for "
-                    "an acknowledgement (accept_by_ms); not run",
-                )
-            if sub.start_by_ms > now + MAX_EXPIRY_S // 2 * 1000:
-                raise Refused("invalid", "start_by_ms is too far ahead (milliseconds expected)")
-            known = (
-                self.store.node_labels_all() if rollout.needs_known(sub.target, sub.where) else {}
-            )
-            nodes = rollout.resolve(sub.target, sub.where, known)
-            for node in nodes:
-                if self.store.open_count(node) >= self.cfg.max_open_per_node:
-                    raise Refused(
-                        "queue_full",
-                        f"node {node!r} already has {self.cfg.max_open_per_node} jobs pending "
-                        "or running; try again later",
-                    )
+            with self._once(auth):
+                now, nodes, known = self._admit(sub)
         except Refused as e:  # not stored: the same job id may be submitted again
-            if remembered and auth is not None:
-                # ... and the same bytes too: sent again, they must get the real reason again,
-                # not `replay` (nothing was done that a replay could repeat).
-                self.store.forget_nonce(auth.kid, auth.nonce)
+            if e.code == "replay" and sub is not None and self._answered(sub.job_id):
+                return
             self._reject(payload, e, auth)
             return
         try:
@@ -201,13 +185,65 @@ class Coordinator:
             self._store_rejected(sub, client, auth, now, e)
             self._reject(payload, e, auth)
             return
+        self._accept(sub, client, auth, now, nodes)
+
+    def _answered(self, job_id: str) -> bool:
+        """A request seen before, about a job that exists: with several coordinators that each
+        receive every request (a broker without shared subscriptions), another one took it
+        the moment before. Not a refusal: answer with the job as it stands (as a retry gets)."""
+        job = self.store.get_job(job_id)
+        if job is None:
+            return False
+        log.info("job %s: a request another coordinator took; answering with its state", job_id)
+        self._send_event(job, job.executions)
+        return True
+
+    @contextmanager
+    def _once(self, auth: Auth) -> Iterator[None]:
+        """Act on this signed message once (its nonce remembered); if the block refuses it,
+        forget the nonce: sent again, the same bytes must get the real reason again, not
+        `replay` (nothing was done that a replay could repeat)."""
+        self._fresh_once(auth)
+        try:
+            yield
+        except Refused:
+            self.store.forget_nonce(auth.kid, auth.nonce)
+            raise
+
+    def _admit(self, sub: Submit) -> tuple[int, list[str], Mapping[str, Mapping[str, str]]]:
+        """Whether the submission can be taken at all: in time, with sane deadlines, for nodes
+        with room. (now, its nodes, the nodes' labels when resolving needed them); `Refused`."""
+        now = self._now_ms()
+        if sub.accept_by_ms is not None and now > sub.accept_by_ms:
+            raise Refused(
+                "too_late",
+                f"arrived {now - sub.accept_by_ms} ms after the submitter stopped waiting for "
+                "an acknowledgement (accept_by_ms); not run",
+            )
+        if sub.start_by_ms > now + MAX_EXPIRY_S // 2 * 1000:
+            raise Refused("invalid", "start_by_ms is too far ahead (milliseconds expected)")
+        known = self.store.node_labels_all() if rollout.needs_known(sub.target, sub.where) else {}
+        nodes = rollout.resolve(sub.target, sub.where, known)
+        for node in nodes:
+            if self.store.open_count(node) >= self.cfg.max_open_per_node:
+                raise Refused(
+                    "queue_full",
+                    f"node {node!r} already has {self.cfg.max_open_per_node} jobs pending "
+                    "or running; try again later",
+                )
+        return now, nodes, known
+
+    def _accept(self, sub: Submit, client: str, auth: Auth, now: int, nodes: list[str]) -> None:
+        """Record the job with an execution per node, and release what the rollout allows."""
         if now > sub.start_by_ms:  # already too late: never sent, never run late
             why = "its start-by deadline had passed when it arrived"
             execs = [Execution(node=n, state="expired", finished_ms=now, reason=why) for n in nodes]
         else:
             execs = [Execution(node=n, state="pending") for n in nodes]
         job = self._job(sub, client, auth, now, state=states.job_state(x.state for x in execs))
-        self.store.insert_job(job)  # its executions are written once, by _update
+        if not self.store.insert_job(job):  # its executions are written once, by _update
+            log.info("job %s: accepted by another coordinator first", job.job_id)
+            return
         log.info("job %s: accepted from %s for %d node(s)", job.job_id, client, len(nodes))
         self._update(job, [(None, x) for x in execs], announce=True, new=True)
 
@@ -226,28 +262,14 @@ class Coordinator:
 
     @staticmethod
     def _job(sub: Submit, client: str, auth: Auth, now: int, **extra: Any) -> Job:
-        fields: dict[str, Any] = {
-            "job_id": sub.job_id,
-            "target": sub.target,
-            "where": sub.where,
-            "command": sub.command,
-            "timeout_s": sub.timeout_s,
-            "start_by_ms": sub.start_by_ms,
-            "batch": sub.batch,
-            "max_failures": sub.max_failures,
-            "submitted_ms": now,
-            "submitted_by": client,
-            "submitted_kid": auth.kid,
-            "state": "pending",
-        }
-        fields.update(extra)
-        return Job(**fields)
+        recorded = {"submitted_ms": now, "submitted_by": client, "submitted_kid": auth.kid}
+        return Job(**spec_of(sub), **{"state": "pending", **recorded, **extra})
 
     def _resubmitted(self, sub: Submit, client: str, job: Job) -> None:
         """A retried or redelivered submission: answer with the job as it stands."""
         # Not the start-by deadline: a retry from another process computes its own.
-        mine = (sub.target, sub.where, sub.command, sub.timeout_s, sub.batch, sub.max_failures)
-        theirs = (job.target, job.where, job.command, job.timeout_s, job.batch, job.max_failures)
+        mine, theirs = spec_of(sub), spec_of(job)
+        del mine["start_by_ms"], theirs["start_by_ms"]
         if mine != theirs or client != job.submitted_by:
             raise Refused("job_id_conflict", f"job {job.job_id} exists with different content")
         log.info("job %s: submitted again; answering with its current state", job.job_id)
@@ -272,6 +294,7 @@ class Coordinator:
         self._send(self.cfg.topics.rejected, msg, kid=kid)
 
     def on_cancel(self, cancel: Cancel, client: str, auth: Auth) -> None:
+        self.store.lock_job(cancel.job_id)  # read and changed by one coordinator at a time
         job = self.store.get_job(cancel.job_id)
         if job is None:
             raise Refused("not_found", f"no job {cancel.job_id!r}")
@@ -295,32 +318,29 @@ class Coordinator:
         self._update(job, changed, announce=True)
 
     # -- results from workers
-    def on_result(self, payload: bytes, topic_node: str, topic_job: str) -> None:
+    def on_result(self, payload: bytes, topic: Topic) -> None:
         try:
-            res, auth = decode(payload, self.cfg.keyring, expect=(Result,))
-            assert isinstance(res, Result)
-            authz.require_node(auth, topic_node)
-            if (res.node, res.job_id) != (topic_node, topic_job):
-                raise Refused("wrong_topic", "result names another node or job than its topic")
+            res, auth = decode(payload, self.cfg.keyring, Result, topic)
+            authz.require_node(auth, res.node)
         except Refused as e:
-            log.warning("refused a result on node %s job %s: %s", topic_node, topic_job, e)
+            log.warning("refused a result on %s: %s", topic[1], e)
             return
         self.store.node_seen(res.node, self._now_ms(), kid=auth.kid)
+        self.store.lock_job(res.job_id)  # read and changed by one coordinator at a time
         job = self.store.get_job(res.job_id, executions=False)
         ex = self.store.execution(res.job_id, res.node) if job else None
         if job is None or ex is None:
             log.warning("result for unknown execution %s on %s; ignored", res.job_id, res.node)
             return
-        fields: dict[str, Any] = {"state": res.state}
         if res.state == "running":
-            fields["started_ms"] = res.started_ms
+            fields: dict[str, Any] = {"state": res.state, "started_ms": res.started_ms}
         else:
-            fields.update(res.model_dump(exclude={"v", "type", "job_id", "node", "session"}))
+            fields = outcome_of(res)
             fields["started_ms"] = res.started_ms or ex.started_ms
         self._update(job, [(ex.state, replace(ex, **fields))])
 
     @staticmethod
-    def _allowed(job_id: str, changes: Iterable[Change]) -> Iterator[Execution]:
+    def _allowed(job_id: str, changes: Iterable[Change]) -> Iterator[Change]:
         """The one transition guard: every change to an execution passes here (results,
         cancels, deadlines, the rollout's releases and cancels), as (state before, execution
         after). A change the states do not allow (a result after a terminal state, `running`
@@ -332,7 +352,7 @@ class Coordinator:
                 or (before == x.state and not states.is_terminal(before))
                 or states.can_move(before, x.state)
             ):
-                yield x
+                yield before, x
             else:
                 log.info("job %s on %s: %s after %s; not changed", job_id, x.node, x.state, before)
 
@@ -341,23 +361,36 @@ class Coordinator:
     ) -> None:
         """Record changed executions (each with the state it had), take the rollout's next
         step, and tell the submitter. `new`: the job was just accepted and `changed` holds all
-        its executions.
+        its executions. Every change passes the transition guard (`_allowed`)."""
+        touched = {x.node: (before, x) for before, x in self._allowed(job.job_id, changed)}
+        step = self._rollout_step(job, touched, new)
+        job, counts, written = self._persist(job, touched)
+        for node in step.dispatch:
+            if node in written:
+                self._send_dispatch(job, written[node], first=True)
+        if announce:
+            written = {**{x.node: x for x in job.executions}, **written}
+        if written:
+            self._send_event(job, written.values(), counts)
+
+    def _rollout_step(self, job: Job, touched: dict[str, Change], new: bool) -> rollout.Step:
+        """The executions the rollout releases now and those it cancels (too many failed),
+        applied to `touched`.
 
         Only the changed executions are read and written in full. The others are read as briefs
         (node, state, dispatch time) only while the rollout holds some back, and otherwise only
         counted per state in SQL, so a result for a job on many nodes stays cheap."""
-        touched = {x.node: x for x in self._allowed(job.job_id, changed)}
-        step = rollout.Step([], [])
         # Without a batch size, every execution is released when the job is accepted: only
         # a rollout in batches holds some back afterwards.
-        if any(map(rollout.is_held, touched.values())) or (
+        if not any(rollout.is_held(x) for _, x in touched.values()) and not (
             job.batch is not None and self.store.has_held(job.job_id)
         ):
-            briefs = {} if new else {b.node: b for b in self.store.briefs(job.job_id)}
-            briefs.update(
-                {x.node: Brief(x.node, x.state, x.dispatched_ms) for x in touched.values()}
-            )
-            step = rollout.next_step(briefs.values(), job.batch, job.max_failures)
+            return rollout.Step([], [])
+        briefs = {} if new else {b.node: b for b in self.store.briefs(job.job_id)}
+        briefs.update(
+            {x.node: Brief(x.node, x.state, x.dispatched_ms) for _, x in touched.values()}
+        )
+        step = rollout.next_step(briefs.values(), job.batch, job.max_failures)
         now = self._now_ms()
         start_by_after = max(0, job.start_by_ms - job.submitted_ms)
         released = {"dispatched_ms": now, "start_by_ms": now + start_by_after}
@@ -368,33 +401,55 @@ class Coordinator:
         }
         for nodes, update in ((step.dispatch, released), (step.cancel, stopped)):
             for node in nodes:
-                base = touched.get(node) or self.store.execution(job.job_id, node)
-                assert base is not None
-                for x in self._allowed(job.job_id, [(base.state, replace(base, **update))]):
-                    touched[node] = x
-        for ex in touched.values():
-            self.store.upsert_execution(job.job_id, ex)
+                if node in touched:
+                    was, base = touched[node]
+                else:
+                    found = self.store.execution(job.job_id, node)
+                    assert found is not None
+                    was, base = found.state, found
+                for _, x in self._allowed(job.job_id, [(base.state, replace(base, **update))]):
+                    touched[node] = (was, x)
+        return step
+
+    def _persist(
+        self, job: Job, touched: dict[str, Change]
+    ) -> tuple[Job, dict[str, int], dict[str, Execution]]:
+        """Write each changed execution, guarded (only from the state it was read in), and the
+        job's state that follows; (the job in that state, the count of its executions in each
+        state, the executions written). A change whose guard fails (another coordinator
+        changed the execution first) is dropped with its consequences."""
+        written = {}
+        for node, (before, ex) in touched.items():
+            if not self.store.write_execution(job.job_id, ex, before):
+                log.info(
+                    "job %s on %s: changed by another coordinator; not %s",
+                    job.job_id,
+                    node,
+                    ex.state,
+                )
+                continue
+            written[node] = ex
             level = logging.INFO if states.is_terminal(ex.state) else logging.DEBUG
             log.log(level, "job %s on %s: %s", job.job_id, ex.node, ex.state)
         counts = self.store.state_counts(job.job_id)
         new_state = states.job_state(counts)
         if new_state != job.state:
             self.store.set_job_state(job.job_id, new_state)
-        job = replace(job, state=new_state)
-        for node in step.dispatch:
-            self._send_dispatch(job, touched[node], first=True)
-        if announce:
-            touched = {**{x.node: x for x in job.executions}, **touched}
-        if touched:
-            self._send_event(job, touched.values(), counts)
+        return replace(job, state=new_state), counts, written
 
     def _send_dispatch(self, job: Job, ex: Execution, first: bool = False) -> None:
         """`first`: released now, never sent before (a copy sent again is not)."""
         assert ex.start_by_ms is not None
-        d = dispatch_body(job, ex.node, ex.start_by_ms)
+        d = Dispatch(
+            job_id=job.job_id,
+            node=ex.node,
+            command=job.command,
+            timeout_s=job.timeout_s,
+            start_by_ms=ex.start_by_ms,
+        )
         expiry = min(MAX_EXPIRY_S, max(1, (ex.start_by_ms - self._now_ms()) // 1000 + 1))
         topic, kid = self.cfg.topics.node_jobs(ex.node), self._node_kid(ex.node)
-        self._send_body(topic, d, kid=kid, expiry_s=expiry, dispatch_of=job.job_id, first=first)
+        self._send(topic, d, kid=kid, expiry_s=expiry, dispatch_of=job.job_id, first=first)
 
     def _take_back_dispatch(self, job_id: str, node: str) -> bool:
         """Drop the dispatch of `job_id` to `node` if its *first* release is still in the outbox
@@ -416,20 +471,18 @@ class Coordinator:
         submitter (signed with the submitter's key) and to watchers."""
         if counts is None:
             counts = dict(Counter(x.state for x in job.executions))
-        event = job_event_body(queries.fit(replace(job, executions=list(changed))), counts)
+        shown = queries.fit(replace(job, executions=list(changed)))
+        event = JobEvent(job=shown, counts=dict(counts), total=sum(counts.values()))
         kid = job.submitted_kid if job.submitted_kid in self.cfg.keyring.keys else None
-        self._send_body(self.cfg.topics.job_events(job.job_id), event, kid=kid)
+        self._send(self.cfg.topics.job_events(job.job_id), event, kid=kid)
 
     # -- node info and status (retained: no freshness check, ordered by session)
-    def on_node(self, payload: bytes, topic_node: str) -> None:
+    def on_node(self, payload: bytes, topic: Topic) -> None:
         try:
-            msg, auth = decode(payload, self.cfg.keyring, expect=(NodeInfo, NodeStatus))
-            assert isinstance(msg, NodeInfo | NodeStatus)
-            authz.require_node(auth, topic_node)
-            if msg.node != topic_node:
-                raise Refused("wrong_topic", "node message names another node than its topic")
+            msg, auth = decode(payload, self.cfg.keyring, (NodeInfo, NodeStatus), topic)
+            authz.require_node(auth, msg.node)
         except Refused as e:
-            log.warning("refused a node message for %s: %s", topic_node, e)
+            log.warning("refused a node message for %s: %s", topic[1]["node"], e)
             return
         seen, kid = msg.published_ms, auth.kid
         if isinstance(msg, NodeStatus) and msg.state == "conflict":
@@ -463,11 +516,10 @@ class Coordinator:
             self.store.node_seen(msg.node, seen, kid=kid, info=info)
 
     # -- queries
-    def on_query(self, payload: bytes) -> None:
+    def on_query(self, payload: bytes, topic: Topic) -> None:
         auth: Auth | None = None
         try:
-            q, auth = decode(payload, self.cfg.keyring, expect=(Query,))
-            assert isinstance(q, Query)
+            q, auth = decode(payload, self.cfg.keyring, Query, topic)
             authz.client_name(auth)
             self._fresh_once(auth)
         except Refused as e:
@@ -488,9 +540,11 @@ class Coordinator:
         now = self._now_ms()
         grace_ms = self.cfg.lost_grace_s * 1000
         for job_id, node in self.store.overdue(now, grace_ms):
+            self.store.lock_job(job_id)  # another coordinator may be at the same deadline
             job = self.store.get_job(job_id, executions=False)
             ex = self.store.execution(job_id, node)
-            assert job is not None and ex is not None
+            if job is None or ex is None or states.is_terminal(ex.state):
+                continue  # pruned, or ended, since the list was read
             if ex.state == "pending":  # the worker decides first; the grace covers its clock
                 reason = "not started by its start-by deadline (node offline?)"
                 update = {"state": "expired", "finished_ms": now, "reason": reason}
@@ -549,7 +603,32 @@ def granted_labels(
 def step(coord: Coordinator, batch: list[Inbound], tick_due: bool) -> list[Outgoing]:
     """One turn of the coordinator's loop, without I/O: handle a batch, run the deadline check
     when it is due, commit once; what to publish. The caller acknowledges the batch (after this
-    commit) and publishes (`daemons.serve_coordinator`)."""
+    commit) and publishes (`daemons.serve_coordinator`).
+
+    When another coordinator on the same record waits on this batch while holding what it
+    needs (`Contention`), the batch is rolled back and handled again one message, one commit,
+    at a time: no message is dropped, and no change is made twice."""
+    try:
+        return _turn(coord, batch, tick_due)
+    except Contention:
+        coord.store.rollback()
+        coord.outbox = []
+        log.info("another coordinator holds what this batch needs; one message at a time")
+    out: list[Outgoing] = []
+    for msg in batch:
+        for attempt in range(1, CONTENTION_TRIES + 1):
+            try:
+                out += _turn(coord, [msg], tick_due=False)
+                break
+            except Contention:
+                coord.store.rollback()
+                coord.outbox = []
+                if attempt == CONTENTION_TRIES:
+                    raise
+    return out
+
+
+def _turn(coord: Coordinator, batch: list[Inbound], tick_due: bool) -> list[Outgoing]:
     for msg in batch:
         coord.handle(msg)
     if tick_due:
@@ -557,6 +636,9 @@ def step(coord: Coordinator, batch: list[Inbound], tick_due: bool) -> list[Outgo
         try:
             with coord.store.atomic():
                 coord.tick()
+        except Contention:  # another coordinator is at the same deadlines: the next tick
+            del coord.outbox[mark:]
+            log.info("deadline check: another coordinator holds those jobs; next time")
         except Exception:
             del coord.outbox[mark:]
             log.exception("error in the deadline check")

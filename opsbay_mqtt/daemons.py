@@ -90,11 +90,16 @@ def run_coordinator(
     data_dir: Path,
     allow_nodes: frozenset[str] | None,
     limits: dict[str, int],
+    name: str = "",
 ) -> None:
+    """Run a coordinator until SIGTERM. `name`: its own, when several share one record; its
+    broker client id (and so its persistent session) is `opsbay-coordinator:PREFIX:NAME`."""
     # Imported here: a worker process (every node) never loads the coordinator's modules.
+    from opsbay_mqtt import models
     from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig
     from opsbay_mqtt.store import Store
 
+    models.install()  # validate what arrives with pydantic (`protocol` says why both)
     _make_dir(data_dir, "--data-dir / OPSBAY_DATA_DIR")
     for n in allow_nodes or ():
         try:
@@ -128,7 +133,7 @@ def run_coordinator(
     topics = settings.topics
     conn = Connection(
         url=settings.url,
-        client_id=client_id("coordinator", topics),
+        client_id=client_id("coordinator", topics, name),
         persistent=True,
         manual_ack=True,
         receive_max=1000,
@@ -192,9 +197,11 @@ def run_worker(
     run_as: str | None,
     clean_env: bool,
 ) -> None:
-    from opsbay_mqtt import statedir
+    from opsbay_mqtt import models, statedir
     from opsbay_mqtt.ledger import Ledger
     from opsbay_mqtt.worker import Worker, WorkerConfig
+
+    models.install()  # validate what arrives with pydantic (`protocol` says why both)
 
     state_lock = statedir.lock(state_dir, node=node)  # one worker per folder
     log.info("worker %s: state folder %s", node, state_dir)

@@ -1,64 +1,110 @@
-"""Wire messages (protocol version 1): pydantic models, encode and decode.
+"""The wire protocol, version 1: the one place where each message is defined, encoded, decoded
+and checked against its topic (docs/protocol.md is its contract).
 
-Every message is a signed JSON object (see `signing`) with `v` and `type`. Decoding wraps
-every failure as one `Refused` with a reason code; nothing else escapes.
+Every message is a frozen dataclass whose fields carry their limits as `Rule`s. From these
+definitions come both ways of validating: the plain checks here, which the command line uses
+(importing pydantic would double the start-up of every `opsbay submit --wait`), and pydantic
+models derived from them, which the daemons install (`models.install`). The tests run every
+case through both.
+
+The fields that two messages or records share are defined once and inherited: what was asked
+to run (`JobSpec`: a submission and the job recorded from it) and how a run ended (`Outcome`: a
+result and the execution recorded from it), so a conversion between them holds by
+construction (`spec_of`, `outcome_of`).
+
+Decoding (`decode`) parses, verifies the signature, checks the version, the type expected (on
+this topic), every field, and that the body names what its topic names. Every failure is one
+`Refused` with a reason code; nothing else escapes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from typing import Annotated, Any, Literal
-
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    model_validator,
-)
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, overload
 
 from opsbay_mqtt import signing
 from opsbay_mqtt.errors import Refused
-from opsbay_mqtt.records import (
-    LIMIT_PATTERN,
-    PROTOCOL_VERSION,
-    Job,
-    as_dict,
-    job_from_wire,
-    message_body,
-)
 from opsbay_mqtt.signing import Auth, Keyring
 from opsbay_mqtt.states import ExecState, JobState
 from opsbay_mqtt.topics import JOB_ID_RE, NODE_NAME_RE, REPLY_ID_RE
 
+PROTOCOL_VERSION = 1
 MAX_COMMAND_BYTES = 64 * 1024
 MAX_TIMEOUT_S = 7 * 24 * 3600
+MAX_TARGET_ITEMS = 1000
+MAX_EXECUTIONS = 10_000
+# A rollout limit: a count ("10") or a share of the executions ("25%").
+LIMIT_PATTERN = r"(0|[1-9][0-9]{0,5})%?"
+# A target item: a node name, or a glob (`*`, `?`); never `/`, `+` or `#`.
+TARGET_ITEM_RE = re.compile(r"[A-Za-z0-9*?][A-Za-z0-9._*?-]{0,62}")
 
-JobId = Annotated[str, Field(pattern=JOB_ID_RE.pattern)]
-NodeName = Annotated[str, Field(pattern=NODE_NAME_RE.pattern)]
-Millis = Annotated[int, Field(ge=0, lt=2**53)]
-Text = Annotated[str, Field(max_length=1024)]
+
+# -- the limits a field carries
+class Rule:
+    """A limit on a field's value: `test` for the plain checks, `says` for the error, and the
+    same limit as pydantic `Field` arguments (`field`) or, when it has none, as a function that
+    raises ValueError (`check`, run after pydantic's own checks). Hashed by identity, as
+    `Annotated` metadata must be hashable."""
+
+    __slots__ = ("check", "field", "says", "test")
+
+    def __init__(
+        self,
+        says: str,
+        test: Callable[[Any], bool],
+        field: dict[str, Any],
+        check: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.says, self.test, self.field, self.check = says, test, field, check
+
+
+def pattern(rx: re.Pattern[str] | str) -> Rule:
+    text = rx if isinstance(rx, str) else rx.pattern
+    body = text.removeprefix("^").removesuffix("$")
+    # re.fullmatch: compiled when first used (re caches it), not when this module is imported.
+    return Rule(
+        f"must match {body}",
+        lambda v: re.fullmatch(body, v) is not None,
+        {"pattern": f"^(?:{body})$"},
+    )
+
+
+def between(low: int, high: int) -> Rule:
+    return Rule(f"must be {low} to {high}", lambda v: low <= v <= high, {"ge": low, "le": high})
+
+
+def size(low: int, high: int) -> Rule:
+    return Rule(
+        f"must hold {low} to {high} items or characters",
+        lambda v: low <= len(v) <= high,
+        {"min_length": low, "max_length": high},
+    )
+
+
+def checked_by(check: Callable[[Any], Any]) -> Rule:
+    def test(value: Any) -> bool:
+        check(value)
+        return True
+
+    return Rule("", test, {}, check)
 
 
 def _command_bytes(command: str) -> str:
-    size = len(command.encode("utf-8", errors="surrogatepass"))
-    if size > MAX_COMMAND_BYTES:
-        raise ValueError(f"command is {size} bytes; at most {MAX_COMMAND_BYTES} are allowed")
+    n = len(command.encode("utf-8", errors="surrogatepass"))
+    if n > MAX_COMMAND_BYTES:
+        raise ValueError(f"command is {n} bytes; at most {MAX_COMMAND_BYTES} are allowed")
     return command
 
 
-Command = Annotated[str, Field(min_length=1), AfterValidator(_command_bytes)]
-# A target: node names and globs (`*`, `?`), comma-separated; never `/`, `+` or `#`.
-TARGET_ITEM_RE = re.compile(r"[A-Za-z0-9*?][A-Za-z0-9._*?-]{0,62}")  # a node name, or a glob
-MAX_TARGET_ITEMS = 1000
-
-
 def _target(value: str) -> str:
-    # Checked item by item: one regex with a bounded repeat of 1000 costs pydantic-core ~30 MB
-    # and ~40 ms to compile, in every process that imports this module.
+    if not value:  # no target: labels (`where`) choose the nodes
+        return value
     items = value.split(",")
     if len(items) > MAX_TARGET_ITEMS:
         raise ValueError(f"at most {MAX_TARGET_ITEMS} comma-separated names or globs")
@@ -68,149 +114,192 @@ def _target(value: str) -> str:
     return value
 
 
-Target = Annotated[
-    str, Field(min_length=1, max_length=64 * MAX_TARGET_ITEMS), AfterValidator(_target)
+JobId = Annotated[str, pattern(JOB_ID_RE)]
+NodeName = Annotated[str, pattern(NODE_NAME_RE)]
+Millis = Annotated[int, between(0, 2**53 - 1)]
+Count = Annotated[int, between(0, 2**53 - 1)]
+Seq = Annotated[int, between(0, 2**31 - 1)]
+Text = Annotated[str, size(0, 1024)]
+Command = Annotated[str, size(1, 4 * MAX_COMMAND_BYTES), checked_by(_command_bytes)]
+Target = Annotated[str, size(0, 64 * MAX_TARGET_ITEMS), checked_by(_target)]
+Labels = Annotated[
+    dict[Annotated[str, pattern(r"[A-Za-z0-9._/-]{1,64}")], Annotated[str, size(0, 256)]],
+    size(0, 32),
 ]
-LabelKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9._/-]{1,64}$")]
-LabelValue = Annotated[str, Field(max_length=256)]
-Limit = Annotated[str, Field(pattern=rf"^{LIMIT_PATTERN}$")]
-MAX_EXECUTIONS = 10_000
+Limit = Annotated[str, pattern(LIMIT_PATTERN)]
+TimeoutS = Annotated[int, between(1, MAX_TIMEOUT_S)]
 
 
-# defer_build: a model's validator is built when it is first used, so a process builds only the
-# models it handles (a CLI call two or three, a worker six of the thirteen).
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, defer_build=True)
-    v: Literal[1] = 1
+class _Plain:
+    """What every record and message shares: equality and a readable form (defined once, see
+    the package note). Treat them as frozen: `replace` makes changed copies."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.__dict__ == self.__dict__
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"{type(self).__name__}({shown})"
 
 
-class Submit(Message):
-    """client -> coordinator on `<prefix>/submit`."""
+# -- what is recorded and shared
+@dataclass(kw_only=True, repr=False, eq=False)
+class JobSpec(_Plain):
+    """What is asked to run: a submission's fields that its job records."""
 
-    type: Literal["submit"] = "submit"
     job_id: JobId
-    target: Target | Literal[""] = ""
-    where: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
+    target: Target = ""
+    where: Labels = field(default_factory=dict)
     command: Command
-    timeout_s: Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)]
+    timeout_s: TimeoutS
     start_by_ms: Millis
     batch: Limit | None = None
     max_failures: Limit | None = None
-    # When the submitter stops waiting for the acknowledgement: arriving later, it is refused
-    # (`too_late`) and never stored, so a submission its sender gave up on never runs.
-    accept_by_ms: Millis | None = None
-
-    @model_validator(mode="after")
-    def _some_target(self) -> Submit:
-        if not self.target and not self.where:
-            raise ValueError("give a target, labels (where), or both")
-        if self.batch in ("0", "0%"):
-            raise ValueError("batch must be at least 1")
-        return self
 
 
-class Cancel(Message):
-    """client -> coordinator on `<prefix>/submit` (no `node`), and coordinator -> worker on
-    `<prefix>/nodes/<node>/jobs` (with `node`): stop a job."""
+@dataclass(kw_only=True, repr=False, eq=False)
+class Outcome(_Plain):
+    """How a run ended, as a worker reports it and the coordinator records it."""
 
-    type: Literal["cancel"] = "cancel"
-    job_id: JobId
-    node: NodeName | None = None
-
-
-class Output(Message):
-    """worker -> watchers on `<prefix>/output/<node>/<job>` (QoS 0): live output, in order
-    of `seq`; `dropped` bytes were left out before this chunk (rate limit). Never relied on:
-    the final result holds the output."""
-
-    type: Literal["output"] = "output"
-    job_id: JobId
-    node: NodeName
-    seq: Annotated[int, Field(ge=0, lt=2**31)]
-    stream: Literal["stdout", "stderr"]
-    data: Annotated[str, Field(max_length=65536)]
-    dropped: Annotated[int, Field(ge=0)] = 0
-
-
-class Dispatch(Message):
-    """coordinator -> worker on `<prefix>/nodes/<node>/jobs`."""
-
-    type: Literal["dispatch"] = "dispatch"
-    job_id: JobId
-    node: NodeName
-    command: Command
-    timeout_s: Annotated[int, Field(ge=1, le=MAX_TIMEOUT_S)]
-    start_by_ms: Millis
-
-
-class Result(Message):
-    """worker -> coordinator and watchers on `<prefix>/results/<node>/<job>`."""
-
-    type: Literal["result"] = "result"
-    job_id: JobId
-    node: NodeName
     state: ExecState
-    session: Millis = 0
     exit_code: int | None = None
     stdout: str = ""
     stderr: str = ""
-    stdout_bytes: Annotated[int, Field(ge=0)] = 0
-    stderr_bytes: Annotated[int, Field(ge=0)] = 0
+    stdout_bytes: Count = 0
+    stderr_bytes: Count = 0
     truncated: bool = False
     started_ms: Millis | None = None
     finished_ms: Millis | None = None
     duration_ms: Millis | None = None
     reason: Text | None = None
-    host: dict[str, Any] = Field(default_factory=dict)
+    host: dict[str, Any] = field(default_factory=dict)
 
 
-def _job(value: object) -> object:
-    return value if isinstance(value, Job) else job_from_wire(value)
+@dataclass(kw_only=True, repr=False, eq=False)
+class Execution(Outcome):
+    """One job on one node, as the coordinator records it."""
+
+    node: str
+    dispatched_ms: int | None = None
+    start_by_ms: int | None = None
 
 
+@dataclass(kw_only=True, repr=False, eq=False)
+class Job(JobSpec):
+    """A job and its executions (all of them, or those an event or a listing carries)."""
+
+    target: Target = field()  # required here: always recorded ("" when labels chose)
+    state: JobState
+    submitted_ms: int
+    submitted_by: str
+    submitted_kid: str = ""
+    reason_code: str | None = None
+    reason: str | None = None
+    executions: list[Execution] = field(default_factory=list)
+
+
+# -- the messages
+@dataclass(kw_only=True, repr=False, eq=False)
+class Message(_Plain):
+    """Every message: `v` (the protocol version) and `type` (its kind, one per class)."""
+
+    # The fields a message names that its topic names too (`decode(..., topic=...)`).
+    NAMES: ClassVar[tuple[str, ...]] = ()
+    v: Literal[1] = 1
+
+
+@dataclass(kw_only=True, repr=False, eq=False)
+class Submit(JobSpec, Message):
+    """client -> coordinator on `<prefix>/submit`."""
+
+    NAMES = ("job_id",)
+    type: Literal["submit"] = "submit"
+    # When the submitter stops waiting for the acknowledgement: arriving later, it is refused
+    # (`too_late`) and never stored, so a submission its sender gave up on never runs.
+    accept_by_ms: Millis | None = None
+
+    def __post_init__(self) -> None:
+        if not self.target and not self.where:
+            raise ValueError("give a target, labels (where), or both")
+        if self.batch in ("0", "0%"):
+            raise ValueError("batch must be at least 1")
+
+
+@dataclass(kw_only=True, repr=False, eq=False)
+class Cancel(Message):
+    """client -> coordinator on `<prefix>/submit` (no `node`), and coordinator -> worker on
+    `<prefix>/nodes/<node>/jobs` (with `node`): stop a job."""
+
+    NAMES = ("job_id", "node")
+    type: Literal["cancel"] = "cancel"
+    job_id: JobId
+    node: NodeName | None = None
+
+
+@dataclass(kw_only=True, repr=False, eq=False)
+class Output(Message):
+    """worker -> watchers on `<prefix>/output/<node>/<job>` (QoS 0): live output, in order
+    of `seq`; `dropped` bytes were left out before this chunk (rate limit). Never relied on:
+    the final result holds the output."""
+
+    NAMES = ("job_id", "node")
+    type: Literal["output"] = "output"
+    job_id: JobId
+    node: NodeName
+    seq: Seq
+    stream: Literal["stdout", "stderr"]
+    data: Annotated[str, size(0, 65536)]
+    dropped: Count = 0
+
+
+@dataclass(kw_only=True, repr=False, eq=False)
+class Dispatch(Message):
+    """coordinator -> worker on `<prefix>/nodes/<node>/jobs`."""
+
+    NAMES = ("job_id", "node")
+    type: Literal["dispatch"] = "dispatch"
+    job_id: JobId
+    node: NodeName
+    command: Command
+    timeout_s: TimeoutS
+    start_by_ms: Millis
+
+
+@dataclass(kw_only=True, repr=False, eq=False)
+class Result(Outcome, Message):
+    """worker -> coordinator and watchers on `<prefix>/results/<node>/<job>`."""
+
+    NAMES = ("job_id", "node")
+    type: Literal["result"] = "result"
+    job_id: JobId
+    node: NodeName
+    session: Millis = 0
+
+
+@dataclass(kw_only=True, repr=False, eq=False)
 class JobEvent(Message):
-    """coordinator -> client and watchers on `<prefix>/jobs/<job>`: the job as it now stands."""
+    """coordinator -> client and watchers on `<prefix>/jobs/<job>`: the job as it now stands;
+    its `executions` are only those that changed (all of them when first announced)."""
 
+    NAMES = ("job_id",)
     type: Literal["job"] = "job"
-    job: Annotated[
-        Job, BeforeValidator(_job)
-    ]  # its `executions` are only those that changed (all of them when first announced)
-    counts: dict[str, int] = Field(default_factory=dict)  # executions in each state
-    total: Annotated[int, Field(ge=0)] = 0  # executions in all
+    job: Job
+    counts: dict[str, int] = field(default_factory=dict)  # executions in each state
+    total: Count = 0  # executions in all
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id
 
 
-def job_event_body(job: Job, counts: dict[str, int]) -> dict[str, Any]:
-    """What `JobEvent(job=job, counts=counts, total=...).model_dump(mode="json")` returns,
-    without validating again a job the coordinator built from messages it validated: pydantic
-    took about a third of the coordinator's time per result."""
-    total = sum(counts.values())
-    return {
-        "v": PROTOCOL_VERSION,
-        "type": "job",
-        "job": as_dict(job),
-        "counts": dict(counts),
-        "total": total,
-    }
-
-
-def dispatch_body(job: Job, node: str, start_by_ms: int) -> dict[str, Any]:
-    """What `Dispatch(...).model_dump(mode="json")` returns for a stored job's execution on
-    `node`, without validating again what was validated when the job was submitted."""
-    return {
-        "v": PROTOCOL_VERSION,
-        "type": "dispatch",
-        "job_id": job.job_id,
-        "node": node,
-        "command": job.command,
-        "timeout_s": job.timeout_s,
-        "start_by_ms": start_by_ms,
-    }
-
-
+@dataclass(kw_only=True, repr=False, eq=False)
 class Rejected(Message):
     """coordinator -> submitter: a refused submission, on `<prefix>/jobs/<job>` when the job id
     could be read, and always on `<prefix>/rejected`."""
 
+    NAMES = ("job_id",)
     type: Literal["rejected"] = "rejected"
     job_id: str | None = None
     nonce: str | None = None  # of the refused message, so its sender knows it is the one
@@ -218,21 +307,26 @@ class Rejected(Message):
     reason: Text
 
 
+QueryKind = Literal["result", "results", "nodes"]
+
+
+@dataclass(kw_only=True, repr=False, eq=False)
 class Query(Message):
     """client -> coordinator on `<prefix>/rpc/request`."""
 
     type: Literal["query"] = "query"
-    query: Literal["result", "results", "nodes"]
-    reply_to: Annotated[str, Field(pattern=REPLY_ID_RE.pattern)]
-    correlation: Annotated[str, Field(min_length=1, max_length=64)]
+    query: QueryKind
+    reply_to: Annotated[str, pattern(REPLY_ID_RE)]
+    correlation: Annotated[str, size(1, 64)]
     job_id: JobId | None = None
     node: NodeName | None = None
     state: JobState | None = None
-    limit: Annotated[int, Field(ge=1, le=1000)] = 20
-    where: dict[LabelKey, LabelValue] = Field(default_factory=dict, max_length=32)
+    limit: Annotated[int, between(1, 1000)] = 20
+    where: Labels = field(default_factory=dict)
     node_state: Literal["online", "offline", "unknown"] | None = None
 
 
+@dataclass(kw_only=True, repr=False, eq=False)
 class Reply(Message):
     """coordinator -> client on `<prefix>/rpc/reply/<reply_to>`."""
 
@@ -244,93 +338,216 @@ class Reply(Message):
     data: Any = None
 
 
+@dataclass(kw_only=True, repr=False, eq=False)
 class NodeInfo(Message):
     """worker -> everyone, retained on `<prefix>/nodes/<node>/info`."""
 
+    NAMES = ("node",)
     type: Literal["info"] = "info"
     node: NodeName
     session: Millis
     published_ms: Millis
     agent_version: Text
-    labels: dict[str, str] = Field(default_factory=dict)
-    facts: dict[str, Any] = Field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(kw_only=True, repr=False, eq=False)
 class NodeStatus(Message):
     """worker (or its Last Will) -> everyone, retained on `<prefix>/nodes/<node>/status`."""
 
+    NAMES = ("node",)
     type: Literal["status"] = "status"
     node: NodeName
     state: Literal["online", "offline", "conflict"]
     session: Millis
-    seq: Annotated[int, Field(ge=0, lt=2**31)] = 0
+    seq: Seq = 0
     published_ms: Millis
     reason: Text | None = None  # with "conflict": what happened, for a person
 
 
-MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.model_fields["type"].default: cls
-    for cls in (
-        Submit,
-        Cancel,
-        Dispatch,
-        Result,
-        Output,
-        JobEvent,
-        Rejected,
-        Query,
-        Reply,
-        NodeInfo,
-        NodeStatus,
-    )
+def _type_name(cls: type[Message]) -> str:
+    return str(cls.__dataclass_fields__["type"].default)
+
+
+MESSAGES: tuple[type[Message], ...] = (
+    Submit,
+    Cancel,
+    Dispatch,
+    Result,
+    Output,
+    JobEvent,
+    Rejected,
+    Query,
+    Reply,
+    NodeInfo,
+    NodeStatus,
+)
+MESSAGE_TYPES: dict[str, type[Message]] = {_type_name(cls): cls for cls in MESSAGES}
+# Which messages travel on which topic (the kinds of `Topics.parse`).
+ON_TOPIC: dict[str, tuple[type[Message], ...]] = {
+    "submit": (Submit, Cancel),
+    "rpc_request": (Query,),
+    "rpc_reply": (Reply,),
+    "node_jobs": (Dispatch, Cancel),
+    "node_info": (NodeInfo,),
+    "node_status": (NodeStatus,),
+    "result": (Result,),
+    "output": (Output,),
+    "job_events": (JobEvent, Rejected),
+    "rejected": (Rejected,),
 }
+Topic = tuple[str, dict[str, str]]  # a parsed topic: `Topics.parse`
 
 
+# -- conversions, by construction
+def fields_of(record: Any) -> dict[str, Any]:
+    """A record's or message's own fields, not copied (a job's executions stay records)."""
+    return {name: getattr(record, name) for name in _names(type(record))}
+
+
+def spec_of(sub: JobSpec) -> dict[str, Any]:
+    """What a submission asked to run, as the fields of the job recorded from it."""
+    return {name: getattr(sub, name) for name in _names(JobSpec)}
+
+
+def outcome_of(done: Outcome) -> dict[str, Any]:
+    """How a run ended (a result's, or a runner's outcome), as the fields of an execution."""
+    return {name: getattr(done, name) for name in _names(Outcome)}
+
+
+_R = TypeVar("_R")
+
+
+def replace(record: _R, /, **changes: Any) -> _R:
+    """`dataclasses.replace` without running `__init__` and `__post_init__` again: for records
+    built from checked data (the coordinator does it several times per message)."""
+    cls = type(record)
+    unknown = changes.keys() - set(_names(cls))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
+    new = object.__new__(cls)
+    new.__dict__.update(record.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
+def wire(record: Any) -> dict[str, Any]:
+    """A message or record as JSON-ready data: new dicts and lists all the way down."""
+    out: dict[str, Any] = {}
+    for name in _names(type(record)):
+        value = getattr(record, name)
+        if isinstance(value, dict):
+            value = dict(value)
+        elif isinstance(value, list):
+            value = [wire(x) if dataclasses.is_dataclass(x) else x for x in value]
+        elif dataclasses.is_dataclass(value):
+            value = wire(value)
+        out[name] = value
+    return out
+
+
+as_dict = wire
+
+
+# -- encode and decode
 def encode(msg: Message, keyring: Keyring, now_s: int, kid: str | None = None) -> bytes:
-    return signing.sign(msg.model_dump(mode="json"), keyring, now_s, kid=kid)
+    return signing.sign(wire(msg), keyring, now_s, kid=kid)
 
 
 def encode_unsigned(msg: Message) -> bytes:
     """For refusals the sender cannot sign for its reader (an unknown or wrong key)."""
-    return signing.canonical(msg.model_dump(mode="json"))
+    return signing.canonical(wire(msg))
 
 
+_M = TypeVar("_M", bound=Message)
+_N = TypeVar("_N", bound=Message)
+Expect = type[Message] | tuple[type[Message], ...] | None
+
+
+@overload
 def decode(
-    payload: bytes, keyring: Keyring, expect: tuple[type[Message], ...] | None = None
+    payload: bytes, keyring: Keyring, expect: type[_M], topic: Topic | None = None
+) -> tuple[_M, Auth]: ...
+@overload
+def decode(
+    payload: bytes,
+    keyring: Keyring,
+    expect: tuple[type[_M], type[_N]],
+    topic: Topic | None = None,
+) -> tuple[_M | _N, Auth]: ...
+@overload
+def decode(
+    payload: bytes, keyring: Keyring, expect: Expect = None, topic: Topic | None = None
+) -> tuple[Message, Auth]: ...
+def decode(
+    payload: bytes, keyring: Keyring, expect: Expect = None, topic: Topic | None = None
 ) -> tuple[Message, Auth]:
-    """Parse, verify and validate one message; every failure is a `Refused`."""
+    """Parse, verify and validate one message of a type in `expect` (default: any that may
+    travel on `topic`), that names what `topic` (`Topics.parse`) names. `Refused` if not."""
     obj = signing.parse(payload)
     auth = signing.verify(obj, keyring)
     # Verified: a refusal from here on can be signed for its sender.
-    return _validate(obj, expect, auth.kid), auth
+    return _message(obj, expect, topic, auth.kid), auth
 
 
-def decode_unverified(payload: bytes, expect: tuple[type[Message], ...]) -> Message:
-    """Parse and validate without checking the signature: only for what cannot hurt when
-    forged (a refusal read by its sender, a watcher's display). Failures are `Refused`."""
-    return _validate(signing.parse(payload), expect, None)
+@overload
+def decode_unverified(payload: bytes, expect: type[_M], topic: Topic | None = None) -> _M: ...
+@overload
+def decode_unverified(
+    payload: bytes, expect: tuple[type[_M], type[_N]], topic: Topic | None = None
+) -> _M | _N: ...
+@overload
+def decode_unverified(
+    payload: bytes, expect: Expect = None, topic: Topic | None = None
+) -> Message: ...
+def decode_unverified(payload: bytes, expect: Expect = None, topic: Topic | None = None) -> Message:
+    """`decode` without checking the signature: only for what cannot hurt when forged (a
+    refusal read by its sender, a watcher's display)."""
+    return _message(signing.parse(payload), expect, topic, None)
 
 
-def _validate(
-    obj: dict[str, Any], expect: tuple[type[Message], ...] | None, kid: str | None
-) -> Message:
-    body = message_body(obj, kid)
+def record(cls: type[_R], data: object, where: str = "") -> _R:
+    """A record (a `Job` from a query's answer, ...) read from JSON data, every field checked;
+    ValueError if it is not one."""
+    built: _R = _plain_build(cls, data, where or cls.__name__.lower())
+    return built
+
+
+def _message(obj: dict[str, Any], expect: Expect, topic: Topic | None, kid: str | None) -> Message:
+    body = {k: v for k, v in obj.items() if k not in ("auth", "sig")}
+    version = body.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise Refused("bad_version", f"protocol version {version!r} is not supported (1)", kid)
     kind = body.get("type")
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise Refused("bad_type", f"unknown message type {body.get('type')!r}", kid)
-    if expect is not None and cls not in expect:
-        names = ", ".join(c.model_fields["type"].default for c in expect)
+        raise Refused("bad_type", f"unknown message type {kind!r}", kid)
+    allowed = (expect,) if isinstance(expect, type) else expect
+    if topic is not None:
+        on_topic = ON_TOPIC.get(topic[0], ())
+        allowed = tuple(c for c in allowed if c in on_topic) if allowed else on_topic
+    if allowed is not None and cls not in allowed:
+        names = ", ".join(_type_name(c) for c in allowed) or "none"
         raise Refused("bad_type", f"message type {kind!r} not expected here ({names})", kid)
     try:
-        return cls.model_validate(body)
-    except ValidationError as e:
-        raise Refused("invalid", describe_validation(e), kid) from e
+        msg = validate_message(cls, body)
+    except ValueError as e:  # pydantic's ValidationError is one too
+        raise Refused("invalid", describe(e), kid) from e
+    if topic is not None:
+        for name in cls.NAMES:
+            if name in topic[1] and getattr(msg, name) != topic[1][name]:
+                raise Refused("wrong_topic", f"the message names another {name} than its topic")
+    return msg
 
 
-def describe_validation(e: ValidationError) -> str:
+def describe(e: ValueError) -> str:
+    """A validation error in a few words: which fields, and what is wrong with them."""
+    errors = getattr(e, "errors", None)
+    if not callable(errors):
+        return str(e)
     parts = []
-    for err in e.errors()[:5]:
+    for err in errors()[:5]:
         where = ".".join(str(p) for p in err["loc"]) or "message"
         parts.append(f"{where}: {err['msg']}")
     return "; ".join(parts)
@@ -358,3 +575,172 @@ def peek(payload: bytes) -> tuple[str | None, str | None]:
         job_id if isinstance(job_id, str) and JOB_ID_RE.fullmatch(job_id) else None,
         nonce if isinstance(nonce, str) and signing.NONCE_RE.fullmatch(nonce) else None,
     )
+
+
+# -- the plain checks, worked out once per class from its definition
+def plain_validate(cls: type[Message], body: dict[str, Any]) -> Message:
+    """A message's body checked field by field and built as `cls`; ValueError if it is not."""
+    msg: Message = _plain_build(cls, body, "")
+    return msg
+
+
+# How messages are validated in this process: the plain checks, or pydantic (`models.install`).
+validate_message: Callable[[type[Message], dict[str, Any]], Message] = plain_validate
+
+_NAMES: dict[type, tuple[str, ...]] = {}
+_FIELDS: dict[type, tuple[dict[str, Callable[[object, str], Any]], frozenset[str]]] = {}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
+def hints(cls: type) -> dict[str, Any]:
+    """A record's or message's field types, with their rules (`Annotated`)."""
+    names = set(_names(cls))
+    return {
+        name: hint
+        for name, hint in typing.get_type_hints(cls, include_extras=True).items()
+        if name in names
+    }
+
+
+def required(cls: type) -> frozenset[str]:
+    return frozenset(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+
+
+def _plain_build(cls: type, data: object, where: str) -> Any:
+    checks = _FIELDS.get(cls)
+    if checks is None:
+        checks = _FIELDS[cls] = (
+            {name: _checker(hint) for name, hint in hints(cls).items()},
+            required(cls),
+        )
+    fields, needed = checks
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'message'}: an object was expected")
+    at = f"{where}." if where else ""
+    unknown = sorted(map(str, data.keys() - fields.keys()))
+    if unknown:
+        raise ValueError(f"{at}{unknown[0]}: unknown field")
+    for name in sorted(needed - data.keys()):
+        raise ValueError(f"{at}{name}: missing")
+    values = {name: fields[name](value, at + name) for name, value in data.items()}
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise ValueError(f"{where or 'message'}: {e}") from None
+
+
+def _checker(hint: Any) -> Callable[[object, str], Any]:
+    """A function that checks a JSON value against the type `hint` (and its rules) and
+    returns it (a record for a record type); ValueError naming `where` if it does not fit."""
+    origin = typing.get_origin(hint)
+    if origin is Annotated:
+        inner, *rules = typing.get_args(hint)
+        base = _checker(inner)
+
+        def annotated(value: object, where: str) -> Any:
+            value = base(value, where)
+            if value is not None:
+                for rule in rules:
+                    try:
+                        ok = rule.test(value)
+                    except ValueError as e:
+                        raise ValueError(f"{where}: {e}") from None
+                    if not ok:
+                        raise ValueError(f"{where}: {value!r:.60} {rule.says}")
+            return value
+
+        return annotated
+    if dataclasses.is_dataclass(hint):
+        return lambda value, where: _plain_build(hint, value, where)  # type: ignore[arg-type]
+    if hint is Any:
+        return lambda value, where: value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if len(options) == 2 and type(None) in options:  # X | None: the common case, fast
+            some = _checker(next(o for o in options if o is not type(None)))
+            return lambda value, where: None if value is None else some(value, where)
+        alternatives = [_checker(o) for o in options]
+
+        def union(value: object, where: str) -> Any:
+            for fits in alternatives:
+                try:
+                    return fits(value, where)
+                except ValueError:
+                    pass
+            raise ValueError(f"{where}: {value!r:.60} is not of the expected type")
+
+        return union
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+
+        def literal(value: object, where: str) -> Any:
+            if any(type(value) is type(a) and value == a for a in allowed):
+                return value
+            raise ValueError(
+                f"{where}: {value!r:.60} is not one of {', '.join(map(repr, allowed))}"
+            )
+
+        return literal
+    if origin is dict:
+        key, item = (_checker(arg) for arg in typing.get_args(hint))
+
+        def mapping(value: object, where: str) -> Any:
+            if not isinstance(value, dict):
+                raise ValueError(f"{where}: an object was expected")
+            return {key(k, where): item(v, f"{where}.{k}") for k, v in value.items()}
+
+        return mapping
+    if origin is list:
+        (item,) = (_checker(arg) for arg in typing.get_args(hint))
+
+        def sequence(value: object, where: str) -> Any:
+            if not isinstance(value, list):
+                raise ValueError(f"{where}: a list was expected")
+            return [item(x, f"{where}.{i}") for i, x in enumerate(value)]
+
+        return sequence
+    if hint is type(None):
+        expected: tuple[type, ...] = (type(None),)
+    elif hint is bool or hint is int:
+        expected = (hint,)  # exactly: True is not a count, nor 1 a flag
+    else:
+        expected = (hint,)
+
+    def simple(value: object, where: str) -> Any:
+        if type(value) not in expected and not (
+            hint is not bool and hint is not int and isinstance(value, hint)
+        ):
+            raise ValueError(f"{where}: {value!r:.60} is not of the expected type")
+        return value
+
+    return simple
+
+
+def types_in(classes: Iterable[type]) -> list[type]:
+    """The records and messages among `classes` and the records their fields hold."""
+    seen: list[type] = []
+    todo = list(classes)
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.append(cls)
+        for hint in hints(cls).values():
+            todo.extend(
+                t for t in _flatten(hint) if isinstance(t, type) and dataclasses.is_dataclass(t)
+            )
+    return seen
+
+
+def _flatten(hint: Any) -> list[Any]:
+    return [hint, *(x for arg in typing.get_args(hint) for x in _flatten(arg))]

@@ -7,9 +7,8 @@ from typing import Any
 
 from opsbay_mqtt import signing
 from opsbay_mqtt.errors import Refused
-from opsbay_mqtt.protocol import Query, Reply
+from opsbay_mqtt.protocol import Job, Query, Reply, as_dict, replace
 from opsbay_mqtt.record import Record
-from opsbay_mqtt.records import Job, as_dict, replace
 from opsbay_mqtt.topics import REPLY_ID_RE
 
 # `results` lists many jobs in one reply: each stream is cut to its last this-many characters

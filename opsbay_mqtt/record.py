@@ -6,8 +6,14 @@ The rules every backend keeps:
 - Writes are batched: they take effect at `commit()`; `atomic()` makes one message's writes all
   or nothing inside the batch.
 - Each operation is one statement or one transaction, and changes guard themselves: a nonce is
-  remembered once (`remember_nonce` says whether it was new), a node's status only moves to a
-  newer (session, seq), an execution row is written whole.
+  remembered once (`remember_nonce` says whether it was new), a job is inserted once
+  (`insert_job`), an execution changes only from the state it was read in (`write_execution`),
+  a node's status only moves to a newer (session, seq). Each says whether it took effect: with
+  several coordinators on one record, whichever commits a change publishes its consequences.
+- `lock_job` holds a job against the other coordinators until the batch commits: read a job's
+  executions after it, so the changes to one job are made by one coordinator at a time. A
+  backend where two batches can wait on each other raises `Contention`; the caller rolls back
+  and handles the batch again, message by message.
 - Nothing is lost at `close()`: it commits.
 """
 
@@ -16,7 +22,12 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, Protocol
 
-from opsbay_mqtt.records import Execution, Job
+from opsbay_mqtt.protocol import Execution, Job
+
+
+class Contention(Exception):
+    """Another coordinator holds what this batch needs, and waits on what this batch holds
+    (PostgreSQL's deadlock or serialization failure): roll back and handle the batch again."""
 
 
 class Brief(NamedTuple):
@@ -34,6 +45,9 @@ class Record(Protocol):
 
     def commit(self) -> None: ...
 
+    def rollback(self) -> None:
+        """Undo the open batch (after `Contention`)."""
+
     def close(self) -> None: ...
 
     # -- nonces: a signed request is acted on once
@@ -45,11 +59,17 @@ class Record(Protocol):
     def forget_nonces_before(self, ts: int) -> None: ...
 
     # -- jobs and executions
-    def insert_job(self, job: Job) -> None: ...
+    def insert_job(self, job: Job) -> bool:
+        """Record a new job (and the executions it holds); False if its id is recorded."""
+
+    def lock_job(self, job_id: str) -> bool:
+        """Hold the job until the batch ends (see above); False if there is no such job."""
 
     def set_job_state(self, job_id: str, state: str) -> None: ...
 
-    def upsert_execution(self, job_id: str, ex: Execution) -> None: ...
+    def write_execution(self, job_id: str, ex: Execution, before: str | None) -> bool:
+        """Write the execution whole: new (`before` None), or only if it is still in the state
+        `before`; whether it was written."""
 
     def get_job(self, job_id: str, executions: bool = True) -> Job | None: ...
 

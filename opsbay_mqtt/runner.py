@@ -14,9 +14,11 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import psutil
+
+from opsbay_mqtt.protocol import Outcome
+from opsbay_mqtt.states import ExecState
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +69,6 @@ class HeadTail:
             + marker
             + tail.decode("utf-8", errors="replace")
         )
-
-
-@dataclass(frozen=True)
-class RunResult:
-    state: str  # succeeded, failed or timed_out
-    exit_code: int | None
-    stdout: str
-    stderr: str
-    stdout_bytes: int
-    stderr_bytes: int
-    truncated: bool
-    started_ms: int
-    finished_ms: int
-    duration_ms: int
-    reason: str | None = None
 
 
 OutputSink = Callable[[str, bytes], None]
@@ -335,7 +322,7 @@ def run(
     user: str | None = None,
     control: RunControl | None = None,
     on_output: OutputSink | None = None,
-) -> RunResult:
+) -> Outcome:
     """Run `command` with /bin/sh in a new session; on timeout TERM, then KILL, the whole tree.
 
     When the shell exits, anything it left behind in its process group is terminated too, so a
@@ -352,55 +339,21 @@ def run(
     env = {**(os.environ if env is None else env), "OPSBAY_RUN_ID": run_id}
     started = clock()
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        ["/bin/sh", "-c", command],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        close_fds=True,
-        env=env,
-        cwd=cwd,
-        user=user,
-        group=pwd.getpwnam(user).pw_gid if user else None,
-        extra_groups=[] if user else None,
-    )
-    known: set[psutil.Process] = set()
+    proc = _spawn(command, env, cwd, user)
+    known: set[psutil.Process] = set()  # its descendants, seen while the shell was alive
     watch: _Watch | None = None
     try:
         watch = _Watch(proc, {"stdout": out, "stderr": err}, on_output)
         if on_start is not None:
             on_start(proc.pid)
-        state, reason = "", None
         if control is not None:
             control.attach(proc, known, kill_grace_s)
-        if not watch.wait(timeout_s):
-            state, reason = "timed_out", f"timed out after {timeout_s:g} s; process group killed"
-            _kill_tree(proc, signal.SIGTERM, known)
-            if not watch.wait(kill_grace_s):
-                _kill_tree(proc, signal.SIGKILL, known)
-                watch.wait(_KILLED_EXIT_S)
+        in_time = _wait_or_kill(proc, watch, known, timeout_s, kill_grace_s)
         finished = clock()
         duration_ms = int((time.monotonic() - t0) * 1000)
-        # Leftovers in the group (background jobs) would hold the pipes open or outlive the job.
-        watch.drain(_SETTLE_S)
-        _end_leftovers(proc, known, kill_grace_s, watch.pause)
-        if not watch.drain(_SETTLE_S):
-            # Still held open: by something that left the group with setsid. Find it by the run
-            # id in its environment and end it too.
-            escaped = set(_holding_run_id(run_id))
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                for p in escaped:
-                    with contextlib.suppress(psutil.Error):
-                        p.send_signal(sig)
-                deadline = time.monotonic() + kill_grace_s
-                if watch.drain(kill_grace_s) and _wait_gone(escaped, deadline, watch.pause):
-                    break
+        _reap_leftovers(proc, watch, known, run_id, kill_grace_s)
     except BaseException:
-        if proc.poll() is None:  # run() failed, so no result will account for the command
-            _kill_tree(proc, signal.SIGKILL, known)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=_SETTLE_S)
+        _kill_unaccounted(proc, known)
         raise
     finally:
         if watch is not None:
@@ -408,16 +361,12 @@ def run(
         for f in (proc.stdout, proc.stderr):
             if f is not None:
                 f.close()
-    code = proc.returncode
-    if code is not None and code < 0:  # report as a shell would: 128 + signal number
-        reason = reason or f"killed by signal {-code}"
-        code = 128 - code
-    # A cancel that came as the command finished on its own does not undo a success.
-    if not state and control is not None and control.cancelled is not None and code != 0:
-        state, reason = "cancelled", control.cancelled
-    if not state:
-        state = "succeeded" if code == 0 else "failed"
-    return RunResult(
+    state, code, reason = outcome(
+        proc.returncode,
+        timed_out_after=None if in_time else timeout_s,
+        cancelled=None if control is None else control.cancelled,
+    )
+    return Outcome(
         state=state,
         exit_code=code,
         stdout=out.text(),
@@ -430,3 +379,102 @@ def run(
         duration_ms=duration_ms,
         reason=reason,
     )
+
+
+def _spawn(
+    command: str, env: dict[str, str], cwd: str | None, user: str | None
+) -> subprocess.Popen[bytes]:
+    """The shell, in a new session (so a process group of its own), reading nothing, writing to
+    two pipes; as `user`, with that user's group and no others, when given."""
+    return subprocess.Popen(
+        ["/bin/sh", "-c", command],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+        env=env,
+        cwd=cwd,
+        user=user,
+        group=pwd.getpwnam(user).pw_gid if user else None,
+        extra_groups=[] if user else None,
+    )
+
+
+def _wait_or_kill(
+    proc: subprocess.Popen[bytes],
+    watch: _Watch,
+    known: set[psutil.Process],
+    timeout_s: float,
+    grace_s: float,
+) -> bool:
+    """Read output until the shell exits or `timeout_s` passes; then TERM the whole tree, and
+    KILL it after `grace_s`. Whether the shell exited in time."""
+    if watch.wait(timeout_s):
+        return True
+    _kill_tree(proc, signal.SIGTERM, known)
+    if not watch.wait(grace_s):
+        _kill_tree(proc, signal.SIGKILL, known)
+        watch.wait(_KILLED_EXIT_S)
+    return False
+
+
+def _reap_leftovers(
+    proc: subprocess.Popen[bytes],
+    watch: _Watch,
+    known: set[psutil.Process],
+    run_id: str,
+    grace_s: float,
+) -> None:
+    """End what the shell left behind, reading the pipes meanwhile: leftovers (background jobs)
+    would hold the pipes open or outlive the job. First its process group and the descendants
+    seen; then, if the pipes are still held open, whatever left the group with setsid."""
+    watch.drain(_SETTLE_S)
+    _end_leftovers(proc, known, grace_s, watch.pause)
+    if not watch.drain(_SETTLE_S):
+        _end_escaped(run_id, watch, grace_s)
+
+
+def _end_escaped(run_id: str, watch: _Watch, grace_s: float) -> None:
+    """TERM, then KILL, the processes holding the pipes that left the group: found by the run id
+    in their environment."""
+    escaped = set(_holding_run_id(run_id))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in escaped:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+        deadline = time.monotonic() + grace_s
+        if watch.drain(grace_s) and _wait_gone(escaped, deadline, watch.pause):
+            break
+
+
+def _kill_unaccounted(proc: subprocess.Popen[bytes], known: set[psutil.Process]) -> None:
+    """run() failed, so no result will account for the command: KILL it if it still runs."""
+    if proc.poll() is None:
+        _kill_tree(proc, signal.SIGKILL, known)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=_SETTLE_S)
+
+
+def outcome(
+    returncode: int | None, *, timed_out_after: float | None, cancelled: str | None
+) -> tuple[ExecState, int | None, str | None]:
+    """What became of the command, as (state, exit code, reason), from its shell's return code
+    (negative: killed by that signal), the timeout it was killed after (None: it exited in
+    time) and why it was cancelled, if it was (pure).
+
+    A signal's death is reported as a shell would, 128 + its number. A cancel that came as the
+    command finished on its own does not undo a success."""
+    code, reason = returncode, None
+    state: ExecState | None = None
+    if timed_out_after is not None:
+        state = "timed_out"
+        reason = f"timed out after {timed_out_after:g} s; process group killed"
+    if code is not None and code < 0:
+        reason = reason or f"killed by signal {-code}"
+        code = 128 - code
+    if state is None and cancelled is not None and code != 0:
+        state, reason = "cancelled", cancelled
+    if state is None:
+        state = "succeeded" if code == 0 else "failed"
+    return state, code, reason

@@ -87,36 +87,43 @@ def lock(path: Path, *, node: str) -> StateLock:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{SETTING}: cannot create {path}: {e}") from e
-    file = path / LOCK_FILE
+    busy = (
+        f"state folder {path} is in use by another worker ({{holder}}): give each worker its "
+        f"own --state-dir (default: {DEFAULT_TEXT})"
+    )
+    return hold(path / LOCK_FILE, node, setting=SETTING, busy=busy, label="node ")
+
+
+def hold(file: Path, name: str, *, setting: str, busy: str, label: str = "") -> StateLock:
+    """Take `file` (a lock file, created if needed) for this process, writing this pid and
+    `name` into it; ConfigError `busy` (its `{holder}` filled in: the pid, and `label` + the
+    holder's name) if another process has it."""
     try:
         # Python opens it non-inheritable: a job never holds its worker's folder.
         fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     except OSError as e:
-        raise ConfigError(f"{SETTING}: cannot open {file}: {e}") from e
+        raise ConfigError(f"{setting}: cannot open {file}: {e}") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _holder(fd)
+        holder = _holder(fd, label)
         os.close(fd)
-        raise ConfigError(
-            f"state folder {path} is in use by another worker ({holder}): give each worker its "
-            f"own --state-dir (default: {DEFAULT_TEXT})"
-        ) from None
+        raise ConfigError(busy.format(holder=holder)) from None
     except OSError as e:
         os.close(fd)
-        raise ConfigError(f"{SETTING}: cannot lock {file}: {e}") from e
+        raise ConfigError(f"{setting}: cannot lock {file}: {e}") from e
     # A process that died left its pid here, but its flock went with it: only now overwrite.
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {node}\n".encode(), 0)
-    return StateLock(path, fd)
+    os.pwrite(fd, f"{os.getpid()} {name}\n".encode(), 0)
+    return StateLock(file.parent, fd)
 
 
-def _holder(fd: int) -> str:
-    """'pid 1234, node a', as the holder of the lock wrote it."""
+def _holder(fd: int, label: str) -> str:
+    """'pid 1234, node a' (or 'pid 1234, coordinator'), as the holder of the lock wrote it."""
     try:
         words = os.pread(fd, 256, 0).decode(errors="replace").split()
     except OSError:
         words = []
     if not words or not words[0].isdigit():
         return "pid not known yet"
-    return f"pid {words[0]}" + (f", node {words[1]}" if len(words) > 1 else "")
+    return f"pid {words[0]}" + (f", {label}{words[1]}" if len(words) > 1 else "")

@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from opsbay_mqtt import states
+from opsbay_mqtt import statedir, states
 from opsbay_mqtt.errors import ConfigError
+from opsbay_mqtt.protocol import Execution, Job, fields_of
 from opsbay_mqtt.record import Brief
-from opsbay_mqtt.records import Execution, Job, fields_of
 from opsbay_mqtt.states import TERMINAL
 
 # State names in SQL text, from the one list of states (states.sql).
@@ -138,6 +138,15 @@ class Store:
 
     def __init__(self, path: Path | str) -> None:
         self.path = str(path)
+        # One process writes a SQLite record: a second coordinator on the same --data-dir
+        # would fight the first over it (several coordinators share a PostgreSQL record).
+        self._lock = statedir.hold(
+            Path(self.path + ".lock"),
+            "coordinator",
+            setting="--data-dir / OPSBAY_DATA_DIR",
+            busy=f"the record {self.path} is in use by another coordinator ({{holder}}): one "
+            "SQLite record serves one coordinator; several share a PostgreSQL record (--store)",
+        )
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -152,6 +161,7 @@ class Store:
         version = int(self.db.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
             self.db.close()
+            self._lock.close()
             raise ConfigError(
                 f"--data-dir / OPSBAY_DATA_DIR: {self.path} is a record of schema version "
                 f"{version}, newer than this opsbay knows ({SCHEMA_VERSION}): run the opsbay "
@@ -191,9 +201,16 @@ class Store:
         self.db.execute("COMMIT")
         self.db.execute("BEGIN")
 
+    def rollback(self) -> None:
+        self.db.execute("ROLLBACK")
+        self.db.execute("BEGIN")
+
     def close(self) -> None:
-        self.db.execute("COMMIT")
-        self.db.close()
+        try:
+            self.db.execute("COMMIT")
+            self.db.close()
+        finally:
+            self._lock.close()
 
     # -- nonces
     def remember_nonce(self, kid: str, nonce: str, ts: int) -> bool:
@@ -210,29 +227,49 @@ class Store:
         self.db.execute("DELETE FROM nonces WHERE ts < ?", (ts,))
 
     # -- jobs
-    def insert_job(self, job: Job) -> None:
+    def insert_job(self, job: Job) -> bool:
         row = fields_of(job)
         row["where_labels"] = json.dumps(row.pop("where"), sort_keys=True)
-        self.db.execute(
-            f"INSERT INTO jobs ({', '.join(_JOB_COLS)}) VALUES ({', '.join('?' * len(_JOB_COLS))})",
+        cols, marks = ", ".join(_JOB_COLS), ", ".join("?" * len(_JOB_COLS))
+        cur = self.db.execute(
+            f"INSERT INTO jobs ({cols}) VALUES ({marks}) ON CONFLICT (job_id) DO NOTHING",
             [row[c] for c in _JOB_COLS],
         )
+        if cur.rowcount != 1:
+            return False
         for ex in job.executions:
-            self.upsert_execution(job.job_id, ex)
+            self.write_execution(job.job_id, ex, None)
+        return True
+
+    def lock_job(self, job_id: str) -> bool:
+        # One coordinator per SQLite record (its data-dir is locked): a write transaction
+        # already holds the whole record; only whether the job exists is left to say.
+        return (
+            self.db.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone() is not None
+        )
 
     def set_job_state(self, job_id: str, state: str) -> None:
         self.db.execute("UPDATE jobs SET state = ? WHERE job_id = ?", (state, job_id))
 
-    def upsert_execution(self, job_id: str, ex: Execution) -> None:
+    def write_execution(self, job_id: str, ex: Execution, before: str | None) -> bool:
         row = fields_of(ex)
         row["host"] = json.dumps(row["host"], sort_keys=True)
         row["truncated"] = int(row["truncated"])
-        cols = ", ".join(_EXEC_COLS)
-        marks = ", ".join("?" * len(_EXEC_COLS))
-        self.db.execute(
-            f"INSERT OR REPLACE INTO executions (job_id, {cols}) VALUES (?, {marks})",
-            [job_id, *(row[c] for c in _EXEC_COLS)],
-        )
+        values = [row[c] for c in _EXEC_COLS]
+        if before is None:
+            cols, marks = ", ".join(_EXEC_COLS), ", ".join("?" * len(_EXEC_COLS))
+            cur = self.db.execute(
+                f"INSERT INTO executions (job_id, {cols}) VALUES (?, {marks}) "
+                "ON CONFLICT (job_id, node) DO NOTHING",
+                [job_id, *values],
+            )
+        else:
+            sets = ", ".join(f"{c} = ?" for c in _EXEC_COLS)
+            cur = self.db.execute(
+                f"UPDATE executions SET {sets} WHERE job_id = ? AND node = ? AND state = ?",
+                [*values, job_id, ex.node, before],
+            )
+        return cur.rowcount == 1
 
     def get_job(self, job_id: str, executions: bool = True) -> Job | None:
         """The job; with `executions=False` without them (cheap for jobs on many nodes)."""

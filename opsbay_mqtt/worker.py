@@ -31,6 +31,7 @@ from opsbay_mqtt.protocol import (
     Result,
     decode,
     encode,
+    outcome_of,
 )
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics
@@ -200,11 +201,9 @@ class Worker:
         started, that is, the older agent connected again after we came online. (A status the
         broker had retained from before we started proves nothing: its agent may have died.)"""
         try:
-            status, auth = decode(msg.payload, self.cfg.keyring, expect=(NodeStatus,))
-            assert isinstance(status, NodeStatus)
+            topic = self.cfg.topics.parse(msg.topic)
+            status, auth = decode(msg.payload, self.cfg.keyring, NodeStatus, topic)
             authz.require_node(auth, self.cfg.node)
-            if status.node != self.cfg.node:
-                raise Refused("wrong_node", f"status of node {status.node!r} on our topic")
         except Refused as e:
             log.warning("ignored a message on this node's status topic: %s", e)
             return
@@ -377,13 +376,10 @@ class Worker:
             self._ack(msg)
             return None
         try:
-            dispatch, auth = decode(msg.payload, self.cfg.keyring, expect=(Dispatch, Cancel))
-            assert isinstance(dispatch, Dispatch | Cancel)
-            kind, fields = self.cfg.topics.parse(msg.topic)
-            if kind != "node_jobs" or fields["node"] != node:
+            topic = self.cfg.topics.parse(msg.topic)
+            if topic != ("node_jobs", {"node": node}):
                 raise Refused("wrong_topic", f"message on {msg.topic!r} is not for this node")
-            if dispatch.node != node:
-                raise Refused("wrong_node", f"message for node {dispatch.node!r} reached {node!r}")
+            dispatch, auth = decode(msg.payload, self.cfg.keyring, (Dispatch, Cancel), topic)
             authz.require_node(auth, node)
         except Refused as e:
             log.warning("refused a message on %s: %s", msg.topic, e)
@@ -451,14 +447,39 @@ class Worker:
                 self._live.pop(d.job_id, None)
 
     def _run_once(self, d: Dispatch, msg: Inbound | None) -> None:
+        """One dispatched job, run at most once: checked before it starts, claimed in the
+        ledger, reported running, checked once more, run, and its result reported."""
         if self.fatal is not None:  # stepped down before it started: left for the other agent
             return
         control = self._active[d.job_id]
-        command, refusal = d.command, None
+        command, refusal = self._resolve(d.command)
+        if self._ended_before_start(d, control, refusal, msg):
+            return
+        if not self.ledger.start(d.job_id, self._now_ms()):
+            self._ack(msg)
+            return  # another dispatch of it got here first
+        started = self._report_running(d)
+        live = self._live_output(d)
+        # A cancel that came while it was being recorded: decided once more before it spawns.
+        if self._ended_before_start(d, control, None, msg):
+            return
+        result = self._execute(d, command, control, live, started)
+        log.info("job %s: %s (exit %s)", d.job_id, result.state, result.exit_code)
+        self._finish(result, msg)
+
+    def _resolve(self, command: str) -> tuple[str, Refused | None]:
+        """The command to run as the policy resolves the one dispatched; or that one, and why
+        the policy refuses it."""
         try:
-            command = self.cfg.policy.resolve(d.command)
+            return self.cfg.policy.resolve(command), None
         except Refused as e:
-            refusal = e
+            return command, e
+
+    def _ended_before_start(
+        self, d: Dispatch, control: runner.RunControl, refusal: Refused | None, msg: Inbound | None
+    ) -> bool:
+        """Whether the job ends without running (cancelled, too late, refused): then its result
+        is reported."""
         ended = before_start(
             cancelled=control.cancelled,
             now_ms=self._now_ms(),
@@ -467,10 +488,10 @@ class Worker:
         )
         if ended is not None:
             self._not_run(d.job_id, ended, msg)
-            return
-        if not self.ledger.start(d.job_id, self._now_ms()):
-            self._ack(msg)
-            return  # another dispatch of it got here first
+        return ended is not None
+
+    def _report_running(self, d: Dispatch) -> int:
+        """Publish that the job runs; when it started (ms)."""
         started = self._now_ms()
         running = self._result(d.job_id, "running", started_ms=started)
         self._publish(
@@ -478,19 +499,24 @@ class Worker:
             encode(running, self.cfg.keyring, self._now_s()),
         )
         log.info("job %s: running (timeout %d s)", d.job_id, d.timeout_s)
+        return started
+
+    def _live_output(self, d: Dispatch) -> LiveOutput:
+        """The job's live output, published as it is written; the main loop flushes it too."""
         live = LiveOutput(d.job_id, d.node, self._send_output)
         with self._lock:
             self._live[d.job_id] = live
-        # A cancel that came while it was being recorded: decided once more before it spawns.
-        ended = before_start(
-            cancelled=control.cancelled,
-            now_ms=self._now_ms(),
-            start_by_ms=d.start_by_ms,
-            refusal=None,
-        )
-        if ended is not None:
-            self._not_run(d.job_id, ended, msg)
-            return
+        return live
+
+    def _execute(
+        self,
+        d: Dispatch,
+        command: str,
+        control: runner.RunControl,
+        live: LiveOutput,
+        started_ms: int,
+    ) -> Result:
+        """Run the command to its end and make its result: `failed` if it could not be run."""
         try:
             r = runner.run(
                 command,
@@ -505,29 +531,13 @@ class Worker:
                 on_output=live.write,
             )
             live.flush(final=True)
-            result = self._result(
-                d.job_id,
-                r.state,
-                exit_code=r.exit_code,
-                stdout=r.stdout,
-                stderr=r.stderr,
-                stdout_bytes=r.stdout_bytes,
-                stderr_bytes=r.stderr_bytes,
-                truncated=r.truncated,
-                started_ms=r.started_ms,
-                finished_ms=r.finished_ms,
-                duration_ms=r.duration_ms,
-                reason=r.reason,
-                host=self._host_facts(),
-            )
+            return self._result(d.job_id, **{**outcome_of(r), "host": self._host_facts()})
         except Exception as e:  # the command could not even be started: report, never die
             log.exception("job %s: could not run", d.job_id)
             reason = f"could not run the command: {e}"[:1000]
-            result = self._result(
-                d.job_id, "failed", started_ms=started, finished_ms=self._now_ms(), reason=reason
+            return self._result(
+                d.job_id, "failed", started_ms=started_ms, finished_ms=self._now_ms(), reason=reason
             )
-        log.info("job %s: %s (exit %s)", d.job_id, result.state, result.exit_code)
-        self._finish(result, msg)
 
     def _not_run(self, job_id: str, ended: tuple[str, str], msg: Inbound | None) -> None:
         state, reason = ended

@@ -4,22 +4,18 @@ isolated bus (topic prefix, secret, directories) per test."""
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
-from opsbay_mqtt.cli.stack import (
-    INSTALL_HINT,
-    broker_config,
-    find_mosquitto,
-    stop_process,
-    wait_for_port,
-)
-from tests.helpers import Broker, Bus
+from opsbay_mqtt.cli.stack import INSTALL_HINT, find_mosquitto, stop_process
+from tests import harness
+from tests.harness import Broker, free_port
+from tests.helpers import Bus
+
+__all__ = ["free_port", "restart", "start_broker"]
 
 # No time limit per generated example: on a busy 2-core machine hypothesis's default 200 ms
 # deadline failed a pure parsing test at random (a timing is not what any test here asserts).
@@ -27,27 +23,12 @@ settings.register_profile("opsbay", deadline=None)
 settings.load_profile("opsbay")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_broker(directory: Path, port: int | None = None) -> Broker:
     try:
-        binary = find_mosquitto()
+        find_mosquitto()
     except Exception as e:  # fail, never skip: the suite is about delivery through a real broker
         pytest.fail(f"{e} (or run ./scripts/test.sh, which installs it: {INSTALL_HINT})")
-    port = port or free_port()
-    data = directory / "broker-data"
-    data.mkdir(parents=True, exist_ok=True)
-    conf = directory / "mosquitto.conf"
-    conf.write_text(broker_config(port, data))
-    log = directory / "mosquitto.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
-    wait_for_port(port, 10, proc)
-    return Broker(port=port, process=proc, conf=conf, log=log)
+    return harness.start_broker(directory, port)
 
 
 @pytest.fixture(scope="session")

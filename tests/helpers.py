@@ -5,23 +5,22 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from opsbay_mqtt.records import Execution, Job
+from opsbay_mqtt.protocol import Execution, Job
+from tests.harness import Broker, stop_process, wait_until
 
-T = TypeVar("T")
+__all__ = ["Broker", "Bus", "Watcher", "sample_job", "stop_process", "wait_until"]
 
 
 SAMPLE_JOB_ID = "6f1c2b1e-8a4d-4c3e-9f0a-1b2c3d4e5f60"
@@ -42,30 +41,6 @@ def sample_job(*executions: Execution, **fields: Any) -> Job:
         "executions": list(executions),
     }
     return Job(**{**base, **fields})
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, every: float = 0.02) -> T:
-    """Return the predicate's first truthy value; fail, saying what was awaited, at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(every)  # wait_until's poll interval, inside its deadline
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last saw {last!r}")
-
-
-@dataclass
-class Broker:
-    port: int
-    process: subprocess.Popen[bytes]
-    conf: Path
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
 
 
 class Watcher:
@@ -111,8 +86,15 @@ class Watcher:
         return wait_until(lambda: self.find(pred), timeout, what)[-1]
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
+        # paho closes the socket pair that wakes its loop thread only when the client is
+        # collected; in a reference cycle (the callbacks hold this watcher) that may come after
+        # the sockets' own finalizers, which then warn. Close them now.
+        for name in ("_sockpairR", "_sockpairW"):
+            pair_end = getattr(self.client, name, None)
+            if pair_end is not None:
+                pair_end.close()
 
 
 @dataclass
@@ -214,13 +196,3 @@ class Bus:
             w.close()
         for p in reversed(self.procs):
             stop_process(p)
-
-
-def stop_process(p: subprocess.Popen[bytes], grace: float = 10) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()

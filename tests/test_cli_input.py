@@ -18,14 +18,13 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import ValidationError
 
-from opsbay_mqtt import protocol
+from opsbay_mqtt import models, protocol
 from opsbay_mqtt.cli import args as cliargs
 from opsbay_mqtt.cli import render
 from opsbay_mqtt.cli.app import exit_for
 from opsbay_mqtt.errors import ConfigError, UsageError
-from opsbay_mqtt.records import Execution
+from opsbay_mqtt.protocol import Execution
 from opsbay_mqtt.transport import BrokerURL
 from tests.conftest import free_port
 from tests.helpers import Bus, sample_job, wait_until
@@ -54,8 +53,8 @@ def _submit_is_valid(**fields: Any) -> bool:
         **fields,
     }
     try:
-        protocol.Submit.model_validate(body)
-    except ValidationError:
+        models.validate(protocol.Submit, {"v": 1, "type": "submit", **body})
+    except ValueError:
         return False
     return True
 

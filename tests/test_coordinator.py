@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from pathlib import Path
@@ -149,7 +150,7 @@ def test_a_crash_inside_a_message_keeps_nothing_of_it(
 
 def test_a_job_too_big_for_one_message_is_cut_to_fit() -> None:
     from opsbay_mqtt import queries
-    from opsbay_mqtt.records import Execution, Job, as_dict, replace
+    from opsbay_mqtt.protocol import Execution, Job, as_dict, replace
 
     noisy = "\x01" * 200_000  # JSON spells each of these in six characters
     job = Job(
@@ -235,7 +236,7 @@ def test_a_submission_arriving_after_its_accept_by_is_refused_and_not_stored(
     assert sent(coord, "/nodes/") == []
     (refusal,) = sent(coord, f"/jobs/{msg.job_id}")
     assert (refusal["type"], refusal["code"]) == ("rejected", "too_late")
-    on_time = msg.model_copy(update={"accept_by_ms": int((now + 1) * 1000)})
+    on_time = dataclasses.replace(msg, accept_by_ms=int((now + 1) * 1000))
     coord.handle(Inbound("t/submit", encode(on_time, KEYS, int(now))))
     assert state(coord, msg.job_id) == "pending"
 

@@ -15,21 +15,18 @@ from opsbay_mqtt.cli.app import parse_duration
 from opsbay_mqtt.cli.cronicle import (
     MAX_DESCRIPTION,
     BadInput,
-    Follow,
     PluginOut,
     PluginParams,
+    PluginView,
     describe,
     labelled,
-    outcome,
     plugin_params,
-    progress,
     read_job,
     record,
     table,
 )
-from opsbay_mqtt.cli.waiting import MAX_PARTIAL_LINE
-from opsbay_mqtt.protocol import Output
-from opsbay_mqtt.records import Execution, Job
+from opsbay_mqtt.cli.waiting import MAX_PARTIAL_LINE, Follower, outcome, progress
+from opsbay_mqtt.protocol import Execution, Job, Output
 from tests.helpers import sample_job
 
 JOB = "6f1c2b1e-8a4d-4c3e-9f0a-1b2c3d4e5f60"
@@ -62,13 +59,13 @@ def chunk(
 
 
 class Plugin:
-    """A Follow writing to memory: Cronicle's stdout as lines (it has nowhere else to write:
-    notes go to stdout, in order with the output)."""
+    """A Follower with the plugin's view, writing to memory: Cronicle's stdout as lines (it
+    has nowhere else to write: notes go to stdout, in order with the output)."""
 
     def __init__(self) -> None:
         self.stream = io.BytesIO()
         self.out = PluginOut(self.stream)
-        self.follow = Follow(self.out)
+        self.follow = Follower(PluginView(self.out))
 
     def lines(self) -> list[str]:
         text = self.stream.getvalue().decode("utf-8")

@@ -21,7 +21,7 @@ import pytest
 
 from opsbay_mqtt.client import Client, ClientConfig
 from opsbay_mqtt.errors import BrokerError, NotAcknowledged
-from opsbay_mqtt.records import Rejection
+from opsbay_mqtt.protocol import Rejected
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.states import TERMINAL
 from opsbay_mqtt.topics import Topics
@@ -116,7 +116,7 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> N
                         )  # fmt: skip
                         # As `opsbay submit` does: sent again until a coordinator takes it.
                         got = client.wait(job_id, None, until=lambda j: True)
-                        assert not isinstance(got, Rejection), (got, seed)
+                        assert not isinstance(got, Rejected), (got, seed)
                         submitted.append(job_id)
                         break
                     except NotAcknowledged:

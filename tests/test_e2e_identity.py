@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from opsbay_mqtt import keys as keyfile
-from opsbay_mqtt.protocol import NodeInfo, Result, Submit, encode
+from opsbay_mqtt.protocol import NodeInfo, Result, Submit, encode, wire
 from opsbay_mqtt.signing import sign
 from tests.helpers import Bus, stop_process, wait_until
 
@@ -167,10 +167,10 @@ def test_a_replayed_nonce_is_refused_after_a_restart(bus: Bus, ids: Keys) -> Non
     now = int(time.time())
 
     def body(job_id: str) -> dict[str, Any]:
-        return Submit(
+        return wire(Submit(
             job_id=job_id, target="n1", command="true", timeout_s=5,
             start_by_ms=int(time.time() * 1000) + 60_000,
-        ).model_dump(mode="json")  # fmt: skip
+        ))  # fmt: skip
 
     first = str(uuid.uuid4())
     publish(bus, "submit", sign(body(first), keyring, now, nonce))

@@ -7,19 +7,21 @@ import time
 import uuid
 
 from opsbay_mqtt import signing
-from opsbay_mqtt.protocol import Submit
+from opsbay_mqtt.protocol import Submit, wire
 from opsbay_mqtt.signing import Keyring
 from tests.helpers import Bus, Watcher, wait_until
 
 
 def submit_body(job_id: str, command: str = "echo should-not-run") -> dict[str, object]:
-    return Submit(
-        job_id=job_id,
-        target="n1",
-        command=command,
-        timeout_s=10,
-        start_by_ms=int(time.time() * 1000) + 60_000,
-    ).model_dump(mode="json")
+    return wire(
+        Submit(
+            job_id=job_id,
+            target="n1",
+            command=command,
+            timeout_s=10,
+            start_by_ms=int(time.time() * 1000) + 60_000,
+        )
+    )
 
 
 def assert_nothing_dispatched(bus: Bus, jobs_watch: Watcher) -> None:

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from opsbay_mqtt import signing
-from opsbay_mqtt.protocol import NodeStatus
+from opsbay_mqtt.protocol import NodeStatus, wire
 from opsbay_mqtt.signing import Keyring
 from tests.helpers import Bus, wait_until
 
@@ -171,8 +171,8 @@ def test_watch_json_shows_a_jobs_events_and_a_node_going_offline(running: Bus) -
     # Signed, but naming another node than its topic: not shown. Then a status nobody
     # signed: shown, but not as verified.
     elsewhere = NodeStatus(node="n8", state="online", session=1, published_ms=1)
-    signed = signing.sign(elsewhere.model_dump(mode="json"), Keyring.shared(running.secret), 1)
-    forged = json.dumps({**elsewhere.model_dump(mode="json"), "node": "n9"}).encode()
+    signed = signing.sign(wire(elsewhere), Keyring.shared(running.secret), 1)
+    forged = json.dumps({**wire(elsewhere), "node": "n9"}).encode()
     for topic, payload in (("n7", signed), ("n9", forged)):
         running.publish(f"{running.prefix}/nodes/{topic}/status", payload)
     wait_until(lambda: len(w.lines()) >= 4, 10, "the forged status")

@@ -14,10 +14,18 @@ from dataclasses import dataclass
 
 import pytest
 
-from opsbay_mqtt.cli.waiting import MAX_PARTIAL_LINE, Line, Note, OutputAssembly, Shown, WaitView
+from opsbay_mqtt.cli.waiting import (
+    MAX_PARTIAL_LINE,
+    Ending,
+    Follower,
+    Line,
+    Note,
+    OutputAssembly,
+    Shown,
+    TerminalView,
+)
 from opsbay_mqtt.livelog import CHUNK_BYTES, FLUSH_EVERY_S, LiveOutput
-from opsbay_mqtt.protocol import Output
-from opsbay_mqtt.records import Execution
+from opsbay_mqtt.protocol import Execution, Job, Output
 from opsbay_mqtt.runner import HeadTail
 from tests.helpers import sample_job
 
@@ -431,10 +439,10 @@ def test_the_checker_catches_what_the_old_way_showed() -> None:
 
 def test_wait_view_labels_each_node_and_shows_each_line_once() -> None:
     out, err = io.StringIO(), io.StringIO()
-    view = WaitView(out, err)
-    view.output(chunk(0, "a1\na", node="a"), labelled=True)
-    view.output(chunk(0, "b1\n", node="b"), labelled=True)
-    view.output(chunk(1, "2\n", node="a", dropped=4), labelled=True)
+    view = Follower(TerminalView(out, err, labelled=True))
+    view.output(chunk(0, "a1\na", node="a"))
+    view.output(chunk(0, "b1\n", node="b"))
+    view.output(chunk(1, "2\n", node="a", dropped=4))
     a, b = done("a1\na2\na3\n", node="a"), done("b1\nb2\n", node="b", state="failed")
     view.update(sample_job(a, done(node="b", state="running"), job_id=JOB, state="running"))
     view.finish(sample_job(a, b, job_id=JOB, state="failed"))
@@ -457,9 +465,62 @@ def test_wait_view_labels_each_node_and_shows_each_line_once() -> None:
 
 def test_wait_view_one_node_followed_writes_its_output_as_it_is() -> None:
     out, err = io.StringIO(), io.StringIO()
-    view = WaitView(out, err)
-    view.output(chunk(0, "line 1\nli", node="n1"), labelled=False)
-    view.output(chunk(1, "ne 2\nno newline", node="n1"), labelled=False)
+    view = Follower(TerminalView(out, err))
+    view.output(chunk(0, "line 1\nli", node="n1"))
+    view.output(chunk(1, "ne 2\nno newline", node="n1"))
     ex = done("line 1\nline 2\nno newline", node="n1")
     view.finish(sample_job(ex, job_id=JOB, target="n1"))
     assert (out.getvalue(), err.getvalue()) == ("line 1\nline 2\nno newline", "")
+
+
+class Recorder:
+    """A `waiting.View` that keeps what the follower gives it."""
+
+    def __init__(self, per_node: bool) -> None:
+        self.node_by_node = per_node
+        self.seen: list[object] = []
+
+    def per_node(self, job: Job) -> bool:
+        return self.node_by_node
+
+    def live(self, shown: list[Shown]) -> None:
+        self.seen.append(("live", [x.text for x in shown]))
+
+    def running(self, job: Job, ended: list[tuple[Execution, list[Shown]]]) -> None:
+        self.seen.append(("running", [(ex.node, [x.text for x in rest]) for ex, rest in ended]))
+
+    def over(self, job: Job, endings: list[Ending]) -> None:
+        self.seen.append(("over", [(e.ex.node, e.told, _texts(e.rest)) for e in endings]))
+
+
+def _texts(shown: list[Shown] | None) -> list[str] | None:
+    return None if shown is None else [x.text for x in shown]
+
+
+def test_follower_tells_each_end_once_then_the_rest_of_each_node_once_the_job_is_over() -> None:
+    view = Recorder(per_node=True)
+    f = Follower(view)
+    f.output(chunk(0, "a1\na", node="a"))
+    running = done(node="b", state="running")
+    f.update(sample_job(done("a1\na2\n", node="a"), running, job_id=JOB, state="running"))
+    f.update(sample_job(done("a1\na2\n", node="a"), running, job_id=JOB, state="running"))
+    f.finish(sample_job(done("a1\na2\n", node="a"), done("b1\n", node="b"), job_id=JOB))
+    assert view.seen == [
+        ("live", ["a1"]),
+        ("running", [("a", ["a2"])]),
+        ("running", []),  # a's end is told once
+        ("over", [("a", True, []), ("b", False, ["b1"])]),
+    ]
+
+
+def test_follower_of_one_node_leaves_its_output_as_stored_unless_followed() -> None:
+    view = Recorder(per_node=False)
+    f = Follower(view)
+    f.update(sample_job(done("x\n"), job_id=JOB))  # not node by node: nothing until the end
+    f.finish(sample_job(done("x\n"), job_id=JOB))
+    followed = Recorder(per_node=False)
+    g = Follower(followed)
+    g.output(chunk(0, "x\n"))
+    g.finish(sample_job(done("x\n"), job_id=JOB))
+    assert view.seen == [("over", [("n1", False, None)])]
+    assert followed.seen == [("live", ["x"]), ("over", [("n1", False, [])])]

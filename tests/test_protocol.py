@@ -1,8 +1,12 @@
-"""protocol: encode/decode of every message type, and every refusal of decode."""
+"""protocol: encode/decode of every message type, and every refusal of decode.
+
+Every test here runs twice: with the plain checks (the command line's) and with the pydantic
+models derived from the same definitions (the daemons'), which must agree."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from typing import Any
 
@@ -10,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from opsbay_mqtt import signing
+from opsbay_mqtt import models, protocol, signing
 from opsbay_mqtt.errors import Refused
 from opsbay_mqtt.protocol import (
     MAX_COMMAND_BYTES,
@@ -18,6 +22,8 @@ from opsbay_mqtt.protocol import (
     MESSAGE_TYPES,
     Cancel,
     Dispatch,
+    Execution,
+    Job,
     JobEvent,
     Message,
     NodeInfo,
@@ -29,16 +35,24 @@ from opsbay_mqtt.protocol import (
     Result,
     Submit,
     decode,
-    dispatch_body,
     encode,
-    job_event_body,
     peek,
+    wire,
 )
-from opsbay_mqtt.records import Execution, Job
 from opsbay_mqtt.signing import Keyring
 from tests.helpers import sample_job
 
 KEYRING = Keyring.shared("protocol-secret")
+
+
+@pytest.fixture(autouse=True, params=["plain", "pydantic"])
+def validator(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with each way of validating messages."""
+    check = models.validate if request.param == "pydantic" else protocol.plain_validate
+    monkeypatch.setattr(protocol, "validate_message", check)
+    return str(request.param)
+
+
 NOW = 1_700_000_000
 MS = NOW * 1000
 JOB = "6f1c2b1e-8a4d-4c3e-9f0a-1b2c3d4e5f60"
@@ -129,7 +143,7 @@ def refusal(payload: bytes, expect: tuple[type[Message], ...] | None = None) -> 
 
 
 def submit_body(**changes: Any) -> dict[str, Any]:
-    body = SAMPLES[0].model_dump(mode="json")
+    body = wire(SAMPLES[0])
     for key, value in changes.items():
         if value is ...:
             del body[key]
@@ -251,22 +265,22 @@ def test_decode_refuses_a_type_not_expected(
 def test_decode_refuses_invalid_fields_of_other_types(
     model: type[Message], changes: dict[str, Any]
 ) -> None:
-    body = next(m for m in SAMPLES if type(m) is model).model_dump(mode="json")
+    body = wire(next(m for m in SAMPLES if type(m) is model))
     body.update(changes)
     assert refusal(sign(body)).code == "invalid"
 
 
 def test_decode_refuses_what_signing_refuses() -> None:
-    wire = encode(SAMPLES[0], KEYRING, NOW)
+    signed = encode(SAMPLES[0], KEYRING, NOW)
     assert refusal(b"[]").code == "bad_json"
-    assert refusal(json.dumps(SAMPLES[0].model_dump(mode="json")).encode()).code == "unsigned"
-    assert refusal(wire.replace(b"echo", b"ECHO")).code == "bad_signature"
+    assert refusal(json.dumps(wire(SAMPLES[0])).encode()).code == "unsigned"
+    assert refusal(signed.replace(b"echo", b"ECHO")).code == "bad_signature"
     other = Keyring(keys={"other": b"x"}, signing_kid="other")
     with pytest.raises(Refused) as e:
-        decode(wire, other)
+        decode(signed, other)
     assert e.value.code == "unknown_key"
     with pytest.raises(Refused) as e:
-        decode(wire, Keyring.shared("wrong"))
+        decode(signed, Keyring.shared("wrong"))
     assert e.value.code == "bad_signature"
 
 
@@ -303,8 +317,8 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
     max_leaves=10,
 )
-FIELD_NAMES = sorted({name for cls in MESSAGE_TYPES.values() for name in cls.model_fields})
-SAMPLE_BODIES = [m.model_dump(mode="json") for m in SAMPLES]
+FIELD_NAMES = sorted({f.name for cls in MESSAGE_TYPES.values() for f in dataclasses.fields(cls)})
+SAMPLE_BODIES = [wire(m) for m in SAMPLES]
 
 
 @st.composite
@@ -362,10 +376,9 @@ def test_property_decode_of_unsigned_text_with_escapes(
     only_refused(json.dumps(wire, ensure_ascii=True).encode(), None)
 
 
-def test_the_coordinators_plain_bodies_are_what_the_models_would_send() -> None:
-    """The coordinator builds job events and dispatches as plain data (no second validation of
-    its own records): they must be exactly what the pydantic models dump, so a reader that
-    validates them with the models accepts them."""
+def test_a_job_event_built_by_the_coordinator_decodes_to_the_same_job() -> None:
+    """The coordinator builds events from its records (no second validation): what it sends
+    must pass both ways of checking and come back as the same records."""
     job = sample_job(
         Execution(node="web-01", state="running", started_ms=MS, dispatched_ms=MS),
         Execution(
@@ -379,17 +392,30 @@ def test_the_coordinators_plain_bodies_are_what_the_models_would_send() -> None:
         where={"role": "web"},
         batch="50%",
     )
-    counts = {"running": 1, "failed": 1}
-    body = job_event_body(job, counts)
-    assert body == JobEvent(job=job, counts=counts, total=2).model_dump(mode="json")
-    assert isinstance(decode(signing.sign(body, KEYRING, NOW), KEYRING)[0], JobEvent)
-    d = dispatch_body(job, "web-01", MS + 5)
-    model = Dispatch(
-        job_id=job.job_id,
-        node="web-01",
-        command=job.command,
-        timeout_s=job.timeout_s,
-        start_by_ms=MS + 5,
-    )
-    assert d == model.model_dump(mode="json")
-    assert decode(signing.sign(d, KEYRING, NOW), KEYRING)[0] == model
+    event = JobEvent(job=job, counts={"running": 1, "failed": 1}, total=2)
+    got, _ = decode(encode(event, KEYRING, NOW), KEYRING, JobEvent)
+    assert got == event and type(got.job.executions[0]) is Execution
+
+
+@pytest.mark.parametrize(
+    ("msg", "topic", "code"),
+    [
+        (SAMPLES[1], ("node_jobs", {"node": "web-01"}), None),
+        (SAMPLES[1], ("node_jobs", {"node": "web-02"}), "wrong_topic"),
+        (SAMPLES[1], ("result", {"node": "web-01", "job_id": JOB}), "bad_type"),
+        (SAMPLES[0], ("submit", {}), None),
+        (SAMPLES[4], ("result", {"node": "web-01", "job_id": JOB}), None),
+        (SAMPLES[4], ("result", {"node": "web-01", "job_id": "0" * 8 + JOB[8:]}), "wrong_topic"),
+    ],
+    ids=lambda v: repr(v)[:30],
+)
+def test_decode_checks_the_body_against_its_topic(
+    msg: Message, topic: protocol.Topic, code: str | None
+) -> None:
+    payload = encode(msg, KEYRING, NOW)
+    if code is None:
+        assert decode(payload, KEYRING, topic=topic)[0] == msg
+    else:
+        with pytest.raises(Refused) as e:
+            decode(payload, KEYRING, topic=topic)
+        assert e.value.code == code

@@ -1,21 +1,16 @@
-"""records: the plain job data the CLI reads without pydantic, and how strictly it is checked."""
+"""Records read from JSON (a job in an answer): how strictly `protocol.record` checks them."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
 
-from opsbay_mqtt.protocol import JobEvent, Rejected
-from opsbay_mqtt.records import (
-    Execution,
-    Job,
-    Rejection,
-    as_dict,
-    job_from_wire,
-    rejection_from_wire,
-)
+from opsbay_mqtt.protocol import Execution, Job, as_dict, record
+
+
+def job_from_wire(data: object) -> Job:
+    return record(Job, data)
 
 
 def wire_job(**over: Any) -> dict[str, Any]:
@@ -67,9 +62,9 @@ def test_optional_fields_may_be_left_out() -> None:
         ({"executions": {"node": "n1"}}, "job.executions"),
         ({"executions": ["n1"]}, "job.executions.0"),
         ({"executions": [{"node": "n1"}]}, "job.executions.0.state: missing"),
-        ({"executions": [{"node": "n1", "state": "pending", "pid": 4}]}, "unknown field(s) pid"),
+        ({"executions": [{"node": "n1", "state": "pending", "pid": 4}]}, "0.pid: unknown field"),
         ({"executions": [{"node": "n1", "state": "pending", "truncated": 1}]}, "truncated"),
-        ({"surprise": 1}, "unknown field(s) surprise"),
+        ({"surprise": 1}, "job.surprise: unknown field"),
     ],
 )
 def test_a_malformed_job_is_refused_with_where_it_is_wrong(
@@ -92,29 +87,3 @@ def test_a_job_without_a_required_field_is_refused(missing: str) -> None:
 def test_a_job_that_is_not_an_object_is_refused(data: object) -> None:
     with pytest.raises(ValueError, match="an object was expected"):
         job_from_wire(data)
-
-
-def test_a_rejection_is_read_as_the_coordinator_sends_it() -> None:
-    sent = Rejected(job_id="j", nonce="n", code="invalid", reason="command: too long")
-    body = {k: v for k, v in sent.model_dump(mode="json").items() if k not in ("v", "type")}
-    assert rejection_from_wire(body) == Rejection(
-        job_id="j", nonce="n", code="invalid", reason="command: too long"
-    )
-    with pytest.raises(ValueError, match=r"rejected\.code"):
-        rejection_from_wire({**body, "code": None})
-
-
-def test_the_plain_rejection_has_the_fields_of_the_message() -> None:
-    """Rejection (records) is how a client reads Rejected (protocol): the two must not drift."""
-    plain = [f.name for f in dataclasses.fields(Rejection)]
-    assert plain == [name for name in Rejected.model_fields if name not in ("v", "type")]
-
-
-def test_job_events_carry_plain_jobs_and_check_them() -> None:
-    """The coordinator's JobEvent (pydantic) holds a records.Job and checks it the same way."""
-    data = wire_job()
-    event = JobEvent.model_validate({"v": 1, "type": "job", "job": data, "total": 2})
-    assert event.job == job_from_wire(data)
-    assert event.model_dump(mode="json")["job"] == data
-    with pytest.raises(ValueError, match=r"job\.state"):
-        JobEvent.model_validate({"v": 1, "type": "job", "job": wire_job(state="x"), "total": 2})

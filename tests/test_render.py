@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from opsbay_mqtt.cli import render
-from opsbay_mqtt.records import Execution, Job, as_dict
+from opsbay_mqtt.protocol import Execution, Job, as_dict
 from opsbay_mqtt.states import JOB_STATES
 from tests.helpers import sample_job
 

@@ -80,6 +80,34 @@ def test_exit_code_passthrough(command: str, state: str, code: int) -> None:
     assert r.reason is None
 
 
+TIMED_OUT = "timed out after 1.5 s; process group killed"
+
+
+@pytest.mark.parametrize(
+    ("returncode", "timed_out_after", "cancelled", "expected"),
+    [
+        (0, None, None, ("succeeded", 0, None)),
+        (3, None, None, ("failed", 3, None)),
+        (-9, None, None, ("failed", 137, "killed by signal 9")),
+        (-15, 1.5, None, ("timed_out", 143, TIMED_OUT)),
+        (0, 1.5, None, ("timed_out", 0, TIMED_OUT)),  # it ended on the TERM with 0: too late
+        (None, 1.5, None, ("timed_out", None, TIMED_OUT)),  # not even KILL ended the shell
+        (-15, None, "cancelled by alice", ("cancelled", 143, "cancelled by alice")),
+        (0, None, "cancelled by alice", ("succeeded", 0, None)),  # finished as the cancel came
+        (1, None, "cancelled by alice", ("cancelled", 1, "cancelled by alice")),
+        (-15, 1.5, "cancelled by alice", ("timed_out", 143, TIMED_OUT)),  # the timeout first
+    ],
+)
+def test_outcome(
+    returncode: int | None,
+    timed_out_after: float | None,
+    cancelled: str | None,
+    expected: tuple[str, int | None, str | None],
+) -> None:
+    got = runner.outcome(returncode, timed_out_after=timed_out_after, cancelled=cancelled)
+    assert got == expected
+
+
 def test_stdout_and_stderr_are_separate() -> None:
     r = runner.run("echo out; echo err >&2; printf more", timeout_s=30)
     assert r.stdout == "out\nmore"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from opsbay_mqtt.errors import ConfigError
+from opsbay_mqtt.protocol import Execution, Job, replace
 from opsbay_mqtt.record import Record
-from opsbay_mqtt.records import Execution, Job, replace
 from opsbay_mqtt.store import SCHEMA_VERSION, Store
 
 MS = 1_700_000_000_000
@@ -54,6 +55,40 @@ def store(path: Path, request: pytest.FixtureRequest) -> Iterator[Record]:
     s.close()
 
 
+def put(store: Record, job_id: str, ex: Execution) -> None:
+    """Write `ex` over whatever the execution is now (a test's set-up, not a guarded change)."""
+    now = store.execution(job_id, ex.node)
+    assert store.write_execution(job_id, ex, None if now is None else now.state)
+
+
+def test_a_job_is_inserted_once(store: Record) -> None:
+    assert store.insert_job(make_job(1, nodes=("a",)))
+    assert not store.insert_job(make_job(1, nodes=("a", "b"), submitted_ms=MS + 1))
+    got = store.get_job(jid(1))
+    assert got is not None and [x.node for x in got.executions] == ["a"]
+    assert got.submitted_ms == MS
+
+
+def test_an_execution_changes_only_from_the_state_it_was_read_in(store: Record) -> None:
+    store.insert_job(make_job(1, nodes=("a",)))
+    running = Execution(node="a", state="running", started_ms=MS)
+    assert store.write_execution(jid(1), running, "pending")
+    # Another coordinator read it as pending too: its change is refused, the record unchanged.
+    late = Execution(node="a", state="expired", finished_ms=MS + 1)
+    assert not store.write_execution(jid(1), late, "pending")
+    assert store.execution(jid(1), "a") == running
+    assert not store.write_execution(jid(1), running, None)  # new only if there is none
+    done = Execution(node="a", state="succeeded", exit_code=0, finished_ms=MS + 2)
+    assert store.write_execution(jid(1), done, "running")
+    assert store.execution(jid(1), "a") == done
+
+
+def test_lock_job_says_whether_the_job_exists(store: Record) -> None:
+    store.insert_job(make_job(1, nodes=("a",)))
+    assert store.lock_job(jid(1))
+    assert not store.lock_job(jid(2))
+
+
 def test_insert_and_get(store: Record) -> None:
     j = replace(make_job(1, nodes=("web-02", "web-01")), reason_code="x", reason="why")
     store.insert_job(j)
@@ -82,7 +117,7 @@ def test_execution_round_trip_and_upsert(store: Record) -> None:
         reason="exit 3",
         host={"hostname": "web", "load_x100": [1, 2, 3]},
     )
-    store.upsert_execution(jid(1), ex)
+    put(store, jid(1), ex)
     store.set_job_state(jid(1), "failed")
     got = store.get_job(jid(1))
     assert got is not None
@@ -155,13 +190,13 @@ def test_list_filters(
 def test_overdue_and_redispatchable(store: Record) -> None:
     store.insert_job(make_job(1, nodes=("a", "b", "h")))  # timeout 60 s
     sent = Execution(node="a", state="pending", dispatched_ms=1_000, start_by_ms=10_000)
-    store.upsert_execution(jid(1), sent)
-    store.upsert_execution(jid(1), Execution(node="b", state="succeeded", exit_code=0))
+    put(store, jid(1), sent)
+    put(store, jid(1), Execution(node="b", state="succeeded", exit_code=0))
     store.insert_job(make_job(2, nodes=("c",)))
     running = Execution(
         node="c", state="running", dispatched_ms=4_000, start_by_ms=6_000, started_ms=5_000
     )
-    store.upsert_execution(jid(2), running)
+    put(store, jid(2), running)
     # h is held back (never dispatched): no deadline runs for it yet
     assert store.overdue(10_000, 500) == []
     assert store.overdue(10_501, 500) == [(jid(1), "a")]
@@ -326,21 +361,22 @@ def test_nested_atomic_rolls_back_only_the_inner_block(store: Record) -> None:
     assert store.get_job(jid(2)) is None
 
 
-def test_duplicate_job_id_is_an_error_and_atomic_undoes_it(store: Record) -> None:
+def test_atomic_undoes_all_of_a_block_that_fails(store: Record) -> None:
     store.insert_job(make_job(1))
-    with pytest.raises(Exception, match="UNIQUE"), store.atomic():
+    with pytest.raises(RuntimeError), store.atomic():
         store.insert_job(make_job(2))
-        store.insert_job(make_job(1))
+        raise RuntimeError("the message could not be handled")
     assert store.get_job(jid(2)) is None
+    assert store.get_job(jid(1)) is not None
 
 
 def seed_for_pruning(store: Record) -> None:
     """Jobs 1-6, submitted in that order; 3 is running, 5 pending, the rest finished."""
     for n in range(1, 7):
         store.insert_job(make_job(n, submitted_ms=MS + n, state="succeeded"))
-        store.upsert_execution(jid(n), Execution(node="web", state="succeeded", exit_code=0))
-    store.upsert_execution(jid(3), Execution(node="web", state="running"))
-    store.upsert_execution(jid(5), Execution(node="web", state="pending"))
+        put(store, jid(n), Execution(node="web", state="succeeded", exit_code=0))
+    put(store, jid(3), Execution(node="web", state="running"))
+    put(store, jid(5), Execution(node="web", state="pending"))
 
 
 def test_open_count(store: Record) -> None:
@@ -424,3 +460,17 @@ def test_a_record_from_a_newer_opsbay_is_refused_and_left_alone(tmp_path: Path) 
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
     con.close()
+
+
+def test_a_second_writer_of_one_sqlite_record_is_refused(path: Path) -> None:
+    """Two coordinators on one --data-dir would fight over the record: the second is refused,
+    naming the first; once the first closes, the record can be opened again."""
+    first = Store(path)
+    try:
+        with pytest.raises(
+            ConfigError, match=rf"in use by another coordinator \(pid {os.getpid()}"
+        ):
+            Store(path)
+    finally:
+        first.close()
+    Store(path).close()

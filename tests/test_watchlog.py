@@ -23,6 +23,8 @@ from opsbay_mqtt.cli.watchlog import (
     subscriptions,
 )
 from opsbay_mqtt.protocol import (
+    Execution,
+    Job,
     JobEvent,
     Message,
     NodeStatus,
@@ -31,8 +33,8 @@ from opsbay_mqtt.protocol import (
     Result,
     encode,
     encode_unsigned,
+    wire,
 )
-from opsbay_mqtt.records import Execution, Job
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics
 from tests.helpers import sample_job
@@ -216,14 +218,14 @@ EVENT = event(ex("n1", "running"))
         ("ob/nodes/n1/status", b"\xff\xfe", None, None),
         ("ob/nodes/n1/status", b"[1, 2]", None, None),
         ("ob/nodes/n1/status", b"[" * 100_000, None, None),
-        ("ob/nodes/n1/status", raw({**status().model_dump(), "v": 2}), None, None),
-        ("ob/nodes/n1/status", raw({**status().model_dump(), "v": "1"}), None, None),
-        ("ob/nodes/n1/status", raw({**status().model_dump(), "type": 7}), None, None),
-        ("ob/nodes/n1/status", raw({**status().model_dump(), "state": "gone"}), None, None),
-        ("ob/nodes/n1/status", raw({**status().model_dump(), "extra": 1}), None, None),
-        ("ob/nodes/n1/status", raw({**status().model_dump(), "session": 1.5}), None, None),
-        ("ob/nodes/n1/status", raw({**status().model_dump(), "node": None}), None, None),
-        ("ob/nodes/n1/status", raw({**status().model_dump(), "node": "n1/x"}), None, None),
+        ("ob/nodes/n1/status", raw({**wire(status()), "v": 2}), None, None),
+        ("ob/nodes/n1/status", raw({**wire(status()), "v": "1"}), None, None),
+        ("ob/nodes/n1/status", raw({**wire(status()), "type": 7}), None, None),
+        ("ob/nodes/n1/status", raw({**wire(status()), "state": "gone"}), None, None),
+        ("ob/nodes/n1/status", raw({**wire(status()), "extra": 1}), None, None),
+        ("ob/nodes/n1/status", raw({**wire(status()), "session": 1.5}), None, None),
+        ("ob/nodes/n1/status", raw({**wire(status()), "node": None}), None, None),
+        ("ob/nodes/n1/status", raw({**wire(status()), "node": "n1/x"}), None, None),
         (
             "ob/nodes/n1/status",
             b'{"v":1,"type":"status","node":"n1","node":"n1","state":"online",'
@@ -435,7 +437,7 @@ def test_json_line(msg: Message, verified: bool) -> None:
     line = json_line(Seen(msg, verified))
     assert line.isascii() and "\n" not in line and "\r" not in line
     body = json.loads(line)
-    assert body == {**msg.model_dump(mode="json"), "verified": verified}
+    assert body == {**wire(msg), "verified": verified}
     assert "auth" not in body and "sig" not in body
 
 

@@ -88,6 +88,17 @@ def coordinator(
             "Refuse (queue_full) a job for a node that has this many pending or running.",
         ),
     ] = 1000,
+    name: Annotated[
+        str,
+        typer.Option(
+            "--name",
+            metavar="NAME",
+            envvar="OPSBAY_COORDINATOR_NAME",
+            help="This coordinator's name, when several share one record (PostgreSQL): each "
+            "needs its own, stable across restarts (its broker session is kept under it). "
+            "Letters, digits, . _ -. Default: none (one coordinator).",
+        ),
+    ] = "",
     quiet: Quiet = False,
 ) -> None:
     """Run the coordinator: validate, record and dispatch jobs; answer queries."""
@@ -104,6 +115,10 @@ def coordinator(
             lambda: [cliargs.check_node(n, "--allow-node") for n in names],
         )
         allowed = frozenset(names)
+    if name:
+        usage_or_setting(
+            ("--name",), "OPSBAY_COORDINATOR_NAME", lambda: cliargs.check_node(name, "--name")
+        )
     s = settings(bus, "coordinator")
     limits = {
         "window_s": window,
@@ -112,7 +127,9 @@ def coordinator(
         "keep_jobs": keep_jobs,
         "max_open_per_node": max_open,
     }
-    run(lambda: run_coordinator(s, data_dir=data_dir, allow_nodes=allowed, limits=limits))
+    run(
+        lambda: run_coordinator(s, data_dir=data_dir, allow_nodes=allowed, limits=limits, name=name)
+    )
 
 
 @app.command()

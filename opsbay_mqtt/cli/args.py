@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 
 from opsbay_mqtt.errors import UsageError as UsageError
-from opsbay_mqtt.records import LIMIT_PATTERN
+from opsbay_mqtt.protocol import LIMIT_PATTERN
 from opsbay_mqtt.topics import JOB_ID_RE, NODE_NAME_RE
 
 MAX_TIMEOUT_S = 7 * 86400  # protocol.MAX_TIMEOUT_S

@@ -35,21 +35,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from opsbay_mqtt import states
-from opsbay_mqtt.cli.waiting import OutputAssembly, Shown
+from opsbay_mqtt.cli.waiting import Ending, Shown, outcome, progress, state_counts
+from opsbay_mqtt.client import SubmitArgs
 from opsbay_mqtt.errors import ConfigError, OpsbayError
 from opsbay_mqtt.policy import parse_labels
-from opsbay_mqtt.protocol import Output
-from opsbay_mqtt.records import LIMIT_PATTERN, Job, SubmitArgs
+from opsbay_mqtt.protocol import LIMIT_PATTERN
+
+if TYPE_CHECKING:
+    from opsbay_mqtt.protocol import Execution, Job
 
 MAX_INPUT_BYTES = 16 * 1024 * 1024
 MAX_DESCRIPTION = 2000
-RUNNING_SHARE = 0.1  # of a node's part of the progress, once it runs
 
 
 class BadInput(OpsbayError):
@@ -156,59 +156,43 @@ class PluginOut:
         self.completed = True
 
 
-@dataclass
-class Follow:
-    """Progress and each node's output while the job runs; as each node finishes, the rest of
-    its output (`waiting.OutputAssembly`: from the stored result where live output, QoS 0 and
-    rate-limited, was incomplete) and then its outcome. All on stdout, so Cronicle's log keeps
-    them in order."""
+class PluginView:
+    """A `waiting.Follower`'s view for Cronicle: progress, and each node's output, labelled, while
+    the job runs; as each node finishes, the rest of its output (from the stored result where
+    live output, QoS 0 and rate-limited, was incomplete) and then its outcome. All on stdout,
+    so Cronicle's log keeps them in order."""
 
-    out: PluginOut
-    progress: float = 0.0
-    reported: set[str] = field(default_factory=set)
-    assembly: OutputAssembly = field(default_factory=OutputAssembly)
+    def __init__(self, out: PluginOut) -> None:
+        self.out = out
+        self.progress = 0.0
 
-    def update(self, job: Job) -> None:
-        for ex in job.executions:
-            if states.is_terminal(ex.state) and ex.node not in self.reported:
-                self.reported.add(ex.node)
-                self._show(self.assembly.finish(ex))
-                self.out.note(f"opsbay: {ex.node}: {outcome(ex.state, ex.exit_code, ex.reason)}")
+    def per_node(self, job: Job) -> bool:
+        return True
+
+    def live(self, shown: list[Shown]) -> None:
+        for item in shown:
+            self.out.labelled(item.node, [item.text])  # a line, or a note: `… ` what is missing
+
+    def running(self, job: Job, ended: list[tuple[Execution, list[Shown]]]) -> None:
+        for ex, rest in ended:
+            self._ended(ex, rest)
         self._progress(progress(job))
+
+    def over(self, job: Job, endings: list[Ending]) -> None:
+        for ex, rest, told in endings:
+            if states.is_terminal(ex.state) and not told:
+                self._ended(ex, rest or [])
+        self._progress(progress(job))
+        self._progress(1.0)
+
+    def _ended(self, ex: Execution, rest: list[Shown]) -> None:
+        self.live(rest)
+        self.out.note(f"opsbay: {ex.node}: {outcome(ex.state, ex.exit_code, ex.reason)}")
 
     def _progress(self, value: float) -> None:
         if value > self.progress:
             self.progress = value
             self.out.send(progress=round(value, 4))
-
-    def output(self, chunk: Output) -> None:
-        self._show(self.assembly.live(chunk))
-
-    def _show(self, shown: list[Shown]) -> None:
-        for item in shown:
-            self.out.labelled(item.node, [item.text])  # a line, or a note: `… ` what is missing
-
-    def finish(self, job: Job) -> None:
-        self.update(job)
-        self._progress(1.0)
-
-
-def progress(job: Job) -> float:
-    """How far the job is, from 0 to 1: each node's part is done when its execution is over,
-    and a tenth done while it runs."""
-    if not job.executions:
-        return 0.0
-    done = sum(
-        1.0 if states.is_terminal(x.state) else RUNNING_SHARE if x.state == "running" else 0.0
-        for x in job.executions
-    )
-    return done / len(job.executions)
-
-
-def outcome(state: str, exit_code: int | None, reason: str | None) -> str:
-    """One execution's outcome: `failed (exit 3): reason`."""
-    code = f" (exit {exit_code})" if exit_code is not None else ""
-    return f"{state}{code}" + (f": {reason}" if reason else "")
 
 
 def _tail(text: str, lines: int = 5, width: int = 200) -> list[str]:
@@ -226,8 +210,7 @@ def describe(job: Job) -> str:
             f"opsbay job {job.job_id}: {ex.node}: {outcome(ex.state, ex.exit_code, ex.reason)}"
         ]
     else:
-        counts = Counter(ex.state for ex in job.executions)
-        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        summary = state_counts(job)
         lines = [f"opsbay job {job.job_id}: {job.state} on {len(job.executions)} nodes ({summary})"]
     if job.reason:
         lines.append(f"{job.reason_code}: {job.reason}")

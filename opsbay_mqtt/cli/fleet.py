@@ -1,7 +1,7 @@
 """`opsbay watch` (the bus as it happens, one line per event) and `opsbay cronicle` (a Cronicle
 Plugin that runs one opsbay job per Cronicle job): the commands and their I/O (connection, loop,
-signals, streams). What they show and write is worked out in `watchlog` and `cronicle`, imported
-when a command runs, as the rest of the package is, so that `opsbay --help` stays fast.
+signals, streams). What they show and write is worked out in `watchlog` and `cronicle` (and
+`waiting`), imported when a command runs (the package note says why).
 """
 
 from __future__ import annotations
@@ -277,14 +277,15 @@ def _submit(
     cfg: ClientConfig, p: PluginParams, cronicle_id: str, out: PluginOut
 ) -> tuple[int, str, dict[str, Any]]:
     from opsbay_mqtt.cli import render
-    from opsbay_mqtt.cli.cronicle import Follow, describe, table
+    from opsbay_mqtt.cli.cronicle import PluginView, describe, table
+    from opsbay_mqtt.cli.waiting import Follower
     from opsbay_mqtt.client import Client
-    from opsbay_mqtt.records import Rejection
+    from opsbay_mqtt.protocol import Rejected
     from opsbay_mqtt.topics import new_job_id
 
     job_id = new_job_id()  # ours before submitting, so an abort at any point can cancel it
     # The plugin's notes go to stdout with the output, so Cronicle's log keeps them in order.
-    follow = Follow(out)
+    follow = Follower(PluginView(out))
     with Client(cfg, notice=lambda text: out.note(f"opsbay: {text}")) as client:
         try:
             client.submit(
@@ -303,7 +304,7 @@ def _submit(
             except Exception as e:  # aborting: report and end, whatever went wrong
                 out.note(f"opsbay: job {job_id}: cancel not confirmed ({e})")
             return render.EXIT_CANCELLED, f"opsbay job {job_id}: aborted; cancel sent", {}
-    if isinstance(got, Rejection):
+    if isinstance(got, Rejected):
         return render.EXIT_REJECTED, f"opsbay job {job_id} rejected: {got.code}: {got.reason}", {}
     follow.finish(got)
     return render.exit_code(got), describe(got), {"table": table(got)}

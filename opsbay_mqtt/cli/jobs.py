@@ -27,8 +27,8 @@ from opsbay_mqtt.cli.app import (
 )
 
 if TYPE_CHECKING:
-    from opsbay_mqtt.client import Client, ClientConfig
-    from opsbay_mqtt.records import Job, Rejection, SubmitArgs
+    from opsbay_mqtt.client import Client, ClientConfig, SubmitArgs
+    from opsbay_mqtt.protocol import Job, Rejected
     from opsbay_mqtt.settings import BusOptions
 
 
@@ -218,7 +218,7 @@ def _submit_args(
 ) -> tuple[SubmitArgs, str | None]:
     """What was typed, checked as the coordinator would check it (UsageError otherwise)."""
     from opsbay_mqtt.cli import args as cliargs
-    from opsbay_mqtt.records import SubmitArgs
+    from opsbay_mqtt.client import SubmitArgs
 
     labels = cliargs.parse_labels(where or [], "--where")
     if target:
@@ -268,7 +268,7 @@ def _command(command: str | None, command_file: Path | None) -> str:
 
 class _Visible(io.TextIOBase):
     """A terminal's stream that shows control characters escaped (newlines and tabs kept):
-    a job's output must not drive the operator's terminal. On stderr, `WaitView`'s own
+    a job's output must not drive the operator's terminal. On stderr, `TerminalView`'s own
     progress line (a carriage return, then digits and words) and its erasure pass through."""
 
     _OWN = re.compile(r"\r\x1b\[K|\r[0-9]+/[0-9]+ done, [0-9]+ running, [0-9]+ not succeeded")
@@ -320,9 +320,9 @@ def _submit(
     json_out: bool,
 ) -> None:
     from opsbay_mqtt.cli import render
-    from opsbay_mqtt.cli.waiting import WaitView
+    from opsbay_mqtt.cli.waiting import Follower, TerminalView
     from opsbay_mqtt.client import Client
-    from opsbay_mqtt.records import Rejection
+    from opsbay_mqtt.protocol import Rejected
 
     with Client(cfg, notice=_notice) as client:
         jid = client.submit(
@@ -333,14 +333,15 @@ def _submit(
         )
         if not wait:
             got = client.wait(jid, None, until=lambda j: True)
-            if isinstance(got, Rejection):
+            if isinstance(got, Rejected):
                 _rejected(got)
             typer.echo(json.dumps(render.public_job(got), indent=2) if json_out else jid)
             return
-        view = WaitView(out=_for_terminal(sys.stdout), err=_for_terminal(sys.stderr, True))
         labelled = (
             "," in args.target or "*" in args.target or "?" in args.target or bool(args.where)
         )
+        out, err = _for_terminal(sys.stdout), _for_terminal(sys.stderr, True)
+        follower = Follower(TerminalView(out, err, labelled=labelled))
         # SIGTERM (a CI step's timeout, a service manager) ends the wait as Ctrl-C does: with
         # a word about the job, never silently.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -348,24 +349,24 @@ def _submit(
             got = client.wait(
                 jid,
                 wait_s,
-                on_update=None if json_out else view.update,
-                on_output=(lambda chunk: view.output(chunk, labelled)) if follow else None,
+                on_update=None if json_out else follower.update,
+                on_output=follower.output if follow else None,
             )
         except KeyboardInterrupt:
             got = _interrupted(client, jid, cancel_on_interrupt)
-    if isinstance(got, Rejection):
+    if isinstance(got, Rejected):
         _rejected(got)
     if json_out:
         typer.echo(json.dumps(render.public_job(got), indent=2))
     else:
-        view.finish(got)
+        follower.finish(got)
         if got.state == "rejected" and got.reason_code:
             why = f"opsbay: job {jid} rejected: {got.reason_code}: {got.reason}"
             typer.echo(render.visible(why) if sys.stderr.isatty() else why, err=True)
     raise typer.Exit(render.exit_code(got))
 
 
-def _interrupted(client: Client, job_id: str, cancel: bool) -> Job | Rejection:
+def _interrupted(client: Client, job_id: str, cancel: bool) -> Job | Rejected:
     """Ctrl-C while waiting: cancel the job (asked, on a terminal) or leave it running."""
     from opsbay_mqtt.cli import render
 
@@ -391,7 +392,7 @@ def _interrupted(client: Client, job_id: str, cancel: bool) -> Job | Rejection:
         fail(render.EXIT_CANCELLED, f"job {job_id}: cancel sent; see `opsbay result {job_id}`")
 
 
-def _rejected(r: Rejection) -> NoReturn:
+def _rejected(r: Rejected) -> NoReturn:
     from opsbay_mqtt.cli import render
 
     fail(render.EXIT_REJECTED, f"job {r.job_id or '?'} rejected: {r.code}: {r.reason}")
@@ -424,7 +425,7 @@ def cancel(
     from opsbay_mqtt.cli import render
     from opsbay_mqtt.client import Client
     from opsbay_mqtt.errors import QueryFailed, WaitTimeout
-    from opsbay_mqtt.records import Rejection
+    from opsbay_mqtt.protocol import Rejected
 
     run(lambda: cliargs.check_job_id(job_id))
     wait_s = run(lambda: parse_duration(wait_timeout, "--wait-timeout")) if wait_timeout else None
@@ -433,9 +434,9 @@ def cancel(
     def do() -> Job:
         with Client(cfg, notice=_notice) as c:
             got = c.cancel(job_id)
-            if isinstance(got, Rejection) and got.code == "not_found":
+            if isinstance(got, Rejected) and got.code == "not_found":
                 raise QueryFailed(got.code, got.reason)  # as `result` says it: exit 66
-            if isinstance(got, Rejection):
+            if isinstance(got, Rejected):
                 _rejected(got)
             if not wait:
                 return c.result(job_id)
@@ -443,7 +444,7 @@ def cancel(
                 done = c.wait(job_id, wait_s, until=lambda j: states.is_terminal(j.state))
             except WaitTimeout:
                 fail(render.EXIT_WAIT_GAVE_UP, f"job {job_id}: cancel sent; not all nodes answered")
-            if isinstance(done, Rejection):
+            if isinstance(done, Rejected):
                 _rejected(done)
             return done
 

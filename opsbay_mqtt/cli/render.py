@@ -18,7 +18,7 @@ from opsbay_mqtt.errors import (
     EXIT_USAGE,
     EXIT_WAIT_GAVE_UP,
 )
-from opsbay_mqtt.records import Execution, Job, as_dict
+from opsbay_mqtt.protocol import Execution, Job, as_dict
 
 __all__ = [  # the exit codes, for the commands that read them from here
     "EXIT_CANCELLED",

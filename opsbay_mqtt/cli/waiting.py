@@ -1,7 +1,8 @@
-"""What `submit --wait` and the Cronicle plugin show of a job while they wait for it: each node's
-output, assembled from its live chunks and its stored result (pure: `OutputAssembly`), and for
-`submit --wait` progress across nodes and the output labelled by node (I/O at the edge:
-`WaitView`)."""
+"""Following a job to its end, for `submit --wait` and the Cronicle plugin: each node's output,
+assembled from its live chunks and its stored result (pure: `OutputAssembly`); the executions
+as they end and what is left once the job is over (`Follower`); and how that looks, a `View`:
+`TerminalView` here (stdout and stderr, a progress line on a terminal), `cronicle.PluginView`
+for Cronicle."""
 
 from __future__ import annotations
 
@@ -9,17 +10,17 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TextIO
 
 from opsbay_mqtt import states
-from opsbay_mqtt.records import Execution, Job
 
 if TYPE_CHECKING:
-    from opsbay_mqtt.protocol import Output
+    from opsbay_mqtt.protocol import Execution, Job, Output
 
 STREAMS = ("stdout", "stderr")
 MAX_PARTIAL_LINE = 64 * 1024  # characters: a longer line is passed on in pieces
 REORDER_WINDOW = 4  # chunks held back while an earlier one is missing, before it counts as lost
+RUNNING_SHARE = 0.1  # of a node's part of the progress, once it runs
 # How runner.HeadTail marks the middle of an output it did not keep.
 _OMITTED = re.compile(r"\n\[\.\.\. opsbay: (\d+) bytes omitted \.\.\.\]\n")
 # What decoding the head and the tail apart makes of a character cut at their edges.
@@ -247,60 +248,165 @@ def _resume(
     return shown
 
 
+# ---------------------------------------------------------------------------- following a job
+
+
+class View(Protocol):
+    """How a `Follower` shows the job it follows: `TerminalView` for `submit --wait`,
+    `cronicle.PluginView` for the Cronicle plugin."""
+
+    def per_node(self, job: Job) -> bool:
+        """Whether each execution's end is shown as it comes, or only once the job is over."""
+
+    def live(self, shown: list[Shown]) -> None:
+        """What a live chunk added: the lines it completed, or a note where live output stops."""
+
+    def running(self, job: Job, ended: list[tuple[Execution, list[Shown]]]) -> None:
+        """A view of the job while it runs, with the executions over since the last one, each
+        with the rest of its output."""
+
+    def over(self, job: Job, endings: list[Ending]) -> None:
+        """The job is over: each of its executions, in order."""
+
+
+class Ending(NamedTuple):
+    """An execution once the job is over: the rest of its output (None when none of it was
+    followed and it is not shown node by node: its stored output is shown as it is), and
+    whether its end was already shown, while the job ran."""
+
+    ex: Execution
+    rest: list[Shown] | None
+    told: bool
+
+
+class Follower:
+    """One job followed to its end, for `submit --wait` and the Cronicle plugin: each node's
+    output shown once and in order (`OutputAssembly`: live chunks, then the stored result),
+    each execution's end as it comes, and what is left once the job is over. The `View`
+    decides how it looks; `update` and `output` are `Client.wait`'s callbacks."""
+
+    def __init__(self, view: View) -> None:
+        self.view = view
+        self.assembly = OutputAssembly()
+        self.told: set[str] = set()  # nodes whose end was shown while the job ran
+        self.followed: set[str] = set()  # nodes whose live output came
+
+    def output(self, chunk: Output) -> None:
+        """A live chunk: its complete lines, in order; a note where live output stops."""
+        self.followed.add(chunk.node)
+        shown = self.assembly.live(chunk)
+        if shown:
+            self.view.live(shown)
+
+    def update(self, job: Job) -> None:
+        """A new view of the job: the executions over since the last, each with the rest of
+        its output."""
+        if not self.view.per_node(job):
+            return
+        ended = []
+        for ex in job.executions:
+            if states.is_terminal(ex.state) and ex.node not in self.told:
+                self.told.add(ex.node)
+                ended.append((ex, self.assembly.finish(ex)))
+        self.view.running(job, ended)
+
+    def finish(self, job: Job) -> None:
+        """The job as it ended: each execution with the rest of its output."""
+        per_node = self.view.per_node(job)
+        self.view.over(job, [self._ending(ex, per_node) for ex in job.executions])
+
+    def _ending(self, ex: Execution, per_node: bool) -> Ending:
+        followed = per_node or ex.node in self.followed
+        return Ending(ex, self.assembly.finish(ex) if followed else None, ex.node in self.told)
+
+
+def progress(job: Job) -> float:
+    """How far the job is, from 0 to 1: each node's part is done when its execution is over,
+    and a tenth done while it runs."""
+    if not job.executions:
+        return 0.0
+    done = sum(
+        1.0 if states.is_terminal(x.state) else RUNNING_SHARE if x.state == "running" else 0.0
+        for x in job.executions
+    )  # summed in order, not counted: a count rounds some values apart in the 4th decimal
+    return done / len(job.executions)
+
+
+def state_counts(job: Job) -> str:
+    """How many executions are in each state: `1 failed, 2 succeeded`."""
+    counts = Counter(ex.state for ex in job.executions)
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def outcome(state: str, exit_code: int | None, reason: str | None) -> str:
+    """One execution's outcome: `failed (exit 3): reason`."""
+    code = f" (exit {exit_code})" if exit_code is not None else ""
+    return f"{state}{code}" + (f": {reason}" if reason else "")
+
+
 # ---------------------------------------------------------------------------- submit --wait
 
 
-def _many(job: Job) -> bool:
-    return len(job.executions) > 1 or bool(job.executions and job.target != job.executions[0].node)
+class TerminalView:
+    """`submit --wait` on a terminal or in a script: progress on stderr (one live line on a
+    terminal), live output if followed, and the final output. One execution prints its output
+    as it is; several print theirs line by line, labelled `[node]`, each node's rest and
+    outcome as it finishes. `labelled`: live output is labelled even from one node (the
+    target could have named several)."""
 
-
-class WaitView:
-    """Progress on stderr (one live line on a terminal, plain lines otherwise), live output if
-    followed, and the final output. One execution prints its output as it is; several print
-    theirs line by line, labelled `[node]`, each node's rest and outcome as it finishes."""
-
-    def __init__(self, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+    def __init__(
+        self, out: TextIO = sys.stdout, err: TextIO = sys.stderr, *, labelled: bool = False
+    ) -> None:
         self.out, self.err = out, err
+        self.labelled = labelled
         self.tty = err.isatty()
-        self.reported: set[str] = set()  # nodes whose outcome was printed
-        self.followed: set[str] = set()  # nodes whose live output came
-        self.assembly = OutputAssembly()
         self._status_shown = False
 
-    def update(self, job: Job) -> None:
-        if not _many(job):
-            return
-        for ex in job.executions:
-            if states.is_terminal(ex.state) and ex.node not in self.reported:
-                self.reported.add(ex.node)
-                self._clear()
-                self._show(self.assembly.finish(ex), labelled=True)
-                self.err.write(f"opsbay: {ex.node}: {_outcome(ex, job.timeout_s)}\n")
+    def per_node(self, job: Job) -> bool:
+        return len(job.executions) > 1 or bool(
+            job.executions and job.target != job.executions[0].node
+        )
+
+    def live(self, shown: list[Shown]) -> None:
+        self._clear()
+        self._show(shown, self.labelled)
+
+    def running(self, job: Job, ended: list[tuple[Execution, list[Shown]]]) -> None:
+        for ex, rest in ended:
+            self._clear()
+            self._show(rest, labelled=True)
+            self.err.write(f"opsbay: {ex.node}: {_outcome(ex, job.timeout_s)}\n")
         if self.tty:
-            done = sum(states.is_terminal(x.state) for x in job.executions)
-            running = sum(x.state == "running" for x in job.executions)
-            failed = sum(
-                x.state not in ("succeeded", "pending", "running") and states.is_terminal(x.state)
-                for x in job.executions
-            )
-            self.err.write(
-                f"\r{done}/{len(job.executions)} done, {running} running, {failed} not succeeded"
-            )
+            self.err.write(_status(job))
             self._status_shown = True
+        self.err.flush()
+
+    def over(self, job: Job, endings: list[Ending]) -> None:
+        self._clear()
+        many = self.per_node(job)
+        for ex, rest, told in endings:
+            if rest is not None:
+                self._show(rest, labelled=many)
+            else:
+                self.out.write(ex.stdout)
+                self.out.flush()
+                self.err.write(ex.stderr)
+            if not told and ex.state != "succeeded":
+                outcome = _outcome(ex, job.timeout_s)
+                self.err.write(f"opsbay: job {job.job_id} on {ex.node}: {outcome}\n")
+            if ex.truncated:
+                self.err.write(
+                    f"opsbay: {ex.node}: output truncated: {ex.stdout_bytes} bytes of stdout, "
+                    f"{ex.stderr_bytes} of stderr (head and tail kept)\n"
+                )
+        if many:
+            self.err.write(f"opsbay: job {job.job_id}: {job.state} ({state_counts(job)})\n")
         self.err.flush()
 
     def _clear(self) -> None:
         if self._status_shown:
             self.err.write("\r\033[K")
             self._status_shown = False
-
-    def output(self, chunk: Output, labelled: bool) -> None:
-        """A live chunk: its complete lines, in order; a note where live output stops."""
-        self.followed.add(chunk.node)
-        shown = self.assembly.live(chunk)
-        if shown:
-            self._clear()
-            self._show(shown, labelled)
 
     def _show(self, shown: list[Shown], labelled: bool) -> None:
         """Lines to stdout or stderr as the command wrote them; notes to stderr, except among
@@ -318,35 +424,17 @@ class WaitView:
         self.out.flush()
         self.err.flush()
 
-    def finish(self, job: Job) -> None:
-        """The final output: whatever was not already shown, and each node's outcome."""
-        self._clear()
-        many = _many(job)
-        for ex in job.executions:
-            if many or ex.node in self.followed:
-                self._show(self.assembly.finish(ex), labelled=many)
-            else:
-                self.out.write(ex.stdout)
-                self.out.flush()
-                self.err.write(ex.stderr)
-            if ex.node not in self.reported and ex.state != "succeeded":
-                outcome = _outcome(ex, job.timeout_s)
-                self.err.write(f"opsbay: job {job.job_id} on {ex.node}: {outcome}\n")
-            if ex.truncated:
-                self.err.write(
-                    f"opsbay: {ex.node}: output truncated: {ex.stdout_bytes} bytes of stdout, "
-                    f"{ex.stderr_bytes} of stderr (head and tail kept)\n"
-                )
-        if many:
-            counts = Counter(ex.state for ex in job.executions)
-            summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-            self.err.write(f"opsbay: job {job.job_id}: {job.state} ({summary})\n")
-        self.err.flush()
+
+def _status(job: Job) -> str:
+    """The progress line: `\\r3/5 done, 1 running, 1 not succeeded`."""
+    counts = Counter(ex.state for ex in job.executions)
+    done = sum(n for state, n in counts.items() if states.is_terminal(state))
+    running, failed = counts["running"], done - counts["succeeded"]
+    return f"\r{done}/{len(job.executions)} done, {running} running, {failed} not succeeded"
 
 
 def _outcome(ex: Execution, timeout_s: int) -> str:
-    why = f": {ex.reason}" if ex.reason else ""
     if ex.state == "timed_out":  # not the 143 of the TERM: the CLI exits 124
+        why = f": {ex.reason}" if ex.reason else ""
         return f"timed_out (killed after the {timeout_s} s timeout; exit 124){why}"
-    code = f" (exit {ex.exit_code})" if ex.exit_code is not None else ""
-    return f"{ex.state}{code}{why}"
+    return outcome(ex.state, ex.exit_code, ex.reason)

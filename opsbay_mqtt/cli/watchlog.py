@@ -23,8 +23,10 @@ from opsbay_mqtt.protocol import (
     NodeStatus,
     Output,
     Rejected,
+    Topic,
     decode,
     decode_unverified,
+    wire,
 )
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import JOB_ID_RE, Topics
@@ -34,12 +36,8 @@ log = logging.getLogger(__name__)
 # What `--job` takes: a whole job id or the start of one.
 JOB_PREFIX_RE = re.compile(r"[0-9a-f-]{1,36}")
 
-# Every kind of topic watch reads, and the messages each may carry.
-_EXPECTED: dict[str, tuple[type[Message], ...]] = {
-    "job_events": (JobEvent, Rejected),
-    "node_status": (NodeStatus,),
-    "output": (Output,),
-}
+# Every kind of topic watch reads (the messages each carries: `protocol.ON_TOPIC`).
+_WATCHED = frozenset({"job_events", "node_status", "output"})
 
 
 @dataclass(frozen=True)
@@ -72,39 +70,23 @@ def read_message(
     """Decode a job event, rejection, node status or output chunk; None for anything else,
     or for a message that does not name what its topic names."""
     try:
-        kind, fields = topics.parse(topic)
+        where = topics.parse(topic)
     except Refused:
         return None
-    expect = _EXPECTED.get(kind, ())
-    seen = _decode(payload, keyring, expect) if expect else None
-    if seen is None:
-        return None
-    m = seen.msg
-    if isinstance(m, JobEvent):
-        named = {"job_id": m.job.job_id}
-    elif isinstance(m, Rejected):
-        named = {"job_id": m.job_id or ""}
-    elif isinstance(m, NodeStatus):
-        named = {"node": m.node}
-    else:
-        assert isinstance(m, Output)
-        named = {"job_id": m.job_id, "node": m.node}
-    return seen if named == fields else None
+    return _decode(payload, keyring, where) if where[0] in _WATCHED else None
 
 
-def _decode(
-    payload: bytes, keyring: Keyring | None, expect: tuple[type[Message], ...]
-) -> Seen | None:
+def _decode(payload: bytes, keyring: Keyring | None, topic: Topic) -> Seen | None:
     if keyring is not None:
         try:
-            return Seen(decode(payload, keyring, expect)[0], True)
+            return Seen(decode(payload, keyring, topic=topic)[0], True)
         except Refused as e:
             if e.kid is not None:  # signed with a key we hold, and still wrong: not shown
                 log.warning("ignored an invalid message: %s", e)
                 return None
             # else: signed with a key we do not hold (or not signed): shown as unverified
     try:
-        return Seen(decode_unverified(payload, expect), False)
+        return Seen(decode_unverified(payload, topic=topic), False)
     except Refused as e:
         log.debug("ignored an unreadable message: %s", e)
         return None
@@ -166,7 +148,7 @@ def human_lines(
 
 def json_line(seen: Seen) -> str:
     """What `opsbay watch --json` prints: the message body (no auth, no sig) and `verified`."""
-    body = seen.msg.model_dump(mode="json")
+    body = wire(seen.msg)
     body["verified"] = seen.verified
     return json.dumps(body)
 
