@@ -11,7 +11,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 # .dockerignore keeps .git, virtualenvs, caches, local data and .env out.
 COPY . .
-RUN pip install . \
+# The postgresql extra: a coordinator may keep its record in PostgreSQL (docker-compose.ha.yml).
+RUN pip install '.[postgresql]' \
  && useradd --system --create-home --uid 10001 opsbay \
  && mkdir -p /data /state \
  && chown opsbay:opsbay /data /state

@@ -43,7 +43,15 @@ from typing import Any
 
 import psutil
 
-from bench import fig_cli, fig_fleet, fig_intake, fig_latency, fig_store, fig_throughput
+from bench import (
+    fig_cli,
+    fig_fleet,
+    fig_intake,
+    fig_latency,
+    fig_scale,
+    fig_store,
+    fig_throughput,
+)
 from bench.common import OPSBAY, REPO, BenchError, Procs, Row, Suite
 
 FIGURES: dict[str, tuple[str, Callable[[Suite], list[Row]]]] = {
@@ -54,6 +62,7 @@ FIGURES: dict[str, tuple[str, Callable[[Suite], list[Row]]]] = {
     "intake": ("coordinator intake", fig_intake.run),
     "fleet": ("fleet", fig_fleet.run),
     "store": ("store", fig_store.run),
+    "coordinators": ("coordinators", fig_scale.run),
 }
 RESULTS = REPO / "bench" / "results"
 AGAINST_TIMEOUT_S = {True: 300.0, False: 900.0}  # one figure of the earlier commit, by --quick

@@ -40,7 +40,7 @@ from opsbay_mqtt.protocol import (
 from opsbay_mqtt.settings import Settings
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics, new_job_id, validate_job_id, validate_node
-from opsbay_mqtt.transport import CONNECTED, BrokerURL, Connection, Inbound, TlsFiles
+from opsbay_mqtt.transport import CONNECTED, Brokers, BrokerURL, Connection, Inbound, TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class SubmitArgs(NamedTuple):
 
 
 class ClientConfig(NamedTuple):
-    url: BrokerURL
+    url: BrokerURL | Brokers  # one broker, or the list to try in turn
     topics: Topics
     keyring: Keyring
     tls: TlsFiles = TlsFiles()
@@ -106,7 +106,7 @@ class ClientConfig(NamedTuple):
 
     @classmethod
     def of(cls, s: Settings) -> ClientConfig:
-        return cls(url=s.url, topics=s.topics, keyring=s.keyring, tls=s.tls)
+        return cls(url=s.brokers, topics=s.topics, keyring=s.keyring, tls=s.tls)
 
 
 class Client:
@@ -149,9 +149,18 @@ class Client:
         got = self.conn.receive(min(left, POLL_EVERY_S), 1)
         return got[0] if got else None
 
+    def _qos(self) -> int:
+        """The QoS of this client's subscriptions: 1, or 0 on an MQTT 3.1.1 broker. There, a
+        failed subscription has one code for every cause; NATS's MQTT gateway fails QoS 1
+        subscriptions (each a JetStream consumer) for a while after one of its servers dies,
+        which would read as the ACL refusing us. QoS 0 needs nothing of the sort, and loses
+        nothing this client relies on: it asks again (queries, unacknowledged requests) and asks
+        the coordinator when events stop or the connection comes back."""
+        return 1 if self.conn.url.mqtt5 else 0
+
     def _where(self) -> str:
-        where = f"broker {self.cfg.url}, prefix {self.cfg.topics.prefix!r}"
-        if not self.cfg.url.mqtt5:  # MQTT 3.1.1 has no answer for a refused publish
+        where = f"broker {self.conn.url}, prefix {self.cfg.topics.prefix!r}"
+        if not self.conn.url.mqtt5:  # MQTT 3.1.1 has no answer for a refused publish
             where += "; with MQTT 3.1.1 a broker whose ACL refuses this login drops it silently"
         return where
 
@@ -191,7 +200,8 @@ class Client:
             max_failures=max_failures,
             accept_by_ms=int(self.clock() * 1000 + accept_s * 1000),
         )
-        topics = [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
+        qos = self._qos()
+        topics = [(self.cfg.topics.job_events(job_id), qos), (self.cfg.topics.rejected, qos)]
         if follow:
             topics.append((self.cfg.topics.job_output(job_id), 0))
         self.conn.subscribe(topics, wait=False)
@@ -303,8 +313,9 @@ class Client:
         """Ask the coordinator to cancel a job; return the job as it stands once it answers
         (the cancel is sent again until it does, for up to `timeout_s`)."""
         validate_job_id(job_id)
+        qos = self._qos()
         self.conn.subscribe(
-            [(self.cfg.topics.job_events(job_id), 1), (self.cfg.topics.rejected, 1)]
+            [(self.cfg.topics.job_events(job_id), qos), (self.cfg.topics.rejected, qos)]
         )
         msg = Cancel(job_id=job_id)
         self._unacknowledged[job_id] = _Asking(msg, time.monotonic(), timeout_s)
@@ -444,7 +455,8 @@ class Client:
         or `timeout_s` runs out: a query the broker dropped (no coordinator subscribed at that
         moment) is asked again; each copy is signed afresh, and only one answer is read."""
         if not self._reply_subscribed:
-            self.conn.subscribe([(self.cfg.topics.rpc_reply(self.reply_id), 1)], wait=False)
+            replies = self.cfg.topics.rpc_reply(self.reply_id)
+            self.conn.subscribe([(replies, self._qos())], wait=False)
             self._reply_subscribed = True
         correlation = signing.random_hex(8)
         q = wire(Query(query=query, reply_to=self.reply_id, correlation=correlation, **params))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opsbay_mqtt import authz, queries, rollout, signing, states
-from opsbay_mqtt.errors import Refused
+from opsbay_mqtt.errors import Refused, StoreUnavailable
 from opsbay_mqtt.inbound import CONNECTED, Inbound
 from opsbay_mqtt.policy import ClientPolicy
 from opsbay_mqtt.protocol import (
@@ -121,7 +121,7 @@ class Coordinator:
         try:
             with self.store.atomic():
                 self._route(msg)
-        except Contention:  # the whole batch is handled again (`step`): not this one's fault
+        except (Contention, StoreUnavailable):  # the batch as a whole: not this message's fault
             self.outbox = before
             raise
         except Exception:
@@ -418,15 +418,11 @@ class Coordinator:
         job's state that follows; (the job in that state, the count of its executions in each
         state, the executions written). A change whose guard fails (another coordinator
         changed the execution first) is dropped with its consequences."""
+        took = self.store.write_executions(job.job_id, list(touched.values()))
         written = {}
-        for node, (before, ex) in touched.items():
-            if not self.store.write_execution(job.job_id, ex, before):
-                log.info(
-                    "job %s on %s: changed by another coordinator; not %s",
-                    job.job_id,
-                    node,
-                    ex.state,
-                )
+        for node, (_, ex) in touched.items():
+            if node not in took:
+                log.info("job %s on %s: changed by another coordinator first", job.job_id, node)
                 continue
             written[node] = ex
             level = logging.INFO if states.is_terminal(ex.state) else logging.DEBUG
@@ -523,6 +519,12 @@ class Coordinator:
             authz.client_name(auth)
             self._fresh_once(auth)
         except Refused as e:
+            if e.code == "replay":
+                # Seen before: answered already, by this coordinator or another one that got
+                # it too (a broker without shared subscriptions). A second, refusing answer
+                # could reach the client first; a replay by anyone else needs none.
+                log.info("a query already answered; not answered again")
+                return
             log.warning("refused a query: %s", e)
             reply_to, correlation = queries.peek_reply(payload)
             if reply_to is not None:

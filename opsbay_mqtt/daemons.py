@@ -61,6 +61,18 @@ def client_id(role: str, topics: Topics, name: str = "") -> str:
     return f"opsbay-{role}:{topics.prefix}" + (f":{name}" if name else "")
 
 
+def coordinator_subscriptions(topics: Topics, share: str = "") -> list[tuple[str, int]]:
+    """What a coordinator subscribes to. With `share` (MQTT 5), requests and results come
+    through the shared subscription `$share/SHARE/...`: the broker gives each to one of the
+    coordinators of the group. Without it every coordinator gets every message, and the
+    record's guarded changes make each effect happen once. Node info and status are retained,
+    which a shared subscription never delivers: every coordinator reads them."""
+    split = [topics.submit, topics.rpc_request, topics.all_results]
+    if share:
+        split = [f"$share/{share}/{t}" for t in split]
+    return [(t, 1) for t in [*split, topics.all_node_info, topics.all_node_status]]
+
+
 def _make_dir(path: Path, setting: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -91,15 +103,25 @@ def run_coordinator(
     allow_nodes: frozenset[str] | None,
     limits: dict[str, int],
     name: str = "",
+    store_url: str = "",
+    share: str = "",
 ) -> None:
     """Run a coordinator until SIGTERM. `name`: its own, when several share one record; its
-    broker client id (and so its persistent session) is `opsbay-coordinator:PREFIX:NAME`."""
+    broker client id (and so its persistent session) is `opsbay-coordinator:PREFIX:NAME`.
+    `store_url`: its record (`record.open_record`: PostgreSQL, or SQLite under `data_dir`).
+    `share`: split the work with the others through MQTT 5 shared subscriptions of that group
+    (`coordinator_subscriptions`)."""
     # Imported here: a worker process (every node) never loads the coordinator's modules.
     from opsbay_mqtt import models
     from opsbay_mqtt.coordinator import Coordinator, CoordinatorConfig
-    from opsbay_mqtt.store import Store
+    from opsbay_mqtt.record import open_record
 
     models.install()  # validate what arrives with pydantic (`protocol` says why both)
+    if share and not settings.url.mqtt5:
+        raise ConfigError(
+            "--share / OPSBAY_COORDINATOR_SHARE needs MQTT 5 (shared subscriptions); with an "
+            "MQTT 3.1.1 broker leave it out: every coordinator then handles every message"
+        )
     _make_dir(data_dir, "--data-dir / OPSBAY_DATA_DIR")
     for n in allow_nodes or ():
         try:
@@ -117,7 +139,7 @@ def run_coordinator(
             "target every node and run any command (see docs/security.md)",
             ", ".join(unbounded),
         )
-    store = Store(data_dir / "opsbay.db")
+    store = open_record(store_url, data_dir)
     cfg = CoordinatorConfig(
         topics=settings.topics,
         keyring=settings.keyring,
@@ -132,7 +154,7 @@ def run_coordinator(
     )
     topics = settings.topics
     conn = Connection(
-        url=settings.url,
+        url=settings.brokers,
         client_id=client_id("coordinator", topics, name),
         persistent=True,
         manual_ack=True,
@@ -140,23 +162,16 @@ def run_coordinator(
         tls=settings.tls,
     )
     log.info(
-        "coordinator: connecting to %s (prefix %s, data %s)", settings.url, topics.prefix, data_dir
+        "coordinator: connecting to %s (prefix %s, data %s)",
+        settings.brokers,
+        topics.prefix,
+        data_dir,
     )
     if not conn.connect(retry=True, stop=stop):
         store.close()
         log.info("coordinator: stopped before the broker accepted the connection")
         return
-    if not _subscribe(
-        conn,
-        [
-            (topics.submit, 1),
-            (topics.rpc_request, 1),
-            (topics.all_results, 1),
-            (topics.all_node_info, 1),
-            (topics.all_node_status, 1),
-        ],
-        stop,
-    ):
+    if not _subscribe(conn, coordinator_subscriptions(topics, share), stop):
         store.close()
         return
     log.info("coordinator: ready")
@@ -220,7 +235,7 @@ def run_worker(
     )
     w = Worker(cfg, ledger)
     conn = Connection(
-        url=settings.url,
+        url=settings.brokers,
         client_id=client_id("worker", settings.topics, node),
         persistent=True,
         manual_ack=True,
@@ -229,7 +244,9 @@ def run_worker(
         tls=settings.tls,
         on_refused=w.on_refused,
     )
-    log.info("worker %s: connecting to %s (prefix %s)", node, settings.url, settings.topics.prefix)
+    log.info(
+        "worker %s: connecting to %s (prefix %s)", node, settings.brokers, settings.topics.prefix
+    )
     if not conn.connect(retry=True, stop=stop):
         log.info("worker %s: stopped before the broker accepted the connection", node)
         ledger.close()

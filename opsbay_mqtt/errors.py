@@ -42,6 +42,12 @@ class Refused(OpsbayError):
         return f"{self.code}: {self.text}"
 
 
+class StoreUnavailable(OpsbayError):
+    """The coordinator's record (PostgreSQL) could not be reached, or the connection to it was
+    lost: nothing of the open batch was committed (its messages are not acknowledged, so the
+    broker delivers them again). Exit 69: the supervisor restarts the coordinator."""
+
+
 class UsageError(ConfigError):
     """An invalid argument or option value as typed (exit 2, not 78). A ConfigError still, for
     the callers that read settings and arguments alike (the Cronicle plugin's params)."""
@@ -89,7 +95,7 @@ def exit_for(e: BaseException) -> tuple[int, str] | None:
         return EXIT_CONFIG, str(e)
     if isinstance(e, BrokerRefused):  # the broker's ACL: a permission, as for a refusal
         return EXIT_REJECTED, str(e)
-    if isinstance(e, BrokerError | NotAcknowledged):
+    if isinstance(e, BrokerError | NotAcknowledged | StoreUnavailable):
         return EXIT_UNAVAILABLE, str(e)
     if isinstance(e, WaitTimeout):
         return EXIT_WAIT_GAVE_UP, f"{e}; the job goes on (see `opsbay result`)"

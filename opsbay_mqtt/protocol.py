@@ -99,6 +99,8 @@ def _command_bytes(command: str) -> str:
     n = len(command.encode("utf-8", errors="surrogatepass"))
     if n > MAX_COMMAND_BYTES:
         raise ValueError(f"command is {n} bytes; at most {MAX_COMMAND_BYTES} are allowed")
+    if "\x00" in command:
+        raise ValueError("command holds a NUL character, which no shell command can hold")
     return command
 
 

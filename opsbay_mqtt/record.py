@@ -19,7 +19,9 @@ The rules every backend keeps:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from opsbay_mqtt.protocol import Execution, Job
@@ -70,6 +72,12 @@ class Record(Protocol):
     def write_execution(self, job_id: str, ex: Execution, before: str | None) -> bool:
         """Write the execution whole: new (`before` None), or only if it is still in the state
         `before`; whether it was written."""
+
+    def write_executions(
+        self, job_id: str, changes: Sequence[tuple[str | None, Execution]]
+    ) -> set[str]:
+        """`write_execution` for each (before, execution), in as few statements as the backend
+        can (a job on 10,000 nodes is accepted in one); the nodes whose execution was written."""
 
     def get_job(self, job_id: str, executions: bool = True) -> Job | None: ...
 
@@ -124,3 +132,33 @@ class Record(Protocol):
     def node_labels(self, node: str) -> dict[str, str]: ...
 
     def list_nodes(self) -> list[dict[str, Any]]: ...
+
+
+def open_record(url: str, data_dir: Path) -> Record:
+    """The record `--store` / OPSBAY_STORE names: PostgreSQL for a postgresql:// (or
+    postgres://) URL (`pgstore`, which needs the `postgresql` extra), SQLite `opsbay.db` under
+    `data_dir` when it is empty (`store`); ConfigError for anything else. Each backend is
+    imported only when chosen."""
+    from opsbay_mqtt.errors import ConfigError
+
+    if not url:
+        from opsbay_mqtt.store import Store
+
+        return Store(data_dir / "opsbay.db")
+    scheme, sep, _ = url.partition("://")
+    if sep and scheme.lower() in ("postgresql", "postgres"):
+        try:
+            from opsbay_mqtt.pgstore import PgStore
+        except ImportError as e:
+            if (e.name or "").partition(".")[0] != "psycopg":
+                raise
+            raise ConfigError(
+                "--store / OPSBAY_STORE: a PostgreSQL record needs psycopg: "
+                "pip install 'opsbay-mqtt[postgresql]'"
+            ) from None
+        return PgStore(url)
+    given = f"a {scheme}:// URL" if sep else "not a URL"  # never the text: it may hold a secret
+    raise ConfigError(
+        f"--store / OPSBAY_STORE: {given}; give postgresql://[user@]host[:port]/dbname, or "
+        "nothing for SQLite (opsbay.db under --data-dir)"
+    )

@@ -12,7 +12,7 @@ from opsbay_mqtt import keys
 from opsbay_mqtt.errors import ConfigError, Refused
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.topics import Topics
-from opsbay_mqtt.transport import BrokerURL, TlsFiles
+from opsbay_mqtt.transport import Brokers, BrokerURL, TlsFiles
 
 if TYPE_CHECKING:  # the coordinator's client policies: imported by whoever reads them
     from opsbay_mqtt.policy import ClientPolicy
@@ -34,12 +34,17 @@ class BusOptions:
 
 @dataclass(frozen=True)
 class Settings:
-    url: BrokerURL
+    brokers: Brokers  # tried in this order (transport.Connection moves along the list)
     topics: Topics
     keyring: Keyring
     tls: TlsFiles = field(default_factory=TlsFiles)
     clients: Mapping[str, ClientPolicy] = field(default_factory=dict)
     node_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    @property
+    def url(self) -> BrokerURL:
+        """The first broker of the list (all of them speak the same MQTT version)."""
+        return self.brokers[0]
 
 
 def _shared(opts: BusOptions) -> bytes | None:
@@ -72,19 +77,19 @@ def has_key(opts: BusOptions) -> bool:
     return bool(opts.secret) or opts.secret_file is not None or opts.key_file is not None
 
 
-def connection(opts: BusOptions) -> tuple[BrokerURL, Topics, TlsFiles]:
+def connection(opts: BusOptions) -> tuple[Brokers, Topics, TlsFiles]:
     """Where the bus is: what every party needs, with or without a key."""
-    url = BrokerURL.parse(opts.broker)
+    brokers = BrokerURL.parse_list(opts.broker)
     try:
         topics = Topics(opts.prefix)
     except Refused as e:
         raise ConfigError(f"--prefix / OPSBAY_PREFIX: {e.text}") from e
-    return url, topics, _files_exist(opts)
+    return brokers, topics, _files_exist(opts)
 
 
 def resolve(opts: BusOptions, role: str, name: str | None = None) -> Settings:
     """Settings for a `client`, the `coordinator`, or the worker of node `name`."""
-    url, topics, tls = connection(opts)
+    brokers, topics, tls = connection(opts)
     shared = _shared(opts)
     file = keys.load(opts.key_file) if opts.key_file is not None else None
     if shared is None and file is None:
@@ -101,7 +106,7 @@ def resolve(opts: BusOptions, role: str, name: str | None = None) -> Settings:
     elif file is not None and shared is None and file.keys:
         signing_kid = file.keys[0][0]  # the coordinator signs for each reader with its key
     return Settings(
-        url=url,
+        brokers=brokers,
         topics=topics,
         keyring=keys.keyring(file, shared, signing_kid),
         tls=tls,

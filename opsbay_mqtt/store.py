@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -270,6 +270,12 @@ class Store:
                 [*values, job_id, ex.node, before],
             )
         return cur.rowcount == 1
+
+    def write_executions(
+        self, job_id: str, changes: Sequence[tuple[str | None, Execution]]
+    ) -> set[str]:
+        # SQLite in this process: a statement costs no round trip.
+        return {ex.node for before, ex in changes if self.write_execution(job_id, ex, before)}
 
     def get_job(self, job_id: str, executions: bool = True) -> Job | None:
         """The job; with `executions=False` without them (cheap for jobs on many nodes)."""

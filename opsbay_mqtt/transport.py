@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -58,10 +58,43 @@ class BrokerURL(NamedTuple):
     mqtt5: bool = True
 
     @classmethod
-    def parse(cls, url: str) -> BrokerURL:
+    def parse_list(cls, text: str) -> Brokers:
+        """The brokers of --broker / OPSBAY_BROKER: one URL, or several separated by commas
+        (`mqtt://a:1883,mqtt://b:1883`), tried in this order. A comma splits the value only
+        where a URL starts after it (`,mqtt://`, `,mqtts://`, ...), so a password may hold one.
+        Each entry is checked as `parse` checks one, the error naming the entry; all of them
+        must speak the same MQTT version and agree on TLS (a process keeps one session, of
+        one kind, wherever it is connected), and none may repeat another's host and port."""
+        import re
+
+        entries = re.split(r"\s*,\s*(?=(?:mqtts?|tcp|ssl)://)", text)
+        if len(entries) == 1:
+            return Brokers((cls.parse(text),))
+        parsed = tuple(
+            cls.parse(e, entry=f"entry {i} of {len(entries)}, ") for i, e in enumerate(entries, 1)
+        )
+        first = parsed[0]
+        for i, b in enumerate(parsed[1:], 2):
+            if (b.mqtt5, b.tls) != (first.mqtt5, first.tls):
+                what = "MQTT version (?version=)" if b.mqtt5 != first.mqtt5 else "scheme"
+                raise ConfigError(
+                    f"--broker / OPSBAY_BROKER: entry {i}, {str(b)!r}, and entry 1, "
+                    f"{str(first)!r}, differ in {what}: the brokers of a list speak one MQTT "
+                    "version, all with TLS (mqtts://) or all without"
+                )
+            same = next((j for j, a in enumerate(parsed[: i - 1], 1) if a[:2] == b[:2]), None)
+            if same is not None:
+                raise ConfigError(
+                    f"--broker / OPSBAY_BROKER: entry {i}, {str(b)!r}, is the broker of entry "
+                    f"{same} again"
+                )
+        return Brokers(parsed)
+
+    @classmethod
+    def parse(cls, url: str, *, entry: str = "") -> BrokerURL:
         """The URL of --broker / OPSBAY_BROKER, or ConfigError (a setting: exit 78). The
         message shows the URL without its password: what stands between `://` and the last
-        `@`, but the user name, is hidden."""
+        `@`, but the user name, is hidden; `entry` says which entry of a list it is."""
         import re
 
         head, sep, rest = url.partition("://")
@@ -76,14 +109,21 @@ class BrokerURL(NamedTuple):
             if at and set(secret) & set("/?#@")
             else ""
         )
+        if "," in after:
+            hint += (
+                "; for several brokers, give whole URLs, one comma between two: "
+                "mqtt://a:1883,mqtt://b:1883"
+            )
 
         def bad(problem: str) -> ConfigError:
-            return ConfigError(f"--broker / OPSBAY_BROKER: {shown!r} {problem}{hint}")
+            return ConfigError(f"--broker / OPSBAY_BROKER: {entry}{shown!r} {problem}{hint}")
 
         try:
             url.encode("utf-8")
         except UnicodeEncodeError:
-            raise ConfigError("--broker / OPSBAY_BROKER: the URL is not valid UTF-8") from None
+            raise ConfigError(
+                f"--broker / OPSBAY_BROKER: {entry or 'the URL '}is not valid UTF-8"
+            ) from None
         try:
             parts = urlsplit(url)
         except ValueError:  # e.g. an unclosed [ of an IPv6 address
@@ -134,6 +174,16 @@ class BrokerURL(NamedTuple):
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}{version}"
 
 
+class Brokers(tuple[BrokerURL, ...]):
+    """The brokers to try, in order (`BrokerURL.parse_list`); shown as they were given, the
+    passwords left out."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return ",".join(str(b) for b in self)
+
+
 def disconnect_reason(flags: Any, rc: Any) -> str:
     """Why a connection ended, in words: paho reports a closed socket as 'Unspecified error'."""
     if getattr(flags, "is_disconnect_packet_from_server", False):
@@ -170,12 +220,16 @@ class Connection:
     with `receive()` (or `pump()`), which reads into `inbox`, keeps it alive and reconnects when
     it is lost; whatever any thread publishes is written at once, under a lock. No message is
     handed between threads on its way in or out.
+
+    `url` is one broker or a list of them (`BrokerURL.parse_list`): a failed attempt or a lost
+    connection moves on to the next of the list, and only a whole round of failed attempts
+    waits the backoff; `self.url` is the broker in use or being tried.
     """
 
     def __init__(
         self,
         *,
-        url: BrokerURL,
+        url: BrokerURL | Sequence[BrokerURL],
         client_id: str,
         inbox: queue.Queue[Inbound] | None = None,
         persistent: bool = False,
@@ -187,9 +241,15 @@ class Connection:
         on_refused: Callable[[BrokerRefused], None] | None = None,
         log_refusals: bool = True,
     ) -> None:
-        self.url = url
+        self.brokers = Brokers((url,)) if isinstance(url, BrokerURL) else Brokers(url)
+        if not self.brokers:
+            raise ValueError("Connection: no broker to connect to")
+        self._index = 0  # of the broker in use in the list
+        self.url = url = self.brokers[0]
         self._retry_at = 0.0  # when to try to reconnect next
         self._retry_delay = 1.0
+        self._tries = 0  # reconnection attempts since the connection was lost
+        self._permanent_streak = 0  # of those, how many in a row a person must fix
         self._idle = threading.Event()  # waited on between reconnection attempts; set by close
         # paho writes from the thread that publishes: one thread at a time.
         self._io = threading.RLock()
@@ -260,6 +320,7 @@ class Connection:
                     f"{named or 'the TLS files'}: not usable ({e}); PEM files are expected"
                 ) from e
         self._will = will
+        self._will_topic = ""  # of the last attempt
         self.manual_ack = manual_ack
         c.manual_ack_set(manual_ack)
         c.on_pre_connect = self._on_pre_connect
@@ -277,6 +338,7 @@ class Connection:
         if self._will is None:
             return
         will = self._will()
+        self._will_topic = will.topic
         props = None
         if will.delay_s and self.url.mqtt5:
             props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
@@ -304,6 +366,7 @@ class Connection:
                 self._resubscribed = resubscribed
         self._connect_error = None
         self._retry_delay = 1.0
+        self._tries = self._permanent_streak = 0
         self._connected.set()
         if self._ever_connected:
             log.info("%s: reconnected to %s", self.client_id, self.url)
@@ -319,6 +382,11 @@ class Connection:
                 if self.url.tls
                 else "is it a TLS port? Then the URL starts with mqtts://"
             )
+            if set(self._will_topic) & {".", " "}:
+                hint += (
+                    f" Or does it refuse the Will's topic {self._will_topic!r}? NATS's MQTT "
+                    "gateway refuses a ' ' in a topic, and releases before mid-2023 a '.'"
+                )
             self._connect_error = (
                 f"broker {self.url} closed the connection before accepting it ({rc}); {hint}"
             )
@@ -383,16 +451,37 @@ class Connection:
         With `retry` (the daemons), keep trying instead: 0.5 s doubling to 30 s while the broker
         cannot be reached, and every 60 s, logged as an error with what to fix, while it refuses
         us for a reason only a person can fix (credentials, a certificate). Returns False, at
-        once, when `stop` is set meanwhile."""
+        once, when `stop` is set meanwhile.
+
+        With a list of brokers, each round tries every one in turn, from the first; the delays
+        come between rounds, and the error of a round names every broker and why it failed."""
         stop = stop or threading.Event()
         delay = 0.5
+        n = len(self.brokers)
         while not stop.is_set():
-            error, permanent = self._attempt(timeout_s)
-            if error is None:
-                return True
+            errors: list[str] = []
+            permanent = True
+            for _ in range(n):
+                error, refused = self._attempt(timeout_s)
+                if error is None:
+                    return True
+                errors.append(error)
+                permanent = permanent and refused
+                if n > 1:
+                    self._use(self._index + 1)
+                    if retry:
+                        log.log(
+                            logging.ERROR if refused else logging.WARNING,
+                            "%s: %s",
+                            self.client_id,
+                            error,
+                        )
+                if stop.is_set():
+                    return False
+            error = errors[0] if n == 1 else f"no broker of {self.brokers} accepted the connection"
             if not retry:
                 self.close()
-                raise BrokerError(error)
+                raise BrokerError(error if n == 1 else f"{error}: {'; '.join(errors)}")
             if permanent:
                 log.error("%s: %s; trying again in %g s", self.client_id, error, PERMANENT_RETRY_S)
                 stop.wait(PERMANENT_RETRY_S)
@@ -401,6 +490,22 @@ class Connection:
                 stop.wait(delay)
                 delay = min(delay * 2, 30.0)
         return False
+
+    def _use(self, index: int) -> None:
+        """Make broker `index` (modulo the list) the one the next attempt goes to."""
+        self._index = index % len(self.brokers)
+        self.url = self.brokers[self._index]
+        with self._io:
+            self._client.username_pw_set(self.url.username, self.url.password)
+
+    def _connect_options(self) -> dict[str, Any]:
+        if not self.url.mqtt5:
+            return {}
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = SESSION_EXPIRY_S if self.persistent else 0
+        if self.receive_max is not None:
+            props.ReceiveMaximum = self.receive_max
+        return {"clean_start": not self.persistent, "properties": props}
 
     def _unverified(self, e: ssl.SSLCertVerificationError) -> str:
         return (
@@ -411,17 +516,10 @@ class Connection:
 
     def _attempt(self, timeout_s: float) -> tuple[str | None, bool]:
         """One connection attempt: (None, _) once connected, else (why not, is it permanent)."""
-        options: dict[str, Any] = {}
-        if self.url.mqtt5:
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = SESSION_EXPIRY_S if self.persistent else 0
-            if self.receive_max is not None:
-                props.ReceiveMaximum = self.receive_max
-            options = {"clean_start": not self.persistent, "properties": props}
         self._connect_error = None
         try:
             self._client.connect(
-                self.url.host, self.url.port, keepalive=self.keepalive_s, **options
+                self.url.host, self.url.port, keepalive=self.keepalive_s, **self._connect_options()
             )
         except ssl.SSLCertVerificationError as e:
             return self._unverified(e), True
@@ -614,6 +712,9 @@ class Connection:
                 c.loop_misc()
 
     def _reconnect(self, timeout_s: float) -> None:
+        """One attempt to get the lost connection back, when it is due. With a list, every
+        attempt goes to the next broker (the first to the one after the broker lost), at once,
+        and the growing delay comes after each whole round of the list."""
         if self._closing or not self.reconnect:
             self._idle.wait(timeout_s)
             return
@@ -621,26 +722,47 @@ class Connection:
         if now < self._retry_at:
             self._idle.wait(min(timeout_s, self._retry_at - now))
             return
-        # Jittered (50-100 % of the delay): clients that lost the broker together, or two
-        # that take one session from each other, do not come back in step.
-        self._retry_at = now + self._retry_delay * (0.5 + os.urandom(1)[0] / 510)
-        self._retry_delay = min(self._retry_delay * 2, 30.0)
-        if self.permanent_error:  # credentials or a certificate: only a person can fix it
-            self._retry_at = now + PERMANENT_RETRY_S
-            log.error(
-                "%s: %s; trying again in %g s",
-                self.client_id,
-                self._connect_error,
-                PERMANENT_RETRY_S,
-            )
+        n = len(self.brokers)
+        if self._tries:  # the previous attempt failed: how
+            self._permanent_streak = self._permanent_streak + 1 if self.permanent_error else 0
+            if n > 1 and self._connect_error and not self.permanent_error:
+                log.warning("%s: %s", self.client_id, self._connect_error)
+        if n > 1:
+            self._use(self._index + 1)
+        self._tries += 1
+        if self._tries % n:
+            self._retry_at = now  # the rest of the round at once
+        else:
+            # Jittered (50-100 % of the delay): clients that lost the broker together, or two
+            # that take one session from each other, do not come back in step.
+            self._retry_at = now + self._retry_delay * (0.5 + os.urandom(1)[0] / 510)
+            self._retry_delay = min(self._retry_delay * 2, 30.0)
+            if self._permanent_streak >= n:  # credentials or a certificate: a person must act
+                self._retry_at = now + PERMANENT_RETRY_S
+                log.error(
+                    "%s: %s; trying again in %g s",
+                    self.client_id,
+                    self._connect_error if n == 1 else f"no broker of {self.brokers} accepts us",
+                    PERMANENT_RETRY_S,
+                )
+        self.permanent_error, self._connect_error = False, None
         try:
             with self._io:
-                self._client.reconnect()
+                if n == 1:
+                    self._client.reconnect()
+                else:
+                    self._client.connect(
+                        self.url.host,
+                        self.url.port,
+                        keepalive=self.keepalive_s,
+                        **self._connect_options(),
+                    )
         except ssl.SSLCertVerificationError as e:  # as a refused login: a person must act
             self.permanent_error, self._connect_error = True, self._unverified(e)
             log.error("%s: %s", self.client_id, self._connect_error)
         except (OSError, ssl.SSLError) as e:
-            log.warning("%s: cannot reach broker %s (%s); retrying", self.client_id, self.url, e)
+            then = "retrying" if n == 1 else f"trying {self.brokers[(self._index + 1) % n]} next"
+            log.warning("%s: cannot reach broker %s (%s); %s", self.client_id, self.url, e, then)
 
     def _wait_writable(self, timeout_s: float) -> None:
         sock = self._client.socket()

@@ -313,8 +313,8 @@ class Worker:
 
     # -- results
     def _result(self, d_job: str, state: str, **fields: Any) -> Result:
-        if fields.get("reason"):
-            fields["reason"] = fields["reason"][:1024]
+        if fields.get("reason"):  # text for a person: no NUL (a record may refuse one)
+            fields["reason"] = fields["reason"][:1024].replace("\x00", "\ufffd")
         return Result(job_id=d_job, node=self.cfg.node, state=state, session=self.session, **fields)  # type: ignore[arg-type]
 
     def _finish(self, result: Result, msg: Inbound | None) -> None:

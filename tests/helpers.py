@@ -108,11 +108,12 @@ class Bus:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     watchers: list[Watcher] = field(default_factory=list)
     log_start: dict[str, int] = field(default_factory=dict)
+    broker_url: str = ""  # what OPSBAY_BROKER says, when not `broker.url` (a cluster's list)
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPSBAY_")}
         env.update(
-            OPSBAY_BROKER=self.broker.url,
+            OPSBAY_BROKER=self.broker_url or self.broker.url,
             OPSBAY_SECRET=self.secret,
             OPSBAY_PREFIX=self.prefix,
             PYTHONUNBUFFERED="1",

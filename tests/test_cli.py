@@ -17,6 +17,7 @@ def test_every_command_is_in_the_lazy_loaders_map() -> None:
     for module in set(cli.COMMAND_MODULES.values()):
         importlib.import_module(f"opsbay_mqtt.cli.{module}")
     names = {c.name or c.callback.__name__ for c in cli.app.registered_commands}  # type: ignore[union-attr]
+    names |= {g.name for g in cli.app.registered_groups if g.name}  # `opsbay store ...`
     assert names == set(cli.COMMAND_MODULES)
 
 

@@ -2,6 +2,7 @@
 restarted at random and the broker restarts twice: once with its persistence file, once without
 (every session, queued message and retained status lost). Afterwards every accepted job has
 exactly one terminal state, `opsbay result` agrees with the store, and no command ran twice.
+The same with three coordinators on one PostgreSQL record, any of them killed at random.
 
 The seed is printed; replay a failure with OPSBAY_FAULT_SEED=<seed>. OPSBAY_FAULT_JOBS sets the
 number of jobs (default 300)."""
@@ -13,10 +14,12 @@ import os
 import random
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from opsbay_mqtt.client import Client, ClientConfig
@@ -27,7 +30,11 @@ from opsbay_mqtt.states import TERMINAL
 from opsbay_mqtt.topics import Topics
 from opsbay_mqtt.transport import BrokerURL
 from tests.conftest import start_broker
+from tests.harness import Broker
 from tests.helpers import Bus, stop_process, wait_until
+from tests.nats import start_nats_cluster
+
+pytest_plugins = ("tests.pg",)  # PostgreSQL: pg_server, pg_url
 
 NODES = ("n1", "n2")
 JOBS = int(os.environ.get("OPSBAY_FAULT_JOBS", "300"))
@@ -35,29 +42,68 @@ SUBMIT_SECONDS = 15.0
 FAULTS = 12
 
 
-def stored(db: Path) -> dict[str, tuple[str, list[str]]]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        jobs = dict(con.execute("SELECT job_id, state FROM jobs").fetchall())
-        execs: dict[str, list[str]] = {}
-        for job_id, state in con.execute("SELECT job_id, state FROM executions"):
-            execs.setdefault(job_id, []).append(state)
-    finally:
-        con.close()
+def stored(db: Path | str) -> dict[str, tuple[str, list[str]]]:
+    """Every job's state and its executions' states, read from the record itself."""
+    if isinstance(db, str):  # a PostgreSQL record
+        with psycopg.connect(db) as pg:
+            jobs = dict(pg.execute("SELECT job_id, state FROM jobs").fetchall())
+            rows = pg.execute("SELECT job_id, state FROM executions").fetchall()
+    else:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            jobs = dict(con.execute("SELECT job_id, state FROM jobs").fetchall())
+            rows = con.execute("SELECT job_id, state FROM executions").fetchall()
+        finally:
+            con.close()
+    execs: dict[str, list[str]] = {}
+    for job_id, state in rows:
+        execs.setdefault(job_id, []).append(state)
     return {j: (s, execs.get(j, [])) for j, s in jobs.items()}
 
 
+@pytest.fixture(params=["sqlite", "postgresql", "postgresql+nats"])
+def mode(request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """(the record: "" for SQLite or a PostgreSQL URL, whether the broker is a NATS cluster):
+    one coordinator on SQLite and one Mosquitto; three coordinators on one PostgreSQL database
+    and one Mosquitto; the same three on a 3-server NATS cluster."""
+    if request.param == "sqlite":
+        return "", False
+    return str(request.getfixturevalue("pg_url")), request.param.endswith("nats")
+
+
 @pytest.mark.timeout(400)
-def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> None:
+def test_nothing_lost_nothing_run_twice_under_random_faults(
+    tmp_path: Path, mode: tuple[str, bool]
+) -> None:
     seed = int(os.environ.get("OPSBAY_FAULT_SEED", random.randrange(2**32)))
     print(f"\nfault-injection seed: {seed} (replay with OPSBAY_FAULT_SEED={seed})")
     rng = random.Random(seed)
     marks = tmp_path / "marks"
     marks.mkdir()
-    broker = start_broker(tmp_path / "broker")
+    store_url, on_nats = mode
+    cluster = start_nats_cluster(tmp_path / "nats") if on_nats else None
+    if cluster is not None:
+        first = cluster.servers[0]
+        assert first.process is not None
+        broker = Broker(port=first.mqtt_port, process=first.process, conf=first.conf, log=first.log)
+    else:
+        broker = start_broker(tmp_path / "broker")
     bus = Bus(broker=broker, tmp=tmp_path)
-    coordinator_args = ("--lost-grace", "2")
-    procs = {"coordinator": bus.coordinator(*coordinator_args)}
+    if cluster is not None:  # every process, and the test's client, gets the whole cluster
+        bus.broker_url = cluster.urls
+    coordinators = ["coordinator"] if not store_url else ["c1", "c2", "c3"]
+
+    def start_coordinator(name: str) -> subprocess.Popen[bytes]:
+        if not store_url:
+            return bus.coordinator("--lost-grace", "2")
+        p = bus.start(
+            f"coordinator-{name}", "coordinator", "--data-dir", str(tmp_path / f"data-{name}"),
+            "--store", store_url, "--name", name, "--lost-grace", "2",
+        )  # fmt: skip
+        bus.wait_log(f"coordinator-{name}", "coordinator: ready", timeout=30)
+        return p
+
+    procs = {name: start_coordinator(name) for name in coordinators}
     for node in NODES:
         procs[node] = bus.worker(node)
     events = bus.watch("jobs/#")
@@ -65,8 +111,8 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> N
     done = threading.Event()
 
     def restart(name: str) -> None:
-        if name == "coordinator":
-            procs[name] = bus.coordinator(*coordinator_args)
+        if name in coordinators:
+            procs[name] = start_coordinator(name)
         else:
             procs[name] = bus.worker(name)
 
@@ -75,6 +121,14 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> N
         for i in range(FAULTS):
             if done.wait(rng.uniform(0.3, SUBMIT_SECONDS / FAULTS)):
                 return
+            if cluster is not None and i in (keeps, wipes):
+                down = [s for s in cluster.servers if not s.running]
+                for server in down:  # one server down at a time: bring the last one back
+                    cluster.start(server)
+                server = rng.choice([s for s in cluster.servers if s not in down])
+                faults.append(f"kill -9 NATS server {server.name}")
+                cluster.kill(server)
+                continue
             if i in (keeps, wipes):
                 faults.append("broker restart" + (" without its data" if i == wipes else ""))
                 stop_process(bus.broker.process)
@@ -83,7 +137,7 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> N
                         f.unlink()
                 bus.broker = start_broker(tmp_path / "broker", port=broker.port)
                 continue
-            name = rng.choice(["coordinator", *NODES])
+            name = rng.choice([*coordinators, *NODES])
             faults.append(f"kill -9 {name}")
             procs[name].send_signal(signal.SIGKILL)
             procs[name].wait(10)
@@ -91,7 +145,7 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> N
 
     chaos_thread = threading.Thread(target=chaos)
     cfg = ClientConfig(
-        url=BrokerURL.parse(broker.url),
+        url=BrokerURL.parse_list(bus.env()["OPSBAY_BROKER"]),
         topics=Topics(bus.prefix),
         keyring=Keyring.shared(bus.secret),
     )
@@ -131,10 +185,13 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> N
         finally:
             done.set()
             chaos_thread.join(60)
+        for server in cluster.servers if cluster is not None else []:
+            if not server.running:  # the cluster whole again, for what follows
+                cluster.start(server)
         for name, p in procs.items():  # whatever the chaos left dead comes back
             if p.poll() is not None:
                 restart(name)
-        db = tmp_path / "data" / "opsbay.db"
+        db: Path | str = store_url or tmp_path / "data" / "opsbay.db"
 
         def all_terminal() -> list[str]:
             record = stored(db)
@@ -169,8 +226,12 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(tmp_path: Path) -> N
         # The CLI reads what the store holds.
         for job_id in rng.sample(submitted, 15):
             out = bus.cli("result", job_id, "--json")
+            assert out.returncode in (0, 1, 124, 68, 70, 80), (out.returncode, out.stderr, context)
             assert json.loads(out.stdout)["state"] == record[job_id][0], (job_id, context)
         assert all(p.poll() is None for p in procs.values())
     finally:
         bus.stop()
-        stop_process(bus.broker.process)
+        if cluster is not None:
+            cluster.stop()
+        else:
+            stop_process(bus.broker.process)

@@ -1,19 +1,35 @@
-"""store: jobs and executions, listing with filters, node status ordering, nonces, atomic()."""
+"""The record, on every backend (SQLite `store`, PostgreSQL `pgstore`): jobs and executions,
+listing with filters, node status ordering, nonces, atomic(); SQLite's files and schema
+versions."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import psycopg
 import pytest
 
+from opsbay_mqtt import pgstore
 from opsbay_mqtt.errors import ConfigError
+from opsbay_mqtt.pgstore import PgStore, StoreUnavailable
 from opsbay_mqtt.protocol import Execution, Job, replace
-from opsbay_mqtt.record import Record
+from opsbay_mqtt.record import Contention, Record
 from opsbay_mqtt.store import SCHEMA_VERSION, Store
+from tests.harness import wait_until
+
+if TYPE_CHECKING:
+    from tests.pg import PgServer
+
+pytest_plugins = ("tests.pg",)  # PostgreSQL: pg_server, pg_url, own_pg
 
 MS = 1_700_000_000_000
 
@@ -44,13 +60,18 @@ def path(tmp_path: Path) -> Path:
 
 
 # Every backend of the record runs every test below that takes `store`, through the interface
-# (record.Record) only; the SQLite-only ones (files, schema versions) open a `Store` themselves.
-BACKENDS: dict[str, Callable[[Path], Record]] = {"sqlite": Store}
+# (record.Record) only; the SQLite-only ones (files, schema versions) open a `Store` themselves,
+# the PostgreSQL-only ones (at the end) `PgStore`s. Each opener gets the test's
+# record file and its fixtures (PostgreSQL: a new database on the suite's server, tests/pg.py).
+BACKENDS: dict[str, Callable[[Path, pytest.FixtureRequest], Record]] = {
+    "sqlite": lambda path, _: Store(path),
+    "postgresql": lambda _, request: PgStore(request.getfixturevalue("pg_url")),
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def store(path: Path, request: pytest.FixtureRequest) -> Iterator[Record]:
-    s = BACKENDS[request.param](path)
+    s = BACKENDS[request.param](path, request)
     yield s
     s.close()
 
@@ -474,3 +495,305 @@ def test_a_second_writer_of_one_sqlite_record_is_refused(path: Path) -> None:
     finally:
         first.close()
     Store(path).close()
+
+
+def test_both_backends_count_the_same_schema_versions() -> None:
+    # A migration added to store.MIGRATIONS needs its PostgreSQL step in pgstore.MIGRATIONS.
+    assert pgstore.SCHEMA_VERSION == SCHEMA_VERSION
+
+
+def test_output_with_nul_and_odd_text_round_trips(store: Record) -> None:
+    # PostgreSQL's TEXT cannot hold NUL, and a command's output may (`cat /proc/1/cmdline`).
+    store.insert_job(make_job(1))
+    ex = Execution(node="web", state="succeeded", stdout="a\x00b\u00e9\U0001f600", stderr="\x00",
+                   host={"k": "\x00"})  # fmt: skip
+    put(store, jid(1), ex)
+    store.commit()
+    assert store.execution(jid(1), "web") == ex
+
+
+# -- PostgreSQL only: several coordinators on one record, its schema, its connection, secrets
+@pytest.fixture
+def two(pg_url: str) -> Iterator[tuple[PgStore, PgStore]]:
+    """Two coordinators' records on one database, and a pool to run one of them in."""
+    a, b = PgStore(pg_url), PgStore(pg_url)
+    yield a, b
+    for s in (a, b):
+        s.db.close()
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(1) as p:
+        yield p
+
+
+def blocked(pg_url: str, store: PgStore, what: str) -> None:
+    """Wait until `store`'s connection waits on a lock another transaction holds."""
+    pid = store.db.info.backend_pid
+    with psycopg.connect(pg_url, autocommit=True) as watcher:
+
+        def waiting() -> bool:
+            row = watcher.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+            ).fetchone()
+            return row is not None and row[0] == "Lock"
+
+        wait_until(waiting, 10, what)
+
+
+def test_a_second_coordinator_waits_for_a_locked_job_until_the_first_commits(
+    two: tuple[PgStore, PgStore], pool: ThreadPoolExecutor, pg_url: str
+) -> None:
+    a, b = two
+    a.insert_job(make_job(1))
+    a.commit()
+    assert a.lock_job(jid(1))
+    locked: Future[bool] = pool.submit(b.lock_job, jid(1))
+    blocked(pg_url, b, "b's lock_job to wait on a's")
+    assert not locked.done()
+    put(a, jid(1), Execution(node="web", state="running", started_ms=MS))
+    a.commit()
+    assert locked.result(timeout=10)
+    running = b.execution(jid(1), "web")  # read after the lock: a's change
+    assert running is not None and running.state == "running"
+
+
+@pytest.mark.parametrize("first_commits", [True, False])
+def test_two_coordinators_changing_an_execution_from_the_same_state_one_wins(
+    two: tuple[PgStore, PgStore], pool: ThreadPoolExecutor, pg_url: str, first_commits: bool
+) -> None:
+    a, b = two
+    a.insert_job(make_job(1))
+    a.commit()
+    started = Execution(node="web", state="running", started_ms=MS)
+    expired = Execution(node="web", state="expired", finished_ms=MS)
+    assert a.write_execution(jid(1), started, "pending")
+    late: Future[bool] = pool.submit(b.write_execution, jid(1), expired, "pending")
+    blocked(pg_url, b, "b's guarded update to wait on a's row")
+    if first_commits:
+        a.commit()
+        assert late.result(timeout=10) is False  # re-read after a's commit: no longer pending
+    else:
+        a.rollback()
+        assert late.result(timeout=10) is True
+    b.commit()
+    check = PgStore(pg_url)
+    assert check.execution(jid(1), "web") == (started if first_commits else expired)
+    check.close()
+
+
+def test_two_coordinators_inserting_one_job_one_inserts_it(
+    two: tuple[PgStore, PgStore], pool: ThreadPoolExecutor, pg_url: str
+) -> None:
+    a, b = two
+    assert a.insert_job(make_job(1, nodes=("a", "b")))
+    second: Future[bool] = pool.submit(b.insert_job, make_job(1, nodes=("c",)))
+    blocked(pg_url, b, "b's insert to wait on a's uncommitted one")
+    a.commit()
+    assert second.result(timeout=10) is False
+    b.commit()
+    got = b.get_job(jid(1))
+    assert got is not None and [x.node for x in got.executions] == ["a", "b"]
+
+
+def test_a_deadlock_between_two_batches_is_contention_in_one_of_them(
+    two: tuple[PgStore, PgStore], pool: ThreadPoolExecutor, pg_url: str
+) -> None:
+    a, b = two
+    for n in (1, 2):
+        a.insert_job(make_job(n))
+    a.commit()
+    assert a.lock_job(jid(1)) and b.lock_job(jid(2))
+
+    def lock_then_settle(store: PgStore, job: str) -> str:
+        try:
+            store.lock_job(job)
+        except Contention:
+            store.rollback()  # what the coordinator does: its locks go, the other goes on
+            return "contention"
+        return "locked"
+
+    a_side: Future[str] = pool.submit(lock_then_settle, a, jid(2))
+    blocked(pg_url, a, "a to wait for job 2, which b holds")
+    b_side = lock_then_settle(b, jid(1))  # closes the cycle: PostgreSQL breaks it
+    if b_side == "locked":  # a was the one rolled back
+        assert a_side.result(timeout=10) == "contention"
+    else:
+        b.commit()  # nothing held: a's wait ends
+        assert a_side.result(timeout=10) == "locked"
+    assert sorted([a_side.result(), b_side]) == ["contention", "locked"]
+    a.commit()
+    b.commit()
+
+
+def test_a_new_database_gets_the_schema_once_when_coordinators_start_at_once(
+    pg_url: str,
+) -> None:
+    # Hold the migration lock so that both processes are at the same point, then let go.
+    holder = psycopg.connect(pg_url, autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s)", (pgstore.MIGRATION_LOCK,))
+    code = "import sys; from opsbay_mqtt.pgstore import PgStore; PgStore(sys.argv[1]).close()"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, pg_url], stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    try:
+
+        def both_wait() -> int:
+            row = holder.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            ).fetchone()
+            return row is not None and row[0] == 2
+
+        wait_until(both_wait, 30, "both coordinators to wait for the migration lock")
+        holder.execute("SELECT pg_advisory_unlock(%s)", (pgstore.MIGRATION_LOCK,))
+        outcomes = [(p.communicate(timeout=60)[1], p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+        holder.close()
+    assert outcomes == [(b"", 0), (b"", 0)]
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT version FROM opsbay_schema").fetchall() == [(SCHEMA_VERSION,)]
+        tables = db.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
+            "ORDER BY 1"
+        ).fetchall()
+    assert [t for (t,) in tables] == ["executions", "jobs", "nodes", "nonces", "opsbay_schema"]
+
+
+def test_a_database_of_a_newer_schema_is_refused_and_left_alone(own_pg: PgServer) -> None:
+    db = own_pg.create_database(owner=own_pg.password_user)
+    url = own_pg.url(db, own_pg.password_user, own_pg.password)
+    PgStore(url).close()
+    with psycopg.connect(url, autocommit=True) as con:
+        con.execute("UPDATE opsbay_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(ConfigError, match="newer than this opsbay knows") as refused:
+        PgStore(url)
+    assert f"schema version {SCHEMA_VERSION + 1}" in str(refused.value)
+    assert f"{own_pg.password_user}:***@" in str(refused.value)
+    secret_free(str(refused.value), own_pg.password)
+    with psycopg.connect(url) as con:
+        assert con.execute("SELECT version FROM opsbay_schema").fetchone() == (SCHEMA_VERSION + 1,)
+    own_pg.drop_database(db)
+
+
+def test_a_database_that_holds_other_tables_named_jobs_is_refused(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as con:
+        con.execute("CREATE TABLE jobs (id int)")
+    with pytest.raises(ConfigError, match="not an opsbay record"):
+        PgStore(pg_url)
+
+
+def test_a_connection_lost_mid_batch_says_so_and_keeps_nothing_of_the_batch(
+    pg_url: str,
+) -> None:
+    s = PgStore(pg_url)
+    s.insert_job(make_job(1))
+    s.commit()
+    s.insert_job(make_job(2))
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (s.db.info.backend_pid,))
+    with pytest.raises(StoreUnavailable, match="connection to PostgreSQL was lost"):
+        s.set_job_state(jid(1), "failed")
+    with pytest.raises(StoreUnavailable, match="nothing of this batch was committed"):
+        s.commit()
+    s.close()  # and closing it raises nothing more
+    again = PgStore(pg_url)
+    assert [j.job_id for j in again.list_jobs()] == [jid(1)]
+    assert again.get_job(jid(1)).state == "pending"  # type: ignore[union-attr]
+    again.close()
+
+
+def secret_free(text: str, password: str) -> None:
+    from urllib.parse import quote
+
+    for form in (password, quote(password, safe="")):
+        assert form not in text
+
+
+def test_the_password_is_never_shown(own_pg: PgServer, caplog: pytest.LogCaptureFixture) -> None:
+    db = own_pg.create_database(owner=own_pg.password_user)
+    caplog.set_level(logging.DEBUG)
+    url = own_pg.url(db, own_pg.password_user, own_pg.password)
+    PgStore(url).close()  # logs where the record is
+    assert f"{own_pg.password_user}:***@" in caplog.text
+    wrong = own_pg.url(db, own_pg.password_user, own_pg.password + "x")
+    unreachable = url.replace(f":{own_pg.port}/", ":1/")
+    errors: list[str] = []
+    unencoded = f"postgresql://{own_pg.password_user}:{own_pg.password}@{own_pg.host}/x"
+    for bad in (wrong, unreachable, url + "?sslmode=nonsense", unencoded):
+        with pytest.raises((StoreUnavailable, ConfigError)) as e:
+            PgStore(bad)
+        errors.append(str(e.value))
+        assert e.value.__cause__ is None  # no untouched psycopg error chained to it
+    assert "password authentication failed" in errors[0]
+    assert all(f"{own_pg.password_user}:***@" in text for text in errors), errors
+    for text in [*errors, caplog.text]:
+        secret_free(text, own_pg.password)
+    own_pg.drop_database(db)
+
+
+def test_a_url_without_password_uses_pgpassword_or_a_password_file(
+    own_pg: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = own_pg.create_database(owner=own_pg.password_user)
+    url = own_pg.url(db, own_pg.password_user)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
+    with pytest.raises(StoreUnavailable, match="password"):
+        PgStore(url)  # none given anywhere: refused by the server
+    monkeypatch.setenv("PGPASSWORD", own_pg.password)
+    PgStore(url).close()
+    monkeypatch.delenv("PGPASSWORD")
+    passfile = tmp_path / "pgpass"
+    who = f"{own_pg.host}:{own_pg.port}:{db}:{own_pg.password_user}"
+    escaped = own_pg.password.replace("\\", "\\\\").replace(":", "\\:")  # .pgpass's quoting
+    passfile.write_text(f"{who}:{escaped}\n")
+    passfile.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    PgStore(url).close()
+    own_pg.drop_database(db)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://u:pw@h/db", "postgresql://u:***@h/db"),
+        ("postgres://u:p%40ss@h:5/db?sslmode=require", "postgres://u:***@h:5/db?sslmode=require"),
+        ("postgresql://u@h/db?password=pw&sslmode=require",
+         "postgresql://u@h/db?password=***&sslmode=require"),
+        ("postgresql://u:p@ss/w?rd@h/db", "postgresql://u:***@h/db"),  # not percent-encoded
+        ("postgresql:///db", "postgresql:///db"),
+        ("postgresql://h", "postgresql://h"),
+    ],
+)  # fmt: skip
+def test_shown_hides_the_password(url: str, expected: str) -> None:
+    assert pgstore.shown(url) == expected
+
+
+def test_a_job_on_ten_thousand_nodes_is_inserted_whole(pg_url: str) -> None:
+    s = PgStore(pg_url)
+    nodes = tuple(f"n{i:05d}" for i in range(10_000))
+    assert s.insert_job(make_job(1, nodes=nodes))  # the job, then its executions in one go
+    s.commit()
+    assert s.state_counts(jid(1)) == {"pending": 10_000}
+    got = s.get_job(jid(1))
+    assert got is not None and [x.node for x in got.executions] == list(nodes)
+    s.close()
+
+
+def test_many_executions_are_written_in_one_call_each_guarded(store: Record) -> None:
+    store.insert_job(make_job(1, nodes=("a", "b")))
+    fresh = [(None, Execution(node=f"n{i}", state="pending")) for i in range(500)]
+    running = Execution(node="a", state="running", started_ms=MS)
+    late = Execution(node="b", state="expired", finished_ms=MS)
+    changes = [*fresh, ("pending", running), ("running", late)]  # b is pending: not written
+    assert store.write_executions(jid(1), changes) == {f"n{i}" for i in range(500)} | {"a"}
+    assert store.execution(jid(1), "a") == running
+    got = store.execution(jid(1), "b")
+    assert got is not None and got.state == "pending"
+    assert store.state_counts(jid(1)) == {"pending": 501, "running": 1}

@@ -1,9 +1,10 @@
-"""transport: what importing it costs a process that never looks for a proxy, and a
-connection without a network thread."""
+"""transport: what importing it costs a process that never looks for a proxy, a connection
+without a network thread, and a list of brokers to move along."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -11,11 +12,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
-from opsbay_mqtt.transport import BrokerURL, Connection, Inbound, disconnect_reason
-from tests.conftest import restart
+from opsbay_mqtt.errors import BrokerError, ConfigError
+from opsbay_mqtt.transport import CONNECTED, BrokerURL, Connection, Inbound, disconnect_reason
+from tests.conftest import restart, start_broker
+from tests.harness import free_port
 from tests.helpers import Broker, Bus, Watcher, stop_process, wait_until
 
 CODE = """
@@ -142,3 +146,132 @@ def test_a_disconnect_is_explained_in_words(from_server: bool, code: int, said: 
     names = {142: "Session taken over", 137: "Server busy", 128: "Unspecified error", 0: "Success"}
     text = disconnect_reason(_Flags(from_server), _Code(code, names[code]))
     assert said in text and "Unspecified" not in text
+
+
+# -- a list of brokers
+
+
+@pytest.mark.parametrize(
+    ("value", "brokers"),
+    [
+        ("mqtt://a:1883", ["mqtt://a:1883"]),
+        ("mqtt://a,mqtt://b:1884", ["mqtt://a:1883", "mqtt://b:1884"]),
+        ("mqtt://a , tcp://b", ["mqtt://a:1883", "mqtt://b:1883"]),  # spaces around the comma
+        ("mqtts://a,ssl://b", ["mqtts://a:8883", "mqtts://b:8883"]),
+        (
+            "mqtt://a?version=3.1.1,mqtt://[::1]:2?version=3.1.1",
+            ["mqtt://a:1883?version=3.1.1", "mqtt://[::1]:2?version=3.1.1"],
+        ),
+        # A comma splits only before a URL: a password (or a lone URL's) may hold one.
+        ("mqtt://ci:Se,cret@a,mqtt://ci:x@b", ["mqtt://ci@a:1883", "mqtt://ci@b:1883"]),
+        ("mqtt://ci:Se,cret@a", ["mqtt://ci@a:1883"]),
+    ],
+)
+def test_a_broker_list_is_parsed_in_order(value: str, brokers: list[str]) -> None:
+    parsed = BrokerURL.parse_list(value)
+    assert [str(b) for b in parsed] == brokers
+    assert str(parsed) == ",".join(brokers)
+
+
+def test_a_one_url_list_is_that_url_and_fails_as_it_did() -> None:
+    assert BrokerURL.parse_list("mqtt://ci:p%40ss@h:1") == (
+        BrokerURL.parse("mqtt://ci:p%40ss@h:1"),
+    )
+    for bad in ("mqtt://h:0", "http://h", "mqtt://ci:Top#Secret@h"):
+        with pytest.raises(ConfigError) as one:
+            BrokerURL.parse(bad)
+        with pytest.raises(ConfigError) as listed:
+            BrokerURL.parse_list(bad)
+        assert str(listed.value) == str(one.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("mqtt://a,mqtt://ci:Secret@b:0", "entry 2 of 2, 'mqtt://ci:***@b:0' has port 0"),
+        ("mqtt://ci:Secret@a:x,mqtt://b", "entry 1 of 2, 'mqtt://ci:***@a:x' has a port"),
+        ("mqtt://a,mqtt://b,http://c", "entry 2 of 2, 'mqtt://b,http://c' has a path"),
+        ("mqtt://a:1883,b:1883", "give whole URLs, one comma between two"),
+        ("mqtt://a,,mqtt://b", "give whole URLs, one comma between two"),
+        ("mqtt://a,mqtt://b?version=3.1.1", "entry 2, 'mqtt://b:1883?version=3.1.1', and entry 1"),
+        ("mqtt://a,mqtts://ci:Secret@b", "differ in scheme"),
+        ("mqtt://a:1883,mqtt://b,mqtt://a", "entry 3, 'mqtt://a:1883', is the broker of entry 1"),
+    ],
+)
+def test_a_bad_broker_list_names_the_entry_and_never_its_password(value: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(says)) as e:
+        BrokerURL.parse_list(value)
+    assert str(e.value).startswith("--broker / OPSBAY_BROKER: ")
+    assert "Secret" not in str(e.value)
+
+
+def dead_url() -> str:
+    """A loopback port nobody listens on."""
+    return f"mqtt://127.0.0.1:{free_port()}"
+
+
+def test_a_connection_takes_the_first_broker_of_the_list_that_answers(broker: Broker) -> None:
+    dead = dead_url()
+    conn = Connection(url=BrokerURL.parse_list(f"{dead},{broker.url}"), client_id="t-first")
+    try:
+        assert conn.connect(timeout_s=10)
+        assert str(conn.url) == broker.url
+    finally:
+        conn.close()
+
+
+def test_a_connection_that_no_broker_takes_names_every_broker_and_why() -> None:
+    dead = [dead_url(), dead_url()]
+    conn = Connection(url=BrokerURL.parse_list(",".join(dead)), client_id="t-none")
+    with pytest.raises(BrokerError) as e:
+        conn.connect(timeout_s=5)
+    said = str(e.value)
+    assert said.startswith(f"no broker of {dead[0]},{dead[1]} accepted the connection: ")
+    assert all(f"cannot reach broker {d}: " in said for d in dead), said
+
+
+def test_a_lost_connection_moves_on_to_the_next_broker(own: Bus, tmp_path: Path) -> None:
+    """Broker A stops for good: the connection goes on through B, with its subscriptions, and
+    says it reconnected (CONNECTED in the inbox); a message published while neither held it
+    goes out through B."""
+    other = start_broker(tmp_path / "second-broker")
+    topic = f"moved/{uuid.uuid4().hex[:8]}"
+    conn = Connection(
+        url=BrokerURL.parse_list(f"{own.broker.url},{other.url}"), client_id="t-moves"
+    )
+    try:
+        conn.connect(timeout_s=10)
+        assert str(conn.url) == own.broker.url
+        conn.subscribe([(topic, 1)])
+        stop_process(own.broker.process)
+        wait_until(lambda: conn.pump(0.05) or not conn.connected, 10, "the connection lost")
+        info = conn.publish(topic, b'{"through": "b"}')
+        conn.wait_published(info, topic, 30)
+        assert str(conn.url) == other.url
+        got: list[Inbound] = []
+        wait_until(lambda: got.extend(conn.receive(0.1, 10)) or len(got) >= 2, 10, "delivery")
+        assert [(m.topic, m.payload) for m in got] == [
+            (CONNECTED, b""),
+            (topic, b'{"through": "b"}'),
+        ]
+    finally:
+        conn.close()
+        stop_process(other.process)
+
+
+def test_the_cli_tries_the_next_broker_and_names_every_one_it_tried(running: Bus) -> None:
+    dead, dead_too = dead_url(), dead_url()
+    out = running.cli(
+        "submit",
+        "-t",
+        "n1",
+        "-c",
+        "echo via the list",
+        "--wait",
+        OPSBAY_BROKER=f"{dead},{running.broker.url}",
+    )
+    assert (out.returncode, out.stdout) == (0, "via the list\n"), out.stderr
+    out = running.cli("nodes", OPSBAY_BROKER=f"{dead},{dead_too}")
+    assert out.returncode == 69, out.stderr
+    assert f"cannot reach broker {dead}: " in out.stderr
+    assert f"cannot reach broker {dead_too}: " in out.stderr

@@ -44,6 +44,19 @@ def coordinator(
             help="Where the SQLite record lives.",
         ),
     ] = Path("opsbay-data"),
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store",
+            metavar="URL",
+            envvar="OPSBAY_STORE",
+            help="The record: postgresql://[user@]host[:port]/dbname for PostgreSQL (several "
+            "coordinators may share one; needs pip install 'opsbay-mqtt[postgresql]'), or "
+            "nothing for SQLite, opsbay.db under --data-dir (the default). Give the password "
+            "by PGPASSWORD or ~/.pgpass (PGPASSFILE) rather than in the URL; it is never "
+            "shown. See docs/postgresql.md.",
+        ),
+    ] = "",
     allow_node: Annotated[
         list[str] | None,
         typer.Option(
@@ -99,6 +112,18 @@ def coordinator(
             "Letters, digits, . _ -. Default: none (one coordinator).",
         ),
     ] = "",
+    share: Annotated[
+        str,
+        typer.Option(
+            "--share",
+            metavar="GROUP",
+            envvar="OPSBAY_COORDINATOR_SHARE",
+            help="Split requests and results with the other coordinators of GROUP through MQTT "
+            "5 shared subscriptions (each message to one of them) instead of each handling "
+            "every message. Needs MQTT 5; see docs/scaling.md for what a broker does with the "
+            "share of a coordinator that died.",
+        ),
+    ] = "",
     quiet: Quiet = False,
 ) -> None:
     """Run the coordinator: validate, record and dispatch jobs; answer queries."""
@@ -119,6 +144,10 @@ def coordinator(
         usage_or_setting(
             ("--name",), "OPSBAY_COORDINATOR_NAME", lambda: cliargs.check_node(name, "--name")
         )
+    if share:
+        usage_or_setting(
+            ("--share",), "OPSBAY_COORDINATOR_SHARE", lambda: cliargs.check_node(share, "--share")
+        )
     s = settings(bus, "coordinator")
     limits = {
         "window_s": window,
@@ -128,7 +157,15 @@ def coordinator(
         "max_open_per_node": max_open,
     }
     run(
-        lambda: run_coordinator(s, data_dir=data_dir, allow_nodes=allowed, limits=limits, name=name)
+        lambda: run_coordinator(
+            s,
+            data_dir=data_dir,
+            allow_nodes=allowed,
+            limits=limits,
+            name=name,
+            store_url=store,
+            share=share,
+        )
     )
 
 
@@ -385,3 +422,66 @@ def _append_key(path: Path, entry: str) -> None:
             f.write("\n" + entry)
     except OSError as e:
         raise ConfigError(f"--append: cannot write {path}: {e.strerror}") from e
+
+
+store_app = typer.Typer(
+    help="The coordinator's record: move it from SQLite to PostgreSQL.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("copy")
+def store_copy(
+    source: Annotated[
+        Path,
+        typer.Option(
+            "--from",
+            metavar="PATH",
+            help="The SQLite record: its opsbay.db, or the coordinator's --data-dir.",
+        ),
+    ],
+    target: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            metavar="URL",
+            envvar="OPSBAY_STORE",
+            help="The PostgreSQL record, postgresql://[user@]host[:port]/dbname, as the "
+            "coordinator's --store (password by PGPASSWORD or ~/.pgpass); its tables are "
+            "created if missing, and must be empty.",
+        ),
+    ],
+) -> None:
+    """Copy a SQLite record into an empty PostgreSQL one: every job, execution, node and
+    remembered nonce, in one transaction (all or nothing); print how many of each. Stop the
+    coordinator first and keep it stopped until the copy is done: nothing may write the SQLite
+    record meanwhile. Then start the coordinator(s) with --store URL. See docs/postgresql.md."""
+    from opsbay_mqtt.errors import ConfigError, UsageError
+
+    def copy() -> dict[str, int]:
+        if "://" in str(source):
+            raise UsageError("--from", "give the SQLite record's path (opsbay.db or its folder)")
+        if target.partition("://")[0].lower() not in ("postgresql", "postgres"):
+            raise UsageError("--to", "give a postgresql://... URL")
+        try:
+            from opsbay_mqtt import pgstore
+        except ImportError as e:
+            if (e.name or "").partition(".")[0] != "psycopg":
+                raise
+            raise ConfigError(
+                "--to: needs psycopg: pip install 'opsbay-mqtt[postgresql]'"
+            ) from None
+        path = source / "opsbay.db" if source.is_dir() else source
+        return pgstore.copy_record(path, target)  # StoreUnavailable: exit 69 (`exit_for`)
+
+    setup_logging(logging.WARNING)
+    copied = run(copy)
+    from opsbay_mqtt.pgstore import shown
+
+    typer.echo(
+        f"copied {copied['jobs']} jobs, {copied['executions']} executions, "
+        f"{copied['nodes']} nodes and {copied['nonces']} nonces to {shown(target)}"
+    )

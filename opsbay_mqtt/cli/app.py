@@ -44,8 +44,11 @@ _BUS_OPTIONS: dict[str, tuple[Any, Any]] = {
                 envvar="OPSBAY_BROKER",
                 help="Broker URL: mqtt://[user:pass@]host[:port], or mqtts://... for TLS; "
                 "add ?version=3.1.1 for an MQTT 3.1.1 broker. Percent-encode a user or password "
-                "holding @ : / ? # % or spaces (# as %23, / as %2F, @ as %40). A bad URL exits "
-                "78 (a setting); the password is never shown.",
+                "holding @ : / ? # % or spaces (# as %23, / as %2F, @ as %40). Several brokers "
+                "(the servers of a cluster): whole URLs separated by commas, all of one MQTT "
+                "version and scheme; the first that answers is used, and a lost connection "
+                "moves on to the next. A bad URL exits 78 (a setting); the password is never "
+                "shown.",
             ),
         ],
         DEFAULT_BROKER,
@@ -282,6 +285,7 @@ COMMAND_MODULES = {
     "worker": "admin",
     "stack": "admin",
     "keys": "admin",
+    "store": "admin",
     "watch": "fleet",
     "cronicle": "fleet",
 }

@@ -25,14 +25,14 @@ if TYPE_CHECKING:
     from opsbay_mqtt.settings import BusOptions
     from opsbay_mqtt.signing import Keyring
     from opsbay_mqtt.topics import Topics
-    from opsbay_mqtt.transport import BrokerURL, TlsFiles
+    from opsbay_mqtt.transport import Brokers, TlsFiles
 
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------- watch
 
 
-def _watch_settings(bus: BusOptions) -> tuple[BrokerURL, Topics, TlsFiles, Keyring | None]:
+def _watch_settings(bus: BusOptions) -> tuple[Brokers, Topics, TlsFiles, Keyring | None]:
     """Where to watch, and the keyring to verify with; a watcher with no key still watches."""
     from opsbay_mqtt.settings import connection, has_key, resolve
 
@@ -41,7 +41,7 @@ def _watch_settings(bus: BusOptions) -> tuple[BrokerURL, Topics, TlsFiles, Keyri
     # The coordinator's role takes every key it is given: a watcher signs nothing, it
     # verifies with whatever it holds.
     s = resolve(bus, "coordinator")
-    return s.url, s.topics, s.tls, s.keyring
+    return s.brokers, s.topics, s.tls, s.keyring
 
 
 def _print(line: str) -> None:
@@ -131,7 +131,7 @@ def watch(
 
 
 def _watch(
-    url: BrokerURL,
+    url: Brokers,
     tls: TlsFiles,
     subscriptions: list[tuple[str, int]],
     pick: Callable[[str, bytes], Seen | None],
@@ -150,9 +150,11 @@ def _watch(
     with _interrupt_on_sigterm():
         try:
             conn.connect()
+            if not conn.url.mqtt5:  # as `Client._qos` says why: QoS 0 on MQTT 3.1.1 brokers
+                subscriptions = [(t, 0) for t, _ in subscriptions]
             conn.subscribe(subscriptions)
             topics = " ".join(t for t, _ in subscriptions)
-            typer.echo(f"opsbay: watching {url} {topics}; Ctrl-C to stop", err=True)
+            typer.echo(f"opsbay: watching {conn.url} {topics}; Ctrl-C to stop", err=True)
             while count is None or printed < count:
                 left = deadline - time.monotonic()
                 if left <= 0:
