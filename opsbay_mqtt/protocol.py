@@ -436,17 +436,43 @@ def replace(record: _R, /, **changes: Any) -> _R:
 
 def wire(record: Any) -> dict[str, Any]:
     """A message or record as JSON-ready data: new dicts and lists all the way down."""
+    plan = _WIRE.get(type(record))
+    if plan is None:
+        plan = _WIRE[type(record)] = _wire_plan(type(record))
     out: dict[str, Any] = {}
-    for name in _names(type(record)):
+    for name, kind in plan:
         value = getattr(record, name)
-        if isinstance(value, dict):
-            value = dict(value)
-        elif isinstance(value, list):
-            value = [wire(x) if dataclasses.is_dataclass(x) else x for x in value]
-        elif dataclasses.is_dataclass(value):
-            value = wire(value)
-        out[name] = value
+        if kind is _PLAIN or value is None:
+            out[name] = value
+        elif kind is _RECORDS:
+            out[name] = [wire(x) for x in value]
+        elif kind is _RECORD:
+            out[name] = wire(value)
+        elif isinstance(value, dict):  # _COPY: a dict, or any JSON value
+            out[name] = dict(value)
+        else:
+            out[name] = list(value) if isinstance(value, list) else value
     return out
+
+
+# How `wire` turns each field into JSON, worked out once per class from its type.
+_PLAIN, _COPY, _RECORD, _RECORDS = "plain", "copy", "record", "records"
+_WIRE: dict[type, tuple[tuple[str, str], ...]] = {}
+
+
+def _wire_plan(cls: type) -> tuple[tuple[str, str], ...]:
+    plan = []
+    for name, hint in hints(cls).items():
+        records = [t for t in _flatten(hint) if isinstance(t, type) and dataclasses.is_dataclass(t)]
+        kinds = {typing.get_origin(t) for t in _flatten(hint)}
+        if records:
+            kind = _RECORDS if list in kinds else _RECORD
+        elif dict in kinds or list in kinds or Any in _flatten(hint):
+            kind = _COPY
+        else:
+            kind = _PLAIN
+        plan.append((name, kind))
+    return tuple(plan)
 
 
 as_dict = wire
