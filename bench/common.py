@@ -257,14 +257,19 @@ class CpuMeter:
 
 
 def paho_thread(
-    name: str, port: int, subscribe: list[tuple[str, int]], inbox: queue.Queue[Any] | None = None
+    name: str,
+    port: int,
+    subscribe: list[tuple[str, int]],
+    inbox: queue.Queue[Any] | None = None,
+    v311: bool = False,
 ) -> mqtt.Client:
-    """A paho client (MQTT 5, TCP_NODELAY as the package's transport sets it) with its network
-    thread, once subscribed (or connected); messages go to `inbox` as (arrival time, payload)."""
+    """A paho client (MQTT 5, or 3.1.1 with `v311`; TCP_NODELAY as the package's transport sets
+    it) with its network thread, once subscribed (or connected); messages go to `inbox` as
+    (arrival time, payload)."""
     c = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=f"bench-{name}-{secrets.token_hex(4)}",
-        protocol=MQTTProtocolVersion.MQTTv5,
+        protocol=MQTTProtocolVersion.MQTTv311 if v311 else MQTTProtocolVersion.MQTTv5,
     )
     nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     c.on_socket_open = lambda cl, u, sock: sock.setsockopt(*nodelay)  # type: ignore[attr-defined]
@@ -300,9 +305,17 @@ class Bus:
     prefix: str = field(default_factory=lambda: f"b{secrets.token_hex(4)}")
     secret: str = field(default_factory=lambda: secrets.token_hex(32))
     started: list[subprocess.Popen[Any]] = field(default_factory=list)
+    # A NATS cluster's MQTT ports (MQTT 3.1.1), when the bus is one; `port` is the first.
+    ports: list[int] = field(default_factory=list)
+
+    @property
+    def v311(self) -> bool:
+        return bool(self.ports)
 
     @property
     def url(self) -> str:
+        if self.ports:
+            return ",".join(f"mqtt://{HOST}:{p}?version=3.1.1" for p in self.ports)
         return f"mqtt://{HOST}:{self.port}"
 
     @property
@@ -371,7 +384,8 @@ class Bus:
         from opsbay_mqtt.client import ClientConfig
         from opsbay_mqtt.transport import BrokerURL
 
-        return ClientConfig(url=BrokerURL.parse(self.url), topics=self.topics, keyring=self.keyring)
+        brokers = BrokerURL.parse_list(self.url)
+        return ClientConfig(url=brokers, topics=self.topics, keyring=self.keyring)
 
 
 @contextlib.contextmanager
@@ -395,6 +409,31 @@ def private_bus(suite: Suite, name: str) -> Iterator[Bus]:
             for raw in sorted(suite.profile_dir.glob(f"{name}-*.raw")):
                 raw.with_suffix(".txt").write_text(summarize_raw(raw))
                 suite.say(f"profile: {raw.with_suffix('.txt')}")
+
+
+@contextlib.contextmanager
+def nats_bus(suite: Suite, name: str) -> Iterator[Bus]:
+    """A fresh 3-server NATS cluster (JetStream, the MQTT gateway; tests/nats.py), as a bus whose
+    processes get the list of its servers; stopped, with everything started for it, on the
+    way out."""
+    from tests.nats import start_nats_cluster
+
+    directory = suite.workdir / name
+    directory.mkdir(parents=True, exist_ok=True)
+    cluster = start_nats_cluster(directory / "nats")
+    first = cluster.servers[0]
+    assert first.process is not None
+    ports = [s.mqtt_port for s in cluster.servers]
+    bus = Bus(
+        suite=suite, name=name, directory=directory, port=ports[0], broker=first.process,
+        ports=ports,
+    )  # fmt: skip
+    try:
+        yield bus
+    finally:
+        for p in reversed(bus.started):
+            suite.procs.stop(p)
+        cluster.stop()
 
 
 class Lines:

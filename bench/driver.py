@@ -22,7 +22,7 @@ class Driver:
         self.topics, self.keyring = bus.topics, bus.keyring
         self.inbox: queue.Queue[tuple[float, bytes]] = queue.Queue()
         subs = [(f"{self.topics.prefix}/jobs/+", 1), (self.topics.rejected, 1)] if follow else []
-        self.client = paho_thread("driver", bus.port, subs, self.inbox)
+        self.client = paho_thread("driver", bus.port, subs, self.inbox, v311=bus.v311)
         self.rejected: list[str] = []
 
     def sign(self, target: str, command: str = "true") -> tuple[str, bytes]:

@@ -47,8 +47,15 @@ def node_name(i: int) -> str:
 
 
 class Fleet:
-    def __init__(self, port: int, topics: Topics, keyring: Keyring, nodes: list[str]) -> None:
-        self.port = port
+    def __init__(
+        self,
+        ports: list[int],
+        topics: Topics,
+        keyring: Keyring,
+        nodes: list[str],
+        v311: bool = False,
+    ) -> None:
+        self.ports, self.v311 = ports, v311  # node i on ports[i % len]; MQTT 3.1.1 (NATS)
         self.topics = topics
         self.keyring = keyring
         self.nodes = nodes
@@ -118,10 +125,10 @@ class Fleet:
 
     def _on_message(self, client: Any, node: str, msg: Any) -> None:
         try:
-            d, _auth = decode(msg.payload, self.keyring, expect=(Dispatch,))
-            assert isinstance(d, Dispatch)
-            if msg.topic != self.topics.node_jobs(node) or d.node != node:
-                raise Refused("wrong_node", f"dispatch for {d.node} on {msg.topic} reached {node}")
+            topic = self.topics.parse(msg.topic)
+            if topic != ("node_jobs", {"node": node}):
+                raise Refused("wrong_topic", f"{msg.topic} reached {node}")
+            d, _auth = decode(msg.payload, self.keyring, Dispatch, topic)
         except Refused:
             self.refused += 1
             return
@@ -150,7 +157,7 @@ class Fleet:
         c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id("worker", self.topics, node),
-            protocol=MQTTProtocolVersion.MQTTv5,
+            protocol=MQTTProtocolVersion.MQTTv311 if self.v311 else MQTTProtocolVersion.MQTTv5,
             userdata=node,
         )
         c.on_socket_open = self._open
@@ -186,7 +193,7 @@ class Fleet:
         for i, node in enumerate(self.nodes):
             c = self._client(node)
             self.clients.append(c)
-            c.connect("127.0.0.1", self.port, keepalive=60)
+            c.connect("127.0.0.1", self.ports[i % len(self.ports)], keepalive=60)
             if i % 50 == 49:
                 self.pump(0)
         announced = False
@@ -218,7 +225,9 @@ def start_fleet(bus: Bus, total: int, processes: int, timeout_s: float) -> list[
     per, sims = total // processes, []
     for k in range(processes):
         count = per if k < processes - 1 else total - per * (processes - 1)
-        argv = [sys.executable, "-m", "bench.simworkers", "--port", str(bus.port)]
+        ports = ",".join(map(str, bus.ports or [bus.port]))
+        argv = [sys.executable, "-m", "bench.simworkers", "--port", ports]
+        argv += ["--v311"] if bus.v311 else []
         argv += ["--prefix", bus.prefix, "--first", str(k * per), "--count", str(count)]
         sims.append(Lines(bus.start(f"sim-{k}", argv, piped=True, BENCH_SECRET=bus.secret)))
     for s in sims:
@@ -228,16 +237,18 @@ def start_fleet(bus: Bus, total: int, processes: int, timeout_s: float) -> list[
 
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.simworkers")
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--port", required=True, help="a port, or several: p1,p2,p3")
+    ap.add_argument("--v311", action="store_true", help="MQTT 3.1.1 (NATS's gateway)")
     ap.add_argument("--prefix", required=True)
     ap.add_argument("--first", type=int, required=True)
     ap.add_argument("--count", type=int, required=True)
     args = ap.parse_args()
     fleet = Fleet(
-        args.port,
+        [int(p) for p in args.port.split(",")],
         Topics(args.prefix),
         Keyring.shared(os.environ["BENCH_SECRET"]),
         [node_name(i) for i in range(args.first, args.first + args.count)],
+        v311=args.v311,
     )
 
     def stop(signum: int, frame: Any) -> None:

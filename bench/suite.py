@@ -62,6 +62,7 @@ FIGURES: dict[str, tuple[str, Callable[[Suite], list[Row]]]] = {
     "intake": ("coordinator intake", fig_intake.run),
     "fleet": ("fleet", fig_fleet.run),
     "store": ("store", fig_store.run),
+    "fleet-nats": ("fleet on NATS", fig_fleet.run_nats),
     "coordinators": ("coordinators", fig_scale.run),
 }
 RESULTS = REPO / "bench" / "results"

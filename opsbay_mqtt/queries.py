@@ -69,13 +69,31 @@ def answer(q: Query, store: Record) -> Reply:
                 break  # the reply must fit in one message: fewer jobs than asked for
             data.append(listed)
     else:
-        data = [
-            n
-            for n in store.list_nodes()
-            if (q.node_state is None or n["state"] == q.node_state)
-            and all((n.get("labels") or {}).get(k) == v for k, v in q.where.items())
-        ]
+        data = _fitted_nodes(
+            [
+                n
+                for n in store.list_nodes()
+                if (q.node_state is None or n["state"] == q.node_state)
+                and all((n.get("labels") or {}).get(k) == v for k, v in q.where.items())
+            ]
+        )
     return Reply(correlation=q.correlation, ok=True, data=data)
+
+
+def _fitted_nodes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The nodes, in one message whatever the fleet's size: with their `facts` while the reply
+    fits in JOB_BUDGET_BYTES, without them (`facts: {}`) when it would not (about 3,000 nodes
+    and up), and, beyond that, the first ones that fit, in name order."""
+    if len(json.dumps(nodes)) <= JOB_BUDGET_BYTES:
+        return nodes
+    bare = [{**n, "facts": {}} if "facts" in n else n for n in nodes]
+    out, used = [], 2
+    for n in bare:
+        used += len(json.dumps(n)) + 1
+        if used > JOB_BUDGET_BYTES:
+            break
+        out.append(n)
+    return out
 
 
 def _listed(job: Job) -> dict[str, Any]:

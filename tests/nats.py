@@ -102,6 +102,7 @@ cluster {{
 server_name: {me.name}
 listen: {HOST}:{me.client_port}
 http: {HOST}:{me.http_port}
+max_payload: 4MB
 jetstream {{
   store_dir: {store}
   max_memory_store: 64MB

@@ -43,7 +43,10 @@ def test_the_nats_servers_are_configured_as_the_tests_cluster_is(tmp_path: Path)
     tested, shipped = settings(server_config(servers[0], servers)), settings(CONF)
     # What differs on purpose: addresses (loopback ports there, container ports here), names,
     # the store's path.
-    for key in ("jetstream.max_memory_store", "jetstream.max_file_store", "mqtt.stream_replicas"):
+    for key in (
+        "max_payload", "jetstream.max_memory_store", "jetstream.max_file_store",
+        "mqtt.stream_replicas",
+    ):  # fmt: skip
         assert shipped[key] == tested[key], key
     assert shipped["mqtt.stream_replicas"] == "3"
     assert tested["cluster.name"] == CLUSTER_NAME and shipped["cluster.name"] == "opsbay"

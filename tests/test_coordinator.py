@@ -337,3 +337,21 @@ def test_a_cancel_never_takes_back_a_dispatch_sent_again_the_node_may_hold_the_f
     cancel(coord, job_id)
     assert [m["type"] for m in sent(coord, "/nodes/n1/jobs")] == ["dispatch", "cancel"]
     assert state(coord, job_id) == "pending"  # the node decides
+
+
+def test_a_nodes_reply_for_a_large_fleet_fits_in_one_message(coord: Coordinator) -> None:
+    """10,000 nodes with their facts would pass the message limit: the reply leaves the facts
+    out, and still lists every node."""
+    from opsbay_mqtt import queries
+    from opsbay_mqtt.protocol import Query, wire
+
+    facts = {"os": "Linux 6.1", "cpus": 8, "mem_mb": 32_000, "disk": "x" * 300}
+    coord.store.node_seen("small", 1, info={"labels": {}, "facts": facts})
+    small = queries.answer(Query(query="nodes", reply_to="r", correlation="c"), coord.store)
+    assert small.data[0]["facts"] == facts  # a fleet that fits keeps its facts
+    for i in range(10_000):
+        coord.store.node_seen(f"n{i:05d}", 1, info={"labels": {}, "facts": facts})
+    q = Query(query="nodes", reply_to="r", correlation="c")
+    reply = queries.answer(q, coord.store)
+    assert len(reply.data) == 10_001 and all(n["facts"] == {} for n in reply.data)
+    assert len(json.dumps(wire(reply))) <= queries.JOB_BUDGET_BYTES + 1024
