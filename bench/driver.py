@@ -21,7 +21,10 @@ class Driver:
         """`follow=False`: only publish (no subscription to job events)."""
         self.topics, self.keyring = bus.topics, bus.keyring
         self.inbox: queue.Queue[tuple[float, bytes]] = queue.Queue()
-        subs = [(f"{self.topics.prefix}/jobs/+", 1), (self.topics.rejected, 1)] if follow else []
+        qos = 0 if bus.v311 else 1  # as the CLI subscribes (`Client._qos`)
+        subs = (
+            [(f"{self.topics.prefix}/jobs/+", qos), (self.topics.rejected, qos)] if follow else []
+        )
         self.client = paho_thread("driver", bus.port, subs, self.inbox, v311=bus.v311)
         self.rejected: list[str] = []
 

@@ -5,6 +5,7 @@ until every result is stored; the coordinator's memory meanwhile."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 
@@ -33,7 +34,12 @@ def run(suite: Suite) -> list[Row]:
 
 
 def run_nats(suite: Suite) -> list[Row]:
-    total, timeout_s = suite.pick(10_000, 60), suite.pick(900.0, 120.0)
+    # 3,000, not the 10,000 issue 14 asks for: each node's session is a replicated JetStream
+    # consumer holding files open on every server, and at about 4,000 nodes a server here
+    # passes this machine's limit of 20,000 open files per process, which cannot be raised
+    # (docs/benchmarks.md). BENCH_NATS_NODES=10000 where the limit is higher.
+    nodes = int(os.environ.get("BENCH_NATS_NODES", "3000"))
+    total, timeout_s = suite.pick(nodes, 60), suite.pick(900.0, 120.0)
     with nats_bus(suite, "fleet-nats") as bus:
         rows = measure(suite, bus, total, timeout_s, "the NATS cluster", suite.pick(8, 2))
     return [dataclasses.replace(r, figure="fleet on NATS") for r in rows]

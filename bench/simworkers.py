@@ -69,6 +69,7 @@ class Fleet:
         self.subscribed = 0
         self.handled = 0
         self.refused = 0
+        self.retries = 0  # subscriptions the broker failed, made again
         self.failures: list[str] = []
         self.stop = False
 
@@ -109,6 +110,10 @@ class Fleet:
         client.subscribe(self.topics.node_jobs(node), qos=1)
 
     def _on_subscribe(self, client: Any, node: str, mid: int, rcs: Any, props: Any) -> None:
+        if any(rc.is_failure for rc in rcs):  # as the worker does (daemons._subscribe): again
+            self.retries += 1
+            client.subscribe(self.topics.node_jobs(node), qos=1)
+            return
         now = time.time()
         info = NodeInfo(
             node=node,

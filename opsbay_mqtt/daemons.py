@@ -80,16 +80,32 @@ def _make_dir(path: Path, setting: str) -> None:
         raise ConfigError(f"{setting}: cannot create {path}: {e}") from e
 
 
+# On MQTT 3.1.1 a failed subscription has one code for every cause: the ACL's refusal, or a
+# broker that cannot make it now (NATS's gateway under load, or with a server of its cluster
+# down, times out creating the JetStream consumer a QoS 1 subscription needs). A daemon tries
+# again this many times, 2 s apart, before it takes the failure as a refusal.
+SUBSCRIBE_TRIES_311 = 15
+
+
 def _subscribe(conn: Connection, topics: list[tuple[str, int]], stop: threading.Event) -> bool:
     """Subscribe, and again while the broker drops the connection meanwhile (a daemon waits for
     its broker as long as it takes, saying so); False if asked to stop first. A refusal (the
-    broker's ACL) is not retried: it raises BrokerRefused."""
+    broker's ACL) is not retried on MQTT 5: it raises BrokerRefused; on MQTT 3.1.1, only after
+    SUBSCRIBE_TRIES_311 tries."""
+    tries = 0
     while not stop.is_set():
         try:
             conn.subscribe(topics)
             return True
-        except BrokerRefused:
-            raise
+        except BrokerRefused as e:
+            tries += 1
+            if conn.url.mqtt5 or tries >= SUBSCRIBE_TRIES_311:
+                raise
+            log.warning(
+                "%s: %s; on MQTT 3.1.1 that may be the broker not ready: trying again (%d of %d)",
+                conn.client_id, e, tries, SUBSCRIBE_TRIES_311,
+            )  # fmt: skip
+            stop.wait(2.0)
         except BrokerError as e:
             log.warning("%s: %s; subscribing again", conn.client_id, e)
             stop.wait(1.0)
