@@ -175,7 +175,7 @@ class Coordinator:
             with self._once(auth):
                 now, nodes, known = self._admit(sub)
         except Refused as e:  # not stored: the same job id may be submitted again
-            if e.code == "replay" and sub is not None and self._answered(sub.job_id):
+            if e.code == "replay" and sub is not None and self._answered(sub):
                 return
             self._reject(payload, e, auth)
             return
@@ -187,16 +187,36 @@ class Coordinator:
             return
         self._accept(sub, client, auth, now, nodes)
 
-    def _answered(self, job_id: str) -> bool:
+    def _answered(self, request: Submit | Cancel) -> bool:
         """A request seen before, about a job that exists: with several coordinators that each
         receive every request (a broker without shared subscriptions), another one took it
-        the moment before. Not a refusal: answer with the job as it stands (as a retry gets)."""
-        job = self.store.get_job(job_id)
+        the moment before. Not a refusal: answer with the job as it stands (as a retry gets),
+        and send again what the other one may have committed and not sent (`_resend_owed`)."""
+        job = self.store.get_job(request.job_id)
         if job is None:
             return False
-        log.info("job %s: a request another coordinator took; answering with its state", job_id)
+        log.info("job %s: a request another coordinator took; answering with its state", job.job_id)
         self._send_event(job, job.executions)
+        self._resend_owed(job, cancels=isinstance(request, Cancel))
         return True
+
+    def _resend_owed(self, job: Job, cancels: bool = False) -> None:
+        """Send again the messages a change of this job called for, in case the coordinator
+        that committed the change died before it sent them (another coordinator, or this one
+        before a restart): the dispatch of every execution released and not started, or, for a
+        cancel, the cancel to every node the job was sent to and has not ended on. A worker's
+        ledger makes every copy harmless."""
+        if not job.executions:
+            job = self.store.get_job(job.job_id) or job
+        now = self._now_ms()
+        for ex in job.executions:
+            if ex.dispatched_ms is None or states.is_terminal(ex.state):
+                continue
+            if cancels:
+                msg = Cancel(job_id=job.job_id, node=ex.node)
+                self._send(self.cfg.topics.node_jobs(ex.node), msg, kid=self._node_kid(ex.node))
+            elif ex.state == "pending" and (ex.start_by_ms or 0) > now:
+                self._send_dispatch(job, ex)
 
     @contextmanager
     def _once(self, auth: Auth) -> Iterator[None]:
@@ -275,6 +295,7 @@ class Coordinator:
         log.info("job %s: submitted again; answering with its current state", job.job_id)
         job = self.store.get_job(job.job_id)  # type: ignore[assignment]
         self._send_event(job, job.executions)
+        self._resend_owed(job)
 
     def _store_rejected(self, sub: Submit, client: str, auth: Auth, now: int, e: Refused) -> None:
         job = self._job(sub, client, auth, now, state="rejected", reason_code=e.code, reason=e.text)
@@ -332,6 +353,10 @@ class Coordinator:
         if job is None or ex is None:
             log.warning("result for unknown execution %s on %s; ignored", res.job_id, res.node)
             return
+        if job.batch is not None and (ex.state == res.state or states.is_terminal(ex.state)):
+            # Seen before, here or by another coordinator, which may have died before sending
+            # the rollout's next batch that this result released.
+            self._resend_owed(job)
         if res.state == "running":
             fields: dict[str, Any] = {"state": res.state, "started_ms": res.started_ms}
         else:

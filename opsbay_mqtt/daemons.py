@@ -62,15 +62,19 @@ def client_id(role: str, topics: Topics, name: str = "") -> str:
 
 
 def coordinator_subscriptions(topics: Topics, share: str = "") -> list[tuple[str, int]]:
-    """What a coordinator subscribes to. With `share` (MQTT 5), requests and results come
-    through the shared subscription `$share/SHARE/...`: the broker gives each to one of the
-    coordinators of the group. Without it every coordinator gets every message, and the
+    """What a coordinator subscribes to. With `share` (MQTT 5), requests (submissions, cancels,
+    queries) come through the shared subscription `$share/SHARE/...`: the broker gives each to
+    one of the coordinators of the group. Without it every coordinator gets every message, and the
     record's guarded changes make each effect happen once. Node info and status are retained,
     which a shared subscription never delivers: every coordinator reads them."""
-    split = [topics.submit, topics.rpc_request, topics.all_results]
+    # Results are not shared: a result queued for a member that died would wait for it while
+    # the others' deadlines called its job lost; every member reads every result instead (the
+    # record's guarded changes make each count once).
+    split = [topics.submit, topics.rpc_request]
     if share:
         split = [f"$share/{share}/{t}" for t in split]
-    return [(t, 1) for t in [*split, topics.all_node_info, topics.all_node_status]]
+    every = [topics.all_results, topics.all_node_info, topics.all_node_status]
+    return [(t, 1) for t in [*split, *every]]
 
 
 def _make_dir(path: Path, setting: str) -> None:
@@ -133,6 +137,12 @@ def run_coordinator(
     from opsbay_mqtt.record import open_record
 
     models.install()  # validate what arrives with pydantic (`protocol` says why both)
+    if (name or share) and not store_url:
+        raise ConfigError(
+            "--name and --share are for several coordinators on one PostgreSQL record: give "
+            "--store postgresql://... too (a SQLite record serves one coordinator, which needs "
+            "neither)"
+        )
     if share and not settings.url.mqtt5:
         raise ConfigError(
             "--share / OPSBAY_COORDINATOR_SHARE needs MQTT 5 (shared subscriptions); with an "
@@ -156,6 +166,12 @@ def run_coordinator(
             ", ".join(unbounded),
         )
     store = open_record(store_url, data_dir)
+    try:
+        # Two coordinators with one name would take the broker session from each other for ever.
+        store.claim(client_id("coordinator", settings.topics, name))
+    except ConfigError:
+        store.close()
+        raise
     cfg = CoordinatorConfig(
         topics=settings.topics,
         keyring=settings.keyring,
@@ -200,7 +216,10 @@ def run_coordinator(
 
 
 def serve_coordinator(coord: Coordinator, conn: Connection, stop: threading.Event) -> None:
-    """The coordinator's loop: a batch in, `coordinator.step`, acknowledge, publish."""
+    """The coordinator's loop: a batch in, `coordinator.step` (which commits), publish, then
+    acknowledge. A coordinator that dies before the acknowledgements gets the batch again
+    from the broker; handled again, its changes are found made, and what they called for is
+    sent again (`Coordinator._resend_owed`): nothing committed goes unsent."""
     from opsbay_mqtt.coordinator import step
 
     coord.redispatch_pending()
@@ -211,10 +230,10 @@ def serve_coordinator(coord: Coordinator, conn: Connection, stop: threading.Even
         if tick_due:
             next_tick = time.monotonic() + coord.cfg.tick_s
         outgoing = step(coord, batch, tick_due)
-        for msg in batch:  # only now: what they changed is committed
-            conn.ack(msg)
         for out in outgoing:
             conn.publish(out.topic, out.payload, retain=out.retain, expiry_s=out.expiry_s)
+        for msg in batch:  # only now: what they changed is committed, and its messages out
+            conn.ack(msg)
 
 
 def run_worker(

@@ -163,6 +163,13 @@ def _secrets(url: str) -> list[str]:
     return sorted({s for s in found if s}, key=len, reverse=True)
 
 
+def url_password(url: str) -> str | None:
+    """The password as written in the URL's user part (to the last '@'), or None."""
+    userinfo, at, _ = url.partition("://")[2].rpartition("@")
+    _user, colon, password = userinfo.partition(":")
+    return password if at and colon else None
+
+
 def scrub(text: str, url: str) -> str:
     """`text` with the password of `url` replaced by ***."""
     for secret in _secrets(url):
@@ -206,6 +213,15 @@ class PgStore:
                 "percent-encode a user or password holding @ : / ? # % or spaces (@ as %40, "
                 "/ as %2F), or give the password by PGPASSWORD or ~/.pgpass"
             ) from None
+        # libpq ends the password at the first '@' after it, we at the last: where they do not
+        # agree (an unencoded '@' in the password), libpq would take a piece of the password for
+        # the host, and its error would show it. Refuse first, quoting nothing.
+        written = url_password(self.url)
+        if written is not None and unquote(written) != (given.get("password") or ""):
+            raise ConfigError(
+                f"{SETTING}: {self.shown!r}: percent-encode @ : / ? # % or spaces in the "
+                "password (@ as %40, / as %2F), or give it by PGPASSWORD or ~/.pgpass"
+            )
         extra = {k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
         try:
             db = psycopg.connect(make_conninfo(self.url, **extra), autocommit=False)
@@ -274,6 +290,15 @@ class PgStore:
                 f"record {self.shown}: the connection to PostgreSQL was lost "
                 f"({scrub(str(e).strip(), self.url)}); nothing of this batch was committed"
             )
+        if isinstance(e, psycopg.OperationalError | psycopg.InternalError):
+            # The server's state, not the message's content (a statement timeout, a server
+            # shutting down, out of resources): the batch as a whole fails, is not
+            # acknowledged, and comes again once the coordinator is restarted.
+            return StoreUnavailable(
+                f"record {self.shown}: PostgreSQL could not do it now "
+                f"({type(e).__name__}: {scrub(str(e).strip(), self.url)}); nothing of this "
+                "batch was committed"
+            )
         return e
 
     # -- batches
@@ -341,6 +366,17 @@ class PgStore:
                 [(job.job_id, *execution_row(ex)) for ex in job.executions],
             )
         return True
+
+    def claim(self, who: str) -> None:
+        """A session advisory lock on `who`, held by this connection until it closes (a
+        coordinator that dies lets it go with its connection)."""
+        row = self._x("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (who,)).fetchone()
+        self.commit()
+        if not row or not row[0]:
+            raise ConfigError(
+                f"another coordinator runs as {who!r} on the record {self.shown}: give each "
+                "coordinator of a record its own --name"
+            )
 
     def lock_job(self, job_id: str) -> bool:
         row = self._x("SELECT 1 FROM jobs WHERE job_id = %s FOR UPDATE", (job_id,)).fetchone()
@@ -693,7 +729,10 @@ def copy_record(source: Path, target: str) -> dict[str, int]:
 
     if not source.is_file():
         raise ConfigError(f"--from: no SQLite record at {source}")
-    Store(source).close()  # brings an older record to the current schema (and checks it)
+    try:
+        Store(source).close()  # brings an older record to the current schema (and checks it)
+    except sqlite3.DatabaseError as e:
+        raise ConfigError(f"--from: {source} is not an opsbay SQLite record ({e})") from None
     # Read-only, in one read transaction: a consistent picture, and never a write to the source.
     src = sqlite3.connect(f"file:{source.resolve()}?mode=ro", uri=True)
     try:

@@ -166,7 +166,7 @@ class Outcome(_Plain):
     """How a run ended, as a worker reports it and the coordinator records it."""
 
     state: ExecState
-    exit_code: int | None = None
+    exit_code: Annotated[int, between(-(2**31), 2**31 - 1)] | None = None
     stdout: str = ""
     stderr: str = ""
     stdout_bytes: Count = 0

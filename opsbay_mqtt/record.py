@@ -64,6 +64,11 @@ class Record(Protocol):
     def insert_job(self, job: Job) -> bool:
         """Record a new job (and the executions it holds); False if its id is recorded."""
 
+    def claim(self, who: str) -> None:
+        """Hold the name `who` (a coordinator's client id) for as long as this process has the
+        record open; ConfigError if another process holds it (SQLite: the record's file lock
+        already gives it one writer)."""
+
     def lock_job(self, job_id: str) -> bool:
         """Hold the job until the batch ends (see above); False if there is no such job."""
 

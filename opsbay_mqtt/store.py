@@ -241,6 +241,9 @@ class Store:
             self.write_execution(job.job_id, ex, None)
         return True
 
+    def claim(self, who: str) -> None:
+        return None  # the record's lock file (`__init__`): one coordinator at a time
+
     def lock_job(self, job_id: str) -> bool:
         # One coordinator per SQLite record (its data-dir is locked): a write transaction
         # already holds the whole record; only whether the job exists is left to say.

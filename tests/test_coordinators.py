@@ -72,8 +72,10 @@ def test_a_submission_both_receive_is_accepted_once_and_never_refused(
     first = turn(a, msg)
     assert kinds(first) == ["dispatch", "job"]
     second = turn(b, msg)
-    # The same bytes: a replay to b, but the job exists: b answers with the job's state.
-    assert kinds(second) == ["job"], second
+    # The same bytes: a replay to b, but the job exists: b answers with the job's state, and
+    # sends the dispatch again in case a died before sending it (the worker's ledger makes a
+    # copy harmless).
+    assert kinds(second) == ["dispatch", "job"], second
     assert all(body["type"] != "rejected" for _, body in second)
     job = a.store.get_job(job_id)
     assert job is not None and [x.state for x in job.executions] == ["pending"]
@@ -101,12 +103,15 @@ def test_a_rollout_releases_each_batch_once_whoever_handles_the_results(
     assert [body["node"] for _, body in out if body["type"] == "dispatch"] == ["n1"]
     done = result(job_id, "succeeded", "n1")
     released_by_a = [body["node"] for _, body in turn(a, done) if body["type"] == "dispatch"]
-    released_by_b = [body["node"] for _, body in turn(b, done) if body["type"] == "dispatch"]
-    assert released_by_a == ["n2"] and released_by_b == []
-    # The next result goes to b first this time: b releases n3, a then releases nothing.
+    again_by_b = [body["node"] for _, body in turn(b, done) if body["type"] == "dispatch"]
+    # b releases nothing new: it sends again what a released (in case a died before sending).
+    assert released_by_a == ["n2"] and again_by_b == ["n2"]
+    # The next result goes to b first this time: b releases n3, a then only sends it again.
     done2 = result(job_id, "succeeded", "n2")
     assert [body["node"] for _, body in turn(b, done2) if body["type"] == "dispatch"] == ["n3"]
-    assert [body for _, body in turn(a, done2) if body["type"] == "dispatch"] == []
+    assert [body["node"] for _, body in turn(a, done2) if body["type"] == "dispatch"] == ["n3"]
+    job = a.store.get_job(job_id)
+    assert job is not None and sum(x.dispatched_ms is not None for x in job.executions) == 3
 
 
 def test_a_cancel_both_receive_cancels_once_and_neither_refuses_it(
@@ -136,3 +141,36 @@ def test_a_deadline_both_see_is_applied_once(pair: tuple[Coordinator, Coordinato
     assert turn(b, tick=True) == []
     job = a.store.get_job(job_id)
     assert job is not None and job.state == "expired"
+
+
+def crashed(c: Coordinator, *msgs: Inbound) -> None:
+    """`c` handles and commits, then dies before it publishes anything."""
+    step(c, list(msgs), False)
+
+
+def test_a_dispatch_committed_by_a_coordinator_that_died_is_sent_by_another(
+    pair: tuple[Coordinator, Coordinator],
+) -> None:
+    a, b = pair
+    job_id = str(uuid.uuid4())
+    msg = submission(job_id)
+    crashed(a, msg)  # accepted and recorded; the dispatch never left
+    out = turn(b, msg)
+    assert [(t, body["type"]) for t, body in out if body["type"] == "dispatch"] == [
+        ("t/nodes/n1/jobs", "dispatch")
+    ]
+
+
+def test_a_cancel_committed_by_a_coordinator_that_died_reaches_the_node_through_another(
+    pair: tuple[Coordinator, Coordinator],
+) -> None:
+    a, b = pair
+    job_id = str(uuid.uuid4())
+    turn(a, submission(job_id))
+    turn(a, result(job_id, "running"))
+    cancel = Inbound("t/submit", encode(Cancel(job_id=job_id), KEYS, int(T0)))
+    crashed(a, cancel)  # the cancel to n1 never left
+    out = turn(b, cancel)
+    assert [(t, body["type"]) for t, body in out if t == "t/nodes/n1/jobs"] == [
+        ("t/nodes/n1/jobs", "cancel")
+    ]

@@ -118,3 +118,18 @@ def test_share_needs_mqtt5(bus: Bus, pg_url: str) -> None:
         OPSBAY_BROKER=f"{bus.broker.url}?version=3.1.1",
     )  # fmt: skip
     assert out.returncode == 78 and "needs MQTT 5" in out.stderr
+
+
+def test_a_second_coordinator_with_the_same_name_is_refused(bus: Bus, pg_url: str) -> None:
+    """Two with one name would take the broker session from each other for ever."""
+    start_coordinator(bus, "c1", pg_url)
+    twin = bus.cli("coordinator", "--store", pg_url, "--name", "c1", "--data-dir",
+                   str(bus.tmp / "twin"), timeout=60)  # fmt: skip
+    assert twin.returncode == 78, twin.stderr
+    assert "another coordinator runs as 'opsbay-coordinator:" in twin.stderr
+
+
+def test_name_and_share_need_a_postgresql_record(bus: Bus) -> None:
+    for option in (["--name", "c1"], ["--share", "g"]):
+        out = bus.cli("coordinator", "--data-dir", str(bus.tmp / "sq"), *option)
+        assert out.returncode == 78 and "--store postgresql://" in out.stderr, out.stderr

@@ -247,6 +247,7 @@ def test_decode_refuses_a_type_not_expected(
         (Result, {"stdout_bytes": -1}),
         (Result, {"truncated": 1}),
         (Result, {"exit_code": "0"}),
+        (Result, {"exit_code": 2**31}),  # a record's column holds 32 bits
         (Result, {"reason": "r" * 1025}),
         (NodeStatus, {"state": "away"}),
         (NodeStatus, {"seq": -1}),

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+import pytest
+
+from opsbay_mqtt.errors import ConfigError
 from opsbay_mqtt.pgstore import PgStore
 from opsbay_mqtt.protocol import Execution, Job
 from opsbay_mqtt.store import Store
@@ -197,3 +200,22 @@ def test_a_coordinator_on_postgresql_runs_jobs_and_records_them_there(
     assert (job.state, job.executions[0].stdout) == ("succeeded", "a\x00b")
     record.close()
     assert not (bus.tmp / "data" / "opsbay.db").exists()  # the SQLite record is not used
+
+
+def test_a_password_with_an_unencoded_at_sign_is_refused_before_libpq_can_quote_it() -> None:
+    """libpq ends a password at its first '@', opsbay at the last: a piece of the password
+    would be read as the host, and shown in libpq's error. Refused first, quoting nothing."""
+    with pytest.raises(ConfigError, match="percent-encode") as e:
+        PgStore("postgresql://opsbay:Tr0ub4dor@secrethost99/x@127.0.0.1:1/db")
+    assert "Tr0ub4dor" not in str(e.value) and "secrethost99" not in str(e.value)
+
+
+def test_a_source_that_is_not_a_sqlite_record_is_refused(tmp_path: Path, pg_url: str) -> None:
+    junk = tmp_path / "notdb.txt"
+    junk.write_text("hi\n" * 100)
+    out = subprocess.run(
+        [sys.executable, "-m", "opsbay_mqtt", "store", "copy", "--from", str(junk), "--to", pg_url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 78 and "not an opsbay SQLite record" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
