@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared set-up for scripts/up.sh and scripts/test.sh: a virtualenv with the package, and the
 # system tools the bus needs (Mosquitto and its clients; jq and openssl for the shell examples;
-# nats-server for the tests that run the bus on a NATS cluster).
+# for the tests, nats-server and PostgreSQL's server binaries).
 # Source it: set `setup_extra=dev` first for the development tools (the caller's own
 # arguments must not reach this file: `. file` passes them on).
 set -euo pipefail
@@ -15,11 +15,14 @@ command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=
 command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
-command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)
-# PostgreSQL's server binaries, for the tests only (tests/pg.py starts its own server with them).
-if [ "${setup_extra:-}" = dev ] && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
-  && ! command -v initdb >/dev/null 2>&1; then
-  need_apt+=(postgresql)
+# For the tests only: nats-server (tests/nats.py starts a cluster) and PostgreSQL's server
+# binaries (tests/pg.py starts its own server with them). Trying the bus needs neither.
+if [ "${setup_extra:-}" = dev ]; then
+  command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need_apt+=(nats-server)
+  if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
+    && ! command -v initdb >/dev/null 2>&1; then
+    need_apt+=(postgresql)
+  fi
 fi
 if ! "$python" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
   echo "opsbay: need Python 3.11 or newer with venv (Debian: apt-get install python3-venv)" >&2
