@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 from opsbay_mqtt import protocol
 from opsbay_mqtt.protocol import Message, Rule
 
+_RECORDS: dict[type, tuple[tuple[str, type], ...]] = {}  # protocol.record_fields, once per class
 _CONFIG = ConfigDict(extra="forbid", strict=True, frozen=True, defer_build=True)
 
 
@@ -81,25 +82,16 @@ def validate(cls: type[Message], body: dict[str, Any]) -> Message:
 def _build(cls: type, data: dict[str, Any]) -> Any:
     """A checked body as its dataclass: the records it holds built too."""
     values = dict(data)
-    for name, hint in _records(cls):
+    holding = _RECORDS.get(cls)
+    if holding is None:
+        holding = _RECORDS[cls] = protocol.record_fields(cls)
+    for name, hint in holding:
         value = values.get(name)
         if isinstance(value, dict):
             values[name] = _build(hint, value)
         elif isinstance(value, list):
             values[name] = [_build(hint, x) for x in value]
     return cls(**values)
-
-
-@functools.cache
-def _records(cls: type) -> tuple[tuple[str, type], ...]:
-    """The fields of `cls` that hold a record, or a list of records, and the record's class."""
-    found = []
-    for name, hint in protocol.hints(cls).items():
-        for t in protocol._flatten(hint):
-            if isinstance(t, type) and dataclasses.is_dataclass(t):
-                found.append((name, t))
-                break
-    return tuple(found)
 
 
 def install() -> None:

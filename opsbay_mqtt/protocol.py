@@ -24,7 +24,7 @@ import json
 import re
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, overload
 
@@ -461,11 +461,11 @@ _WIRE: dict[type, tuple[tuple[str, str], ...]] = {}
 
 
 def _wire_plan(cls: type) -> tuple[tuple[str, str], ...]:
+    holding = dict(record_fields(cls))
     plan = []
     for name, hint in hints(cls).items():
-        records = [t for t in _flatten(hint) if isinstance(t, type) and dataclasses.is_dataclass(t)]
         kinds = {typing.get_origin(t) for t in _flatten(hint)}
-        if records:
+        if name in holding:
             kind = _RECORDS if list in kinds else _RECORD
         elif dict in kinds or list in kinds or Any in _flatten(hint):
             kind = _COPY
@@ -475,7 +475,16 @@ def _wire_plan(cls: type) -> tuple[tuple[str, str], ...]:
     return tuple(plan)
 
 
-as_dict = wire
+def record_fields(cls: type) -> tuple[tuple[str, type], ...]:
+    """The fields of `cls` that hold a record, or a list of records, with the record's class
+    (a job event's `job`, a job's `executions`)."""
+    found = []
+    for name, hint in hints(cls).items():
+        for t in _flatten(hint):
+            if isinstance(t, type) and dataclasses.is_dataclass(t):
+                found.append((name, t))
+                break
+    return tuple(found)
 
 
 # -- encode and decode
@@ -752,22 +761,6 @@ def _checker(hint: Any) -> Callable[[object, str], Any]:
         return value
 
     return simple
-
-
-def types_in(classes: Iterable[type]) -> list[type]:
-    """The records and messages among `classes` and the records their fields hold."""
-    seen: list[type] = []
-    todo = list(classes)
-    while todo:
-        cls = todo.pop()
-        if cls in seen:
-            continue
-        seen.append(cls)
-        for hint in hints(cls).values():
-            todo.extend(
-                t for t in _flatten(hint) if isinstance(t, type) and dataclasses.is_dataclass(t)
-            )
-    return seen
 
 
 def _flatten(hint: Any) -> list[Any]:

@@ -7,7 +7,7 @@ from typing import Any
 
 from opsbay_mqtt import signing
 from opsbay_mqtt.errors import Refused
-from opsbay_mqtt.protocol import Job, Query, Reply, as_dict, replace
+from opsbay_mqtt.protocol import Job, Query, Reply, replace, wire
 from opsbay_mqtt.record import Record
 from opsbay_mqtt.topics import REPLY_ID_RE
 
@@ -49,7 +49,7 @@ def fit(job: Job, budget: int = JOB_BUDGET_BYTES) -> Job:
 
 
 def _json_size(job: Job) -> int:
-    return len(json.dumps(as_dict(job), separators=(",", ":")))
+    return len(json.dumps(wire(job), separators=(",", ":")))
 
 
 def answer(q: Query, store: Record) -> Reply:
@@ -59,7 +59,7 @@ def answer(q: Query, store: Record) -> Reply:
             return Reply(
                 correlation=q.correlation, ok=False, code="not_found", error=f"no job {q.job_id!r}"
             )
-        data: Any = as_dict(fit(job))
+        data: Any = wire(fit(job))
     elif q.query == "results":
         data, used = [], 0
         for job in store.list_jobs(node=q.node, state=q.state, limit=q.limit):
@@ -97,7 +97,7 @@ def _fitted_nodes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _listed(job: Job) -> dict[str, Any]:
-    d = as_dict(job)
+    d = wire(job)
     if len(d["command"]) > LISTING_OUTPUT_CHARS:
         d["command"] = d["command"][:LISTING_OUTPUT_CHARS] + "..."
     for ex in d["executions"]:

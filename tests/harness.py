@@ -108,6 +108,16 @@ def start_broker(
     raise RuntimeError(f"mosquitto did not start; see {log}")
 
 
+class Clock:
+    """A clock a test moves by hand (`clock.now = ...`): what a stepped coordinator is given."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def stepped_coordinator(
     db: Path,
     topics: Topics,

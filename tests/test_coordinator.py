@@ -15,17 +15,10 @@ from opsbay_mqtt.protocol import Cancel, NodeStatus, Result, Submit, encode
 from opsbay_mqtt.signing import Auth, Identity, Keyring
 from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import Topics
+from tests.harness import Clock
 
 KEYS = Keyring.shared("unit-test-secret")
 T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -34,7 +27,7 @@ def coord(tmp_path: Path) -> Coordinator:
         topics=Topics("t"), keyring=KEYS, lost_grace_s=5, keep_days=1, keep_jobs=3,
         max_open_per_node=2,
     )  # fmt: skip
-    return Coordinator(cfg, Store(tmp_path / "db.sqlite"), clock=Clock())
+    return Coordinator(cfg, Store(tmp_path / "db.sqlite"), clock=Clock(T0))
 
 
 def clock(c: Coordinator) -> Clock:
@@ -150,7 +143,7 @@ def test_a_crash_inside_a_message_keeps_nothing_of_it(
 
 def test_a_job_too_big_for_one_message_is_cut_to_fit() -> None:
     from opsbay_mqtt import queries
-    from opsbay_mqtt.protocol import Execution, Job, as_dict, replace
+    from opsbay_mqtt.protocol import Execution, Job, replace, wire
 
     noisy = "\x01" * 200_000  # JSON spells each of these in six characters
     job = Job(
@@ -163,7 +156,7 @@ def test_a_job_too_big_for_one_message_is_cut_to_fit() -> None:
     )  # fmt: skip
 
     def size(j: Job) -> int:
-        return len(json.dumps(as_dict(j)))
+        return len(json.dumps(wire(j)))
 
     assert size(job) > 20_000_000
     cut = queries.fit(job)

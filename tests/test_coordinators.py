@@ -18,17 +18,10 @@ from opsbay_mqtt.protocol import Cancel, Result, Submit, encode
 from opsbay_mqtt.signing import Keyring
 from opsbay_mqtt.store import Store
 from opsbay_mqtt.topics import Topics
+from tests.harness import Clock
 
 KEYS = Keyring.shared("coordinators-test-secret")
 T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -36,7 +29,7 @@ def pair(tmp_path: Path) -> Iterator[tuple[Coordinator, Coordinator]]:
     """Two coordinators on one record (one SQLite connection: their turns are serialized, as
     the row lock serializes them on PostgreSQL), on one clock."""
     cfg = CoordinatorConfig(topics=Topics("t"), keyring=KEYS, lost_grace_s=5)
-    store, clock = Store(tmp_path / "db.sqlite"), Clock()
+    store, clock = Store(tmp_path / "db.sqlite"), Clock(T0)
     yield Coordinator(cfg, store, clock=clock), Coordinator(cfg, store, clock=clock)
     store.close()
 

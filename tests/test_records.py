@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from opsbay_mqtt.protocol import Execution, Job, as_dict, record
+from opsbay_mqtt.protocol import Execution, Job, record, wire
 
 
 def job_from_wire(data: object) -> Job:
@@ -28,13 +28,13 @@ def wire_job(**over: Any) -> dict[str, Any]:
             Execution(node="web-02", state="succeeded", exit_code=0, stdout="up\n", host={"a": 1}),
         ],
     )
-    return {**as_dict(job), **over}
+    return {**wire(job), **over}
 
 
 def test_a_job_read_from_the_wire_is_the_job_that_was_sent() -> None:
     data = wire_job()
     job = job_from_wire(data)
-    assert as_dict(job) == data
+    assert wire(job) == data
     assert job.executions[1] == Execution(
         node="web-02", state="succeeded", exit_code=0, stdout="up\n", host={"a": 1}
     )

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from opsbay_mqtt.cli import render
-from opsbay_mqtt.protocol import Execution, Job, as_dict
+from opsbay_mqtt.protocol import Execution, Job, wire
 from opsbay_mqtt.states import JOB_STATES
 from tests.helpers import sample_job
 
@@ -144,6 +144,6 @@ def test_public_job_shape() -> None:
 
 def test_public_job_does_not_change_the_job() -> None:
     j = job("succeeded", ex("succeeded", 0))
-    before = as_dict(j)
+    before = wire(j)
     render.public_job(j)
-    assert as_dict(j) == before
+    assert wire(j) == before

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +22,8 @@ SHIPPED_BINARY = "/opt/opsbay/.venv/bin/opsbay"
 def analyze() -> str:
     found = shutil.which("systemd-analyze")
     if found is None:
+        if os.environ.get("CI"):  # CI checks the shipped units: never skip it there
+            pytest.fail("systemd-analyze is not installed (Debian: apt-get install systemd)")
         pytest.skip("systemd-analyze is not installed")
     return found
 

@@ -18,7 +18,7 @@ from opsbay_mqtt.errors import (
     EXIT_USAGE,
     EXIT_WAIT_GAVE_UP,
 )
-from opsbay_mqtt.protocol import Execution, Job, as_dict
+from opsbay_mqtt.protocol import Execution, Job, wire
 
 __all__ = [  # the exit codes, for the commands that read them from here
     "EXIT_CANCELLED",
@@ -83,7 +83,7 @@ def iso(ms: int | None) -> str | None:
 
 def public_job(job: Job) -> dict[str, Any]:
     """The job as `--json` prints it: times as ISO 8601 UTC strings named `*_at`."""
-    d = as_dict(job)
+    d = wire(job)
     d["submitted_at"] = iso(d.pop("submitted_ms"))
     d["start_by"] = iso(d.pop("start_by_ms"))
     for ex in d["executions"]:
