@@ -28,6 +28,7 @@ from opsbay_mqtt.protocol import (
     Rejected,
     Reply,
     Result,
+    ScheduleChange,
     Submit,
     Topic,
     decode,
@@ -38,6 +39,7 @@ from opsbay_mqtt.protocol import (
     wire,
 )
 from opsbay_mqtt.record import Brief, Contention, Record
+from opsbay_mqtt.scheduler import Scheduler
 from opsbay_mqtt.signing import Auth, Keyring, check_fresh
 from opsbay_mqtt.topics import Topics
 
@@ -87,6 +89,10 @@ class Coordinator:
     clock: Callable[[], float] = time.time
     outbox: list[Outgoing] = field(default_factory=list)
     next_prune: float = 0.0
+    scheduler: Scheduler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scheduler = Scheduler(self)
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -180,7 +186,7 @@ class Coordinator:
             self._reject(payload, e, auth)
             return
         try:
-            self._authorize(sub, client, nodes, known)
+            self._authorize(sub.command, client, nodes, known)
         except Refused as e:  # stored: the same submission would be refused again
             self._store_rejected(sub, client, auth, now, e)
             self._reject(payload, e, auth)
@@ -244,6 +250,11 @@ class Coordinator:
             raise Refused("invalid", "start_by_ms is too far ahead (milliseconds expected)")
         known = self.store.node_labels_all() if rollout.needs_known(sub.target, sub.where) else {}
         nodes = rollout.resolve(sub.target, sub.where, known)
+        self._room(nodes)
+        return now, nodes, known
+
+    def _room(self, nodes: list[str]) -> None:
+        """Refused if a node has its fill of open jobs already."""
         for node in nodes:
             if self.store.open_count(node) >= self.cfg.max_open_per_node:
                 raise Refused(
@@ -251,7 +262,6 @@ class Coordinator:
                     f"node {node!r} already has {self.cfg.max_open_per_node} jobs pending "
                     "or running; try again later",
                 )
-        return now, nodes, known
 
     def _accept(self, sub: Submit, client: str, auth: Auth, now: int, nodes: list[str]) -> None:
         """Record the job with an execution per node, and release what the rollout allows."""
@@ -261,14 +271,22 @@ class Coordinator:
         else:
             execs = [Execution(node=n, state="pending") for n in nodes]
         job = self._job(sub, client, auth, now, state=states.job_state(x.state for x in execs))
+        self.start(job, execs)
+
+    def start(self, job: Job, execs: list[Execution]) -> bool:
+        """Record a new job with its executions, release what its rollout allows, announce
+        it; False if another coordinator recorded it first."""
         if not self.store.insert_job(job):  # its executions are written once, by _update
             log.info("job %s: accepted by another coordinator first", job.job_id)
-            return
-        log.info("job %s: accepted from %s for %d node(s)", job.job_id, client, len(nodes))
+            return False
+        log.info(
+            "job %s: accepted from %s for %d node(s)", job.job_id, job.submitted_by, len(execs)
+        )
         self._update(job, [(None, x) for x in execs], announce=True, new=True)
+        return True
 
     def _authorize(
-        self, sub: Submit, client: str, nodes: list[str], known: Mapping[str, Mapping[str, str]]
+        self, command: str, client: str, nodes: list[str], known: Mapping[str, Mapping[str, str]]
     ) -> None:
         """`known`: the nodes' labels when resolving the target needed them all already."""
         policy = self.cfg.clients.get(client)
@@ -277,7 +295,7 @@ class Coordinator:
                 raise Refused("target_not_allowed", f"node {node!r} may not be targeted here")
             if policy is not None:
                 labels = known.get(node, {}) if known else self.store.node_labels(node)
-                policy.check(client, node, labels, sub.command)
+                policy.check(client, node, labels, command)
             self._node_kid(node)
 
     @staticmethod
@@ -538,11 +556,18 @@ class Coordinator:
 
     # -- queries
     def on_query(self, payload: bytes, topic: Topic) -> None:
+        """A query, or a schedule change (both are answered with a Reply)."""
         auth: Auth | None = None
         try:
-            q, auth = decode(payload, self.cfg.keyring, Query, topic)
-            authz.client_name(auth)
+            q, auth = decode(payload, self.cfg.keyring, (Query, ScheduleChange), topic)
+            client = authz.client_name(auth)
             self._fresh_once(auth)
+            if isinstance(q, ScheduleChange):
+                reply = self.scheduler.change(q, client, auth)
+            elif q.query in ("schedules", "schedule"):
+                reply = self.scheduler.answer(q)
+            else:
+                reply = queries.answer(q, self.store)
         except Refused as e:
             if e.code == "replay":
                 # Seen before: answered already, by this coordinator or another one that got
@@ -557,7 +582,6 @@ class Coordinator:
                 kid = auth.kid if auth is not None else e.kid
                 self._send(self.cfg.topics.rpc_reply(reply_to), refused, kid=kid)
             return
-        reply = queries.answer(q, self.store)
         self._send(self.cfg.topics.rpc_reply(q.reply_to), reply, kid=auth.kid)
 
     # -- deadlines
@@ -579,6 +603,7 @@ class Coordinator:
                 reason = "no result from the node by start + timeout + grace"
                 update = {"state": "lost", "finished_ms": now, "reason": reason}
             self._update(job, [(ex.state, replace(ex, **update))])
+        self.scheduler.fire_due()  # after the deadlines: a run that just ended is not running
         if self.clock() >= self.next_prune:
             self.next_prune = self.clock() + self.cfg.prune_every_s
             self.prune()
@@ -589,6 +614,7 @@ class Coordinator:
         self.store.forget_nonces_before(int(self.clock()) - self.cfg.window_s - 1)
         before_ms = self._now_ms() - self.cfg.keep_days * 86_400_000
         deleted = self.store.prune(before_ms=before_ms, keep=self.cfg.keep_jobs)
+        self.scheduler.prune(before_ms)
         if deleted:
             log.info("retention: deleted %d finished jobs", deleted)
 

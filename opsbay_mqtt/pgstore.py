@@ -25,7 +25,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from opsbay_mqtt import states
+from opsbay_mqtt import schedrecord, states
 from opsbay_mqtt.errors import ConfigError, StoreUnavailable
 from opsbay_mqtt.protocol import Execution, Job, fields_of
 from opsbay_mqtt.record import Brief, Contention
@@ -58,7 +58,8 @@ CREATE TABLE jobs (
     reason TEXT,
     where_labels JSON NOT NULL DEFAULT '{{}}',
     batch TEXT,
-    max_failures TEXT
+    max_failures TEXT,
+    schedule TEXT
 );
 CREATE INDEX jobs_by_time ON jobs (submitted_ms DESC);
 CREATE TABLE executions (
@@ -109,7 +110,9 @@ CREATE INDEX nonces_by_ts ON nonces (ts);
 # A PostgreSQL record starts at FIRST_VERSION (the version when PostgreSQL came); MIGRATIONS[n]
 # holds the statements that take it from version n - 1 to n, for each n above FIRST_VERSION.
 FIRST_VERSION = 2
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    3: ("ALTER TABLE jobs ADD COLUMN schedule TEXT", *schedrecord.STATEMENTS),
+}
 SCHEMA_VERSION = FIRST_VERSION + len(MIGRATIONS)
 
 EXEC_COLS = (
@@ -119,7 +122,7 @@ EXEC_COLS = (
 JOB_COLS = (
     "job_id", "state", "target", "command", "timeout_s", "start_by_ms", "submitted_ms",
     "submitted_by", "submitted_kid", "reason_code", "reason", "where_labels", "batch",
-    "max_failures",
+    "max_failures", "schedule",
 )  # fmt: skip
 NODE_COLS = (
     "node", "state", "session", "seq", "kid", "last_seen_ms", "info", "conflict", "conflict_ms",
@@ -131,6 +134,8 @@ TABLES = {
     "executions": ("job_id", *EXEC_COLS),
     "nodes": NODE_COLS,
     "nonces": NONCE_COLS,
+    "schedules": schedrecord.SCHEDULE_COLS,
+    "schedule_runs": schedrecord.RUN_COLS,
 }
 _EXEC_SELECT = ", ".join(EXEC_COLS)
 _JOB_SELECT = ", ".join(JOB_COLS)
@@ -197,6 +202,7 @@ class PgStore:
         self.url = url
         self.shown = shown(url)
         self.db = self._connect()
+        self.schedules = schedrecord.ScheduleTable(self._x, postgresql=True)
         try:
             version = self._migrate()
         except BaseException:
@@ -257,6 +263,8 @@ class PgStore:
             )
         if row is None:
             self._x(SCHEMA)
+            for statement in schedrecord.STATEMENTS:
+                self._x(statement)
             self._x("INSERT INTO opsbay_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
         for number in range(version + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[number]:
@@ -496,9 +504,17 @@ class PgStore:
         return [Brief(*r) for r in rows]
 
     def list_jobs(
-        self, *, node: str | None = None, state: str | None = None, limit: int = 20
+        self,
+        *,
+        node: str | None = None,
+        state: str | None = None,
+        schedule: str | None = None,
+        limit: int = 20,
     ) -> list[Job]:
         where, args = [], []
+        if schedule is not None:
+            where.append("schedule = %s")
+            args.append(schedule)
         if node is not None:
             where.append("job_id IN (SELECT job_id FROM executions WHERE node = %s)")
             args.append(node)

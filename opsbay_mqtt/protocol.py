@@ -43,6 +43,11 @@ MAX_EXECUTIONS = 10_000
 LIMIT_PATTERN = r"(0|[1-9][0-9]{0,5})%?"
 # A target item: a node name, or a glob (`*`, `?`); never `/`, `+` or `#`.
 TARGET_ITEM_RE = re.compile(r"[A-Za-z0-9*?][A-Za-z0-9._*?-]{0,62}")
+# Schedules: the shortest interval (fleet health checks run that often), the longest, and the
+# longest random delay.
+MIN_EVERY_S = 10
+MAX_EVERY_S = 366 * 86400
+MAX_JITTER_S = 86400
 
 
 # -- the limits a field carries
@@ -116,6 +121,18 @@ def _target(value: str) -> str:
     return value
 
 
+def _cron(expr: str) -> str:
+    from opsbay_mqtt import schedules  # cronsim: imported by the schedule commands only
+
+    return schedules.check_cron(expr)
+
+
+def _zone(name: str) -> str:
+    from opsbay_mqtt import schedules
+
+    return schedules.check_zone(name)
+
+
 JobId = Annotated[str, pattern(JOB_ID_RE)]
 NodeName = Annotated[str, pattern(NODE_NAME_RE)]
 Millis = Annotated[int, between(0, 2**53 - 1)]
@@ -130,6 +147,9 @@ Labels = Annotated[
 ]
 Limit = Annotated[str, pattern(LIMIT_PATTERN)]
 TimeoutS = Annotated[int, between(1, MAX_TIMEOUT_S)]
+ScheduleName = Annotated[str, pattern(NODE_NAME_RE)]  # the rule of node names
+CronExpr = Annotated[str, size(1, 256), checked_by(_cron)]
+Zone = Annotated[str, size(1, 64), checked_by(_zone)]
 
 
 class _Plain:
@@ -199,7 +219,70 @@ class Job(JobSpec):
     submitted_kid: str = ""
     reason_code: str | None = None
     reason: str | None = None
+    schedule: str | None = None  # the schedule that started it
     executions: list[Execution] = field(default_factory=list)
+
+
+@dataclass(kw_only=True, repr=False, eq=False)
+class ScheduleSpec(_Plain):
+    """When a schedule runs (`cron` in `tz`, or `every_s`) and what each run is: a job for
+    its target, whose start-by deadline is `start_within_s` after the due time."""
+
+    cron: CronExpr | None = None
+    every_s: Annotated[int, between(MIN_EVERY_S, MAX_EVERY_S)] | None = None
+    tz: Zone = "UTC"
+    target: Target = ""
+    where: Labels = field(default_factory=dict)
+    command: Command
+    timeout_s: TimeoutS
+    start_within_s: TimeoutS
+    batch: Limit | None = None
+    max_failures: Limit | None = None
+    overlap: Literal["skip", "allow"] = "skip"
+    catch_up: Literal["none", "latest"] = "latest"
+    jitter_s: Annotated[int, between(0, MAX_JITTER_S)] = 0
+
+    def __post_init__(self) -> None:
+        if (self.cron is None) == (self.every_s is None):
+            raise ValueError("give cron or every_s, one of them")
+        if self.every_s is not None and self.tz != "UTC":
+            raise ValueError("tz applies to cron only: every_s counts seconds, in UTC")
+        if self.every_s is not None and self.jitter_s >= self.every_s:
+            raise ValueError("jitter_s must be shorter than every_s")
+        if not self.target and not self.where:
+            raise ValueError("give a target, labels (where), or both")
+        if self.batch in ("0", "0%"):
+            raise ValueError("batch must be at least 1")
+
+
+@dataclass(kw_only=True, repr=False, eq=False)
+class Schedule(ScheduleSpec):
+    """A schedule as the coordinator records it."""
+
+    name: str
+    owner: str  # the client identity that made it ("shared" for the shared key)
+    owner_kid: str
+    paused: bool = False
+    created_ms: int
+    updated_ms: int
+    next_due_ms: int  # the next due time not yet handled (fired or skipped)
+    last_job_id: str | None = None
+    change_id: str = ""  # of the request that last changed it: a retry is answered, not redone
+
+
+@dataclass(kw_only=True, repr=False, eq=False)
+class ScheduleRun(_Plain):
+    """What became of one due time (or, with `count` > 1, of several missed in a row)."""
+
+    name: str
+    due_ms: int
+    recorded_ms: int
+    job_id: str | None = None  # a run: its job; None: skipped
+    code: str  # scheduled, caught_up, manual; or skipped: overlap, missed, refused
+    reason: str | None = None
+    count: int = 1
+    last_due_ms: int | None = None  # with count > 1: the last of them
+    state: str | None = None  # the job's state, when read with it
 
 
 # -- the messages
@@ -309,7 +392,7 @@ class Rejected(Message):
     reason: Text
 
 
-QueryKind = Literal["result", "results", "nodes"]
+QueryKind = Literal["result", "results", "nodes", "schedules", "schedule"]
 
 
 @dataclass(kw_only=True, repr=False, eq=False)
@@ -326,6 +409,33 @@ class Query(Message):
     limit: Annotated[int, between(1, 1000)] = 20
     where: Labels = field(default_factory=dict)
     node_state: Literal["online", "offline", "unknown"] | None = None
+    schedule: ScheduleName | None = None  # `schedule`: which; `results`: its runs only
+
+
+ScheduleOp = Literal["add", "pause", "resume", "remove", "run"]
+
+
+@dataclass(kw_only=True, repr=False, eq=False)
+class ScheduleChange(Message):
+    """client -> coordinator on `<prefix>/rpc/request`, answered by a `Reply`: add (with
+    `spec`), pause, resume or remove a schedule, or run it once now (as job `job_id`, chosen
+    by the client). `change_id`, chosen by the client and kept when the request is sent again,
+    makes a retry of a change that was made answer as it did, not fail or act twice."""
+
+    type: Literal["schedule"] = "schedule"
+    op: ScheduleOp
+    name: ScheduleName
+    change_id: Annotated[str, pattern(r"[0-9a-f]{16,64}")]
+    reply_to: Annotated[str, pattern(REPLY_ID_RE)]
+    correlation: Annotated[str, size(1, 64)]
+    spec: ScheduleSpec | None = None
+    job_id: JobId | None = None
+
+    def __post_init__(self) -> None:
+        if (self.op == "add") != (self.spec is not None):
+            raise ValueError("spec goes with op add, and only with it")
+        if (self.op == "run") != (self.job_id is not None):
+            raise ValueError("job_id goes with op run, and only with it")
 
 
 @dataclass(kw_only=True, repr=False, eq=False)
@@ -381,6 +491,7 @@ MESSAGES: tuple[type[Message], ...] = (
     JobEvent,
     Rejected,
     Query,
+    ScheduleChange,
     Reply,
     NodeInfo,
     NodeStatus,
@@ -389,7 +500,7 @@ MESSAGE_TYPES: dict[str, type[Message]] = {_type_name(cls): cls for cls in MESSA
 # Which messages travel on which topic (the kinds of `Topics.parse`).
 ON_TOPIC: dict[str, tuple[type[Message], ...]] = {
     "submit": (Submit, Cancel),
-    "rpc_request": (Query,),
+    "rpc_request": (Query, ScheduleChange),
     "rpc_reply": (Reply,),
     "node_jobs": (Dispatch, Cancel),
     "node_info": (NodeInfo,),

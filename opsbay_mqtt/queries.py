@@ -62,7 +62,7 @@ def answer(q: Query, store: Record) -> Reply:
         data: Any = wire(fit(job))
     elif q.query == "results":
         data, used = [], 0
-        for job in store.list_jobs(node=q.node, state=q.state, limit=q.limit):
+        for job in store.list_jobs(node=q.node, state=q.state, schedule=q.schedule, limit=q.limit):
             listed = _listed(fit(job, JOB_BUDGET_BYTES // 4))
             used += len(json.dumps(listed))
             if used > JOB_BUDGET_BYTES and data:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from opsbay_mqtt.protocol import Execution, Job
+from opsbay_mqtt.schedrecord import ScheduleTable
 
 
 class Contention(Exception):
@@ -41,6 +42,8 @@ class Brief(NamedTuple):
 
 
 class Record(Protocol):
+    schedules: ScheduleTable  # the schedules and their runs (one SQL text for both backends)
+
     # -- batches
     def atomic(self) -> AbstractContextManager[None]:
         """All of the block's writes, or none of them."""
@@ -96,7 +99,12 @@ class Record(Protocol):
     def briefs(self, job_id: str) -> list[Brief]: ...
 
     def list_jobs(
-        self, *, node: str | None = None, state: str | None = None, limit: int = 20
+        self,
+        *,
+        node: str | None = None,
+        state: str | None = None,
+        schedule: str | None = None,
+        limit: int = 20,
     ) -> list[Job]:
         """Newest first."""
 

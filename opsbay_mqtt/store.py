@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from opsbay_mqtt import statedir, states
+from opsbay_mqtt import schedrecord, statedir, states
 from opsbay_mqtt.errors import ConfigError
 from opsbay_mqtt.protocol import Execution, Job, fields_of
 from opsbay_mqtt.record import Brief
@@ -18,7 +18,8 @@ from opsbay_mqtt.states import TERMINAL
 # State names in SQL text, from the one list of states (states.sql).
 PENDING, RUNNING, OPEN = states.sql("pending"), states.sql("running"), states.sql(*states.OPEN)
 
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -33,7 +34,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason TEXT,
     where_labels TEXT NOT NULL DEFAULT '{}',
     batch TEXT,
-    max_failures TEXT
+    max_failures TEXT,
+    schedule TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_time ON jobs (submitted_ms DESC);
 CREATE TABLE IF NOT EXISTS executions (
@@ -81,6 +83,8 @@ CREATE TABLE IF NOT EXISTS nonces (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS nonces_by_ts ON nonces (ts);
 """.replace("$OPEN", states.sql(*states.OPEN))
+    + schedrecord.SCHEMA
+)
 
 _EXEC_COLS = (
     "node", "state", "exit_code", "stdout", "stderr", "stdout_bytes", "stderr_bytes", "truncated",
@@ -89,7 +93,7 @@ _EXEC_COLS = (
 _JOB_COLS = (
     "job_id", "state", "target", "command", "timeout_s", "start_by_ms", "submitted_ms",
     "submitted_by", "submitted_kid", "reason_code", "reason", "where_labels", "batch",
-    "max_failures",
+    "max_failures", "schedule",
 )  # fmt: skip
 
 
@@ -125,10 +129,14 @@ def _v2_node_conflicts(db: sqlite3.Connection) -> None:
     )
 
 
+def _v3_schedules(db: sqlite3.Connection) -> None:
+    _add_columns(db, {"jobs": {"schedule": "TEXT"}})  # the tables: schedrecord.SCHEMA
+
+
 # The record's schema versions (PRAGMA user_version): MIGRATIONS[n - 1] takes a record from
 # version n - 1 to n. Version 0 is a record from before versions were counted (0.1.0 and what
 # followed it), whatever columns it has: each step adds only what is missing.
-MIGRATIONS = (_v1_columns_since_0_1_0, _v2_node_conflicts)
+MIGRATIONS = (_v1_columns_since_0_1_0, _v2_node_conflicts, _v3_schedules)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -152,6 +160,7 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+        self.schedules = schedrecord.ScheduleTable(self.db.execute, postgresql=False)
         self.db.execute("BEGIN")
 
     def _migrate(self) -> None:
@@ -339,9 +348,17 @@ class Store:
         return Execution(**fields)
 
     def list_jobs(
-        self, *, node: str | None = None, state: str | None = None, limit: int = 20
+        self,
+        *,
+        node: str | None = None,
+        state: str | None = None,
+        schedule: str | None = None,
+        limit: int = 20,
     ) -> list[Job]:
         where, args = [], []
+        if schedule is not None:
+            where.append("schedule = ?")
+            args.append(schedule)
         if node is not None:
             where.append("job_id IN (SELECT job_id FROM executions WHERE node = ?)")
             args.append(node)

@@ -1,0 +1,310 @@
+"""The coordinator's schedules: the changes clients ask for, the runs of due times, and the
+answers to schedule queries. Every run is an ordinary job (`Coordinator.start`), made with the
+authority of the schedule's owner as it stands at that moment.
+
+Whose authority: a schedule belongs to the client identity that added it. At every run the
+owner's policy (`[clients.NAME]` in the key file) is checked again, for the nodes the target
+resolves to then; and if no key of the owner is left in the key file (the client was removed),
+the run is refused and recorded as such (`owner_removed`): removing a client's key stops its
+schedules, visibly (`schedule check`), without deleting them. A key rotated within the same
+identity keeps them running.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from opsbay_mqtt import rollout, schedules, states
+from opsbay_mqtt.errors import Refused
+from opsbay_mqtt.protocol import (
+    Execution,
+    Job,
+    Query,
+    Reply,
+    Schedule,
+    ScheduleChange,
+    ScheduleRun,
+    fields_of,
+    wire,
+)
+from opsbay_mqtt.schedrecord import ScheduleTable
+from opsbay_mqtt.signing import Auth, Identity
+from opsbay_mqtt.topics import new_job_id
+
+if TYPE_CHECKING:
+    from opsbay_mqtt.coordinator import Coordinator
+
+log = logging.getLogger(__name__)
+
+DUE_PER_TICK = 200  # schedules handled per deadline check; the rest at the next one
+KEEP_RUNS = 1000  # per schedule, within the retention age
+SHOWN_RUNS = 10
+
+
+class _Taken(Exception):
+    """Another coordinator handled this due time first: nothing of it is kept here."""
+
+
+class Scheduler:
+    def __init__(self, coord: Coordinator) -> None:
+        self.coord = coord
+
+    @property
+    def table(self) -> ScheduleTable:
+        return self.coord.store.schedules
+
+    # -- changes (signed requests, answered with a Reply)
+    def change(self, ch: ScheduleChange, client: str, auth: Auth) -> Reply:
+        """Apply `ch` for `client`; Refused (nothing written) if it cannot be."""
+        now = self.coord._now_ms()
+        if ch.op == "add":
+            data = self._add(ch, client, auth, now)
+        else:
+            data = self._alter(ch, client, auth, now)
+        return Reply(correlation=ch.correlation, ok=True, data=data)
+
+    def _add(self, ch: ScheduleChange, client: str, auth: Auth, now: int) -> dict[str, Any]:
+        assert ch.spec is not None
+        existing = self.table.get(ch.name, removed=True, lock=True)
+        if existing is not None and existing.change_id == ch.change_id:
+            return self._shown(existing, now)  # this very request, sent again
+        if existing is not None and self.table.removed_by(ch.name) is None:
+            raise Refused(
+                "schedule_exists",
+                f"a schedule named {ch.name!r} exists (added by {existing.owner!r}): remove it "
+                "first, or choose another name",
+            )
+        spec = ch.spec
+        nodes, known = self._resolve(spec.target, spec.where)
+        self.coord._authorize(spec.command, client, nodes, known)
+        first = schedules.due_after(spec, now)
+        s = Schedule(
+            **fields_of(spec),
+            name=ch.name,
+            owner=client,
+            owner_kid=auth.kid,
+            created_ms=now,
+            updated_ms=now,
+            next_due_ms=first,
+            change_id=ch.change_id,
+        )
+        if not self.table.add(s, schedules.fire_at(s.name, s, first)):
+            raise Refused("schedule_exists", f"a schedule named {ch.name!r} was just added")
+        log.info("schedule %s: added by %s (%s)", s.name, client, schedules.describe(s))
+        return self._shown(s, now)
+
+    def _alter(self, ch: ScheduleChange, client: str, auth: Auth, now: int) -> dict[str, Any]:
+        s = self.table.get(ch.name, lock=True)
+        if s is None:
+            if ch.op == "remove" and self.table.removed_by(ch.name) == ch.change_id:
+                return {"name": ch.name, "removed": True}  # this very request, sent again
+            raise Refused("not_found", f"no schedule {ch.name!r}")
+        if client not in (s.owner, "shared"):
+            raise Refused("not_yours", f"schedule {s.name} belongs to {s.owner!r}")
+        if ch.op == "remove":
+            self.table.remove(s.name, ch.change_id, now)
+            log.info("schedule %s: removed by %s", s.name, client)
+            return {"name": s.name, "removed": True}
+        if ch.op == "run":
+            assert ch.job_id is not None
+            if self.coord.store.get_job(ch.job_id, executions=False) is None:
+                self._start_run(s, now, now, "manual", job_id=ch.job_id, kid=auth.kid)
+                self.table.set_last_job(s.name, ch.job_id)
+            return {**self._shown(s, now), "job_id": ch.job_id}
+        paused = ch.op == "pause"
+        if s.paused != paused:
+            # Resumed: from the next due time on. What fell due while paused is not a run
+            # missed: someone chose so.
+            due = {}
+            if not paused:
+                first = schedules.due_after(s, now)
+                due = {"next_due_ms": first, "next_fire_ms": schedules.fire_at(s.name, s, first)}
+            self.table.set_paused(s.name, paused, ch.change_id, now, **due)
+            log.info("schedule %s: %s by %s", s.name, "paused" if paused else "resumed", client)
+        got = self.table.get(s.name)
+        assert got is not None
+        return self._shown(got, now)
+
+    # -- due times
+    def fire_due(self) -> int:
+        """Handle every schedule whose next run is to start now (up to DUE_PER_TICK); how
+        many were handled here (not by another coordinator)."""
+        now = self.coord._now_ms()
+        handled = 0
+        for s in self.table.due(now, DUE_PER_TICK):
+            mark = len(self.coord.outbox)
+            try:
+                with self.coord.store.atomic():
+                    self._due(s, now)
+                handled += 1
+            except _Taken:
+                del self.coord.outbox[mark:]
+                log.info("schedule %s: due time handled by another coordinator", s.name)
+        return handled
+
+    def _due(self, s: Schedule, now: int) -> None:
+        p = schedules.plan(s.name, s, s.next_due_ms, now)
+        if p is None:
+            return
+        if p.missed is not None:
+            first, last, count = p.missed
+            many = (
+                f"{count}{'+' if count >= schedules.COUNT_CAP else ''} due times"
+                if (count > 1)
+                else "its due time"
+            )
+            self._record(
+                s.name,
+                first,
+                now,
+                None,
+                "missed",
+                f"no coordinator was running at {many}, nor within the start window "
+                f"({schedules.duration(s.start_within_s)}) after",
+                count=count,
+                last_due_ms=last if count > 1 else None,
+            )
+            log.warning("schedule %s: missed %d due time(s) (no coordinator ran)", s.name, count)
+        job_id = None
+        if p.fire_due_ms is not None:
+            busy = self._still_running(s)
+            if busy is not None:
+                self._record(s.name, p.fire_due_ms, now, None, "overlap", busy)
+                log.info("schedule %s: skipped (%s)", s.name, busy)
+            else:
+                code = "caught_up" if p.caught_up else "scheduled"
+                try:
+                    job_id = self._start_run(s, p.fire_due_ms, now, code, start_by=p.start_by_ms)
+                except Refused as e:
+                    self._record(s.name, p.fire_due_ms, now, None, "refused", f"{e.code}: {e.text}")
+                    log.warning("schedule %s: run refused: %s", s.name, e)
+        next_fire = schedules.fire_at(s.name, s, p.next_due_ms)
+        if not self.table.advance(s.name, s.next_due_ms, p.next_due_ms, next_fire, job_id):
+            raise _Taken
+
+    def _still_running(self, s: Schedule) -> str | None:
+        """Why the next run must not start (its overlap policy), or None."""
+        if s.overlap == "allow" or s.last_job_id is None:
+            return None
+        job = self.coord.store.get_job(s.last_job_id, executions=False)
+        if job is None or states.is_terminal(job.state):
+            return None
+        return f"the previous run (job {job.job_id}) is still {job.state}; overlap is skip"
+
+    def _start_run(
+        self,
+        s: Schedule,
+        due_ms: int,
+        now: int,
+        code: str,
+        *,
+        start_by: int | None = None,
+        job_id: str | None = None,
+        kid: str | None = None,
+    ) -> str:
+        """Start the run of `due_ms` as a job, checked as a submission from the owner would
+        be now; its job id. Refused if it may not run."""
+        owner_kid = self._owner_kid(s)
+        nodes, known = self._resolve(s.target, s.where)
+        self.coord._room(nodes)
+        self.coord._authorize(s.command, s.owner, nodes, known)
+        job = Job(
+            job_id=job_id or new_job_id(),
+            target=s.target,
+            where=dict(s.where),
+            command=s.command,
+            timeout_s=s.timeout_s,
+            start_by_ms=start_by if start_by is not None else now + s.start_within_s * 1000,
+            batch=s.batch,
+            max_failures=s.max_failures,
+            state="pending",
+            submitted_ms=now,
+            submitted_by=s.owner,
+            submitted_kid=kid or owner_kid,
+            schedule=s.name,
+        )
+        at = due_ms
+        while not self._record(s.name, at, now, job.job_id, code):
+            if code != "manual" or at > due_ms + 10:
+                raise _Taken
+            at += 1  # a manual run at the very millisecond of another
+        self.coord.start(job, [Execution(node=n, state="pending") for n in nodes])
+        log.info("schedule %s: run %s started (%s)", s.name, job.job_id, code)
+        return job.job_id
+
+    def _owner_kid(self, s: Schedule) -> str:
+        keyring = self.coord.cfg.keyring
+        if s.owner == "shared":
+            kids = [k for k in [keyring.shared_kid] if k is not None]
+        else:
+            kids = keyring.kids_of(Identity("client", s.owner))
+        if not kids:
+            raise Refused(
+                "owner_removed",
+                f"the key file holds no key of {s.owner!r}, who added this schedule: its runs "
+                "are refused until the key is back; or remove the schedule",
+            )
+        return s.owner_kid if s.owner_kid in kids else kids[-1]
+
+    def _resolve(self, target: str, where: dict[str, str]) -> tuple[list[str], Any]:
+        store = self.coord.store
+        known = store.node_labels_all() if rollout.needs_known(target, where) else {}
+        return rollout.resolve(target, where, known), known
+
+    def _record(
+        self,
+        name: str,
+        due_ms: int,
+        now: int,
+        job_id: str | None,
+        code: str,
+        reason: str = "",
+        **more: Any,
+    ) -> bool:
+        run = ScheduleRun(
+            name=name, due_ms=due_ms, recorded_ms=now, job_id=job_id, code=code,
+            reason=reason or None, **more,
+        )  # fmt: skip
+        return bool(self.table.add_run(run))
+
+    # -- queries
+    def answer(self, q: Query) -> Reply:
+        now = self.coord._now_ms()
+        if q.query == "schedules":
+            last = self.table.last_runs()
+            data: Any = [
+                {**self._shown(s, now), "last_run": _run(last.get(s.name))}
+                for s in self.table.listing()
+            ]
+            return Reply(correlation=q.correlation, ok=True, data=data)
+        s = self.table.get(q.schedule or "")
+        if s is None:
+            return Reply(
+                correlation=q.correlation,
+                ok=False,
+                code="not_found",
+                error=f"no schedule {q.schedule!r}",
+            )
+        runs = self.table.runs(s.name, min(q.limit, 100))
+        data = {
+            **self._shown(s, now),
+            "upcoming_ms": schedules.upcoming(s, max(now, s.next_due_ms - 1), 5),
+            "runs": [_run(r) for r in runs],
+            "last_run": _run(runs[0] if runs else None),
+        }
+        return Reply(correlation=q.correlation, ok=True, data=data)
+
+    @staticmethod
+    def _shown(s: Schedule, now: int) -> dict[str, Any]:
+        shown = wire(s)
+        shown["next_fire_ms"] = None if s.paused else schedules.fire_at(s.name, s, s.next_due_ms)
+        shown["now_ms"] = now
+        return shown
+
+    def prune(self, before_ms: int) -> int:
+        return int(self.table.prune(before_ms, KEEP_RUNS))
+
+
+def _run(r: ScheduleRun | None) -> dict[str, Any] | None:
+    return None if r is None else wire(r)
