@@ -29,6 +29,8 @@ from opsbay_mqtt.protocol import (
     QueryKind,
     Rejected,
     Reply,
+    ScheduleChange,
+    ScheduleOp,
     Submit,
     Topic,
     decode,
@@ -209,6 +211,11 @@ class Client:
         self._submitted[job_id] = msg
         self._publish_submit(msg)
         return job_id
+
+    def expect_job(self, job_id: str) -> None:
+        """Subscribe to the events of a job about to be made by someone else's request (a
+        schedule run with an id chosen here), so that `wait` hears it from the start."""
+        self.conn.subscribe([(self.cfg.topics.job_events(job_id), self._qos())], wait=False)
 
     def acknowledged(self, job_id: str) -> bool:
         """Whether a coordinator has acknowledged our submission (or cancel) of `job_id`."""
@@ -451,15 +458,37 @@ class Client:
 
     # -- queries
     def query(self, query: QueryKind, timeout_s: float = 10.0, **params: Any) -> Any:
-        """Ask the coordinator; its answer's data. Sent again (1, 2, 4 s apart) until answered
-        or `timeout_s` runs out: a query the broker dropped (no coordinator subscribed at that
-        moment) is asked again; each copy is signed afresh, and only one answer is read."""
+        """Ask the coordinator; its answer's data."""
+        q = Query(query=query, reply_to=self.reply_id, correlation=signing.random_hex(8), **params)
+        return self._request(q, timeout_s)
+
+    def change_schedule(
+        self, op: ScheduleOp, name: str, timeout_s: float = 10.0, **params: Any
+    ) -> Any:
+        """Ask the coordinator to change a schedule (add with `spec`, pause, resume, remove,
+        run with `job_id`); its answer's data (the schedule as it now stands). Its change id
+        stays the same when it is sent again, so a change made once is not made twice."""
+        ch = ScheduleChange(
+            op=op,
+            name=name,
+            change_id=signing.random_hex(16),
+            reply_to=self.reply_id,
+            correlation=signing.random_hex(8),
+            **params,
+        )
+        return self._request(ch, timeout_s)
+
+    def _request(self, request: Query | ScheduleChange, timeout_s: float) -> Any:
+        """Send a request answered by a Reply; the reply's data. Sent again (1, 2, 4 s apart)
+        until answered or `timeout_s` runs out: a request the broker dropped (no coordinator
+        subscribed at that moment) is asked again; each copy is signed afresh, and only one
+        answer is read."""
         if not self._reply_subscribed:
             replies = self.cfg.topics.rpc_reply(self.reply_id)
             self.conn.subscribe([(replies, self._qos())], wait=False)
             self._reply_subscribed = True
-        correlation = signing.random_hex(8)
-        q = wire(Query(query=query, reply_to=self.reply_id, correlation=correlation, **params))
+        correlation = request.correlation
+        q = wire(request)
         deadline = time.monotonic() + timeout_s
         resends = _Resends(next_at=0.0)  # at once, then again while unanswered
         reply_topic = self.cfg.topics.rpc_reply(self.reply_id)

@@ -100,6 +100,8 @@ def exit_for(e: BaseException) -> tuple[int, str] | None:
     if isinstance(e, WaitTimeout):
         return EXIT_WAIT_GAVE_UP, f"{e}; the job goes on (see `opsbay result`)"
     if isinstance(e, QueryFailed):
+        if e.code == "schedule_exists":  # a name already taken: what was typed
+            return EXIT_USAGE, str(e)
         return EXIT_NOT_FOUND if e.code == "not_found" else EXIT_REJECTED, str(e)
     if isinstance(e, Refused):
         return EXIT_USAGE if e.code.startswith("bad_") else EXIT_REJECTED, e.text

@@ -204,7 +204,10 @@ def _utf8_setting(value: str, setting: str) -> None:
 
 def finish_commands() -> None:
     """Work out the options of the commands registered now (before typer builds them)."""
-    for command in app.registered_commands:
+    groups = [
+        g.typer_instance.registered_commands for g in app.registered_groups if g.typer_instance
+    ]
+    for command in [c for commands in [app.registered_commands, *groups] for c in commands]:
         finish = _UNFINISHED.pop(command.callback, None) if command.callback else None
         if finish is not None:
             finish()
@@ -288,6 +291,7 @@ COMMAND_MODULES = {
     "store": "admin",
     "watch": "fleet",
     "cronicle": "fleet",
+    "schedule": "schedule",
 }
 
 
@@ -309,12 +313,23 @@ def main() -> None:
         importlib.import_module(f"opsbay_mqtt.cli.{module}")  # registers its commands
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     everything = app.registered_commands
+    grouped = {id(g): g.typer_instance.registered_commands for g in _groups(words[0])}
     if wanted:  # typer builds every registered command's options; build the one that runs
         app.registered_commands = [
             c for c in everything if (c.name or getattr(c.callback, "__name__", "")) == words[0]
         ]
+        for g in _groups(words[0]):  # a group's (`schedule add`): only the one that runs
+            chosen = [c for c in grouped[id(g)] if words[1:] and c.name == words[1]]
+            if chosen:
+                g.typer_instance.registered_commands = chosen
     finish_commands()
     try:
         app()
     finally:
         app.registered_commands = everything
+        for g in _groups(words[0]):
+            g.typer_instance.registered_commands = grouped[id(g)]
+
+
+def _groups(name: str) -> list[Any]:
+    return [g for g in app.registered_groups if g.name == name and g.typer_instance]

@@ -503,6 +503,10 @@ def results(
     limit: Annotated[
         int, typer.Option("--limit", metavar="N", min=1, max=1000, help="At most this many.")
     ] = 20,
+    schedule: Annotated[
+        str | None,
+        typer.Option("--schedule", metavar="NAME", help="Only the runs of this schedule."),
+    ] = None,
     json_out: JsonOut = False,
     verbose: Verbose = False,
 ) -> None:
@@ -514,13 +518,15 @@ def results(
 
     if node is not None:
         run(lambda: cliargs.check_node(node, "--node"))
+    if schedule is not None:
+        run(lambda: cliargs.check_node(schedule, "--schedule"))
     if state is not None and state not in JOB_STATES:
         fail(render.EXIT_USAGE, f"--state: {state!r} is not one of {', '.join(JOB_STATES)}")
     cfg = _client_config(bus, verbose)
 
     def fetch() -> list[Job]:
         with Client(cfg, notice=_notice) as c:
-            return c.results(node=node, state=state, limit=limit)
+            return c.results(node=node, state=state, schedule=schedule, limit=limit)
 
     jobs = run(fetch)
     if json_out:
