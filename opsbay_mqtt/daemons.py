@@ -225,8 +225,12 @@ def serve_coordinator(coord: Coordinator, conn: Connection, stop: threading.Even
     coord.redispatch_pending()
     next_tick = 0.0
     while not stop.is_set():
-        batch = conn.receive(coord.cfg.tick_s, coord.cfg.batch_max)
-        tick_due = time.monotonic() >= next_tick
+        # A schedule's run due before the next regular tick wakes the loop at its time.
+        wake = coord.scheduler.wake_in_s()
+        wait = coord.cfg.tick_s if wake is None else min(coord.cfg.tick_s, wake)
+        batch = conn.receive(wait, coord.cfg.batch_max)
+        woke = wake is not None and coord.scheduler.wake_in_s() is None
+        tick_due = time.monotonic() >= next_tick or woke
         if tick_due:
             next_tick = time.monotonic() + coord.cfg.tick_s
         outgoing = step(coord, batch, tick_due)

@@ -91,13 +91,6 @@ class ScheduleTable:
         row = self._x(sql, (name,)).fetchone()
         return None if row is None else _schedule(row)
 
-    def removed_by(self, name: str) -> str | None:
-        """The change id that removed `name`, if it is a tombstone."""
-        row = self._x(
-            "SELECT change_id FROM schedules WHERE name = ? AND removed_ms IS NOT NULL", (name,)
-        ).fetchone()
-        return None if row is None else str(row[0])
-
     def add(self, s: Schedule, next_fire_ms: int) -> bool:
         """Record a new schedule, over the tombstone of a removed one of the same name; False
         if a schedule of that name exists."""
@@ -144,6 +137,13 @@ class ScheduleTable:
         if self._pg:
             sql += " FOR UPDATE SKIP LOCKED"
         return [_schedule(r) for r in self._x(sql, (now_ms, limit)).fetchall()]
+
+    def next_fire(self) -> int | None:
+        """When the next run of any schedule is to start (None: none is active)."""
+        row = self._x(
+            f"SELECT min(next_fire_ms) FROM schedules WHERE paused = 0 AND {_LIVE}"
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
 
     def advance(
         self, name: str, from_due_ms: int, next_due_ms: int, next_fire_ms: int, job_id: str | None

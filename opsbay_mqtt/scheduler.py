@@ -12,6 +12,7 @@ identity keeps them running.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,7 @@ from opsbay_mqtt.protocol import (
     fields_of,
     wire,
 )
+from opsbay_mqtt.queries import JOB_BUDGET_BYTES, LISTING_OUTPUT_CHARS
 from opsbay_mqtt.schedrecord import ScheduleTable
 from opsbay_mqtt.signing import Auth, Identity
 from opsbay_mqtt.topics import new_job_id
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Change ids are remembered where nonces are, under this key id (no key id holds a "#").
+CHANGE_KID = "#schedule-change"
 DUE_PER_TICK = 200  # schedules handled per deadline check; the rest at the next one
 KEEP_RUNS = 1000  # per schedule, within the retention age
 SHOWN_RUNS = 10
@@ -49,6 +53,20 @@ class _Taken(Exception):
 class Scheduler:
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
+        # When the next run is to start, as last read: the loop wakes for it (`wake_in_s`)
+        # rather than at its next regular tick. Read after each tick and each change.
+        self.next_fire_ms: int | None = None
+        self._read_next = True
+
+    def wake_in_s(self) -> float | None:
+        """Seconds until the next run is to start, if that is ahead (None: nothing ahead)."""
+        if self._read_next:
+            self._read_next = False
+            self.next_fire_ms = self.table.next_fire()
+        if self.next_fire_ms is None:
+            return None
+        ahead = self.next_fire_ms / 1000 - self.coord.clock()
+        return ahead if ahead > 0 else None
 
     @property
     def table(self) -> ScheduleTable:
@@ -56,20 +74,39 @@ class Scheduler:
 
     # -- changes (signed requests, answered with a Reply)
     def change(self, ch: ScheduleChange, client: str, auth: Auth) -> Reply:
-        """Apply `ch` for `client`; Refused (nothing written) if it cannot be."""
+        """Apply `ch` for `client`, once per change id; Refused (nothing written) if it
+        cannot be.
+
+        The change id is remembered with the change, in its transaction (beside the nonces,
+        for as long), and forgotten if the change is refused: a copy of a change that was
+        made (sent again by its client, or received by a second coordinator) is answered with
+        the schedule as it now stands, and never made again, even after later changes to
+        the schedule. A copy that meets the first one's uncommitted change waits for it."""
         now = self.coord._now_ms()
-        if ch.op == "add":
-            data = self._add(ch, client, auth, now)
-        else:
-            data = self._alter(ch, client, auth, now)
+        store = self.coord.store
+        if not store.remember_nonce(CHANGE_KID, ch.change_id, now // 1000):
+            log.info("schedule %s: change %s made already; answered", ch.name, ch.change_id)
+            return Reply(correlation=ch.correlation, ok=True, data=self._current(ch, now))
+        try:
+            if ch.op == "add":
+                data = self._add(ch, client, auth, now)
+            else:
+                data = self._alter(ch, client, auth, now)
+        except Refused:
+            store.forget_nonce(CHANGE_KID, ch.change_id)
+            raise
+        self._read_next = True
         return Reply(correlation=ch.correlation, ok=True, data=data)
+
+    def _current(self, ch: ScheduleChange, now: int) -> dict[str, Any]:
+        s = self.table.get(ch.name)
+        data = {"name": ch.name, "removed": True} if s is None else self._shown(s, now)
+        return {**data, "job_id": ch.job_id} if ch.op == "run" else data
 
     def _add(self, ch: ScheduleChange, client: str, auth: Auth, now: int) -> dict[str, Any]:
         assert ch.spec is not None
-        existing = self.table.get(ch.name, removed=True, lock=True)
-        if existing is not None and existing.change_id == ch.change_id:
-            return self._shown(existing, now)  # this very request, sent again
-        if existing is not None and self.table.removed_by(ch.name) is None:
+        existing = self.table.get(ch.name, lock=True)
+        if existing is not None:
             raise Refused(
                 "schedule_exists",
                 f"a schedule named {ch.name!r} exists (added by {existing.owner!r}): remove it "
@@ -97,8 +134,6 @@ class Scheduler:
     def _alter(self, ch: ScheduleChange, client: str, auth: Auth, now: int) -> dict[str, Any]:
         s = self.table.get(ch.name, lock=True)
         if s is None:
-            if ch.op == "remove" and self.table.removed_by(ch.name) == ch.change_id:
-                return {"name": ch.name, "removed": True}  # this very request, sent again
             raise Refused("not_found", f"no schedule {ch.name!r}")
         if client not in (s.owner, "shared"):
             raise Refused("not_yours", f"schedule {s.name} belongs to {s.owner!r}")
@@ -141,6 +176,7 @@ class Scheduler:
             except _Taken:
                 del self.coord.outbox[mark:]
                 log.info("schedule %s: due time handled by another coordinator", s.name)
+        self._read_next = True
         return handled
 
     def _due(self, s: Schedule, now: int) -> None:
@@ -224,11 +260,12 @@ class Scheduler:
             submitted_kid=kid or owner_kid,
             schedule=s.name,
         )
-        at = due_ms
+        # Due times are whole seconds: a manual run is recorded off them, never in their place.
+        at = due_ms + 1 if code == "manual" and due_ms % 1000 == 0 else due_ms
         while not self._record(s.name, at, now, job.job_id, code):
             if code != "manual" or at > due_ms + 10:
                 raise _Taken
-            at += 1  # a manual run at the very millisecond of another
+            at += 1 if (at + 1) % 1000 else 2  # a manual run at the very millisecond of another
         self.coord.start(job, [Execution(node=n, state="pending") for n in nodes])
         log.info("schedule %s: run %s started (%s)", s.name, job.job_id, code)
         return job.job_id
@@ -277,7 +314,7 @@ class Scheduler:
                 {**self._shown(s, now), "last_run": _run(last.get(s.name))}
                 for s in self.table.listing()
             ]
-            return Reply(correlation=q.correlation, ok=True, data=data)
+            return _fitted(q.correlation, data)
         s = self.table.get(q.schedule or "")
         if s is None:
             return Reply(
@@ -304,6 +341,24 @@ class Scheduler:
 
     def prune(self, before_ms: int) -> int:
         return int(self.table.prune(before_ms, KEEP_RUNS))
+
+
+def _fitted(correlation: str, listing: list[dict[str, Any]]) -> Reply:
+    """The listing in one reply: commands cut to their first LISTING_OUTPUT_CHARS characters
+    when the whole would not fit, and an error rather than a listing cut short (which would
+    let `schedule check` pass over schedules it never saw)."""
+    if len(json.dumps(listing)) > JOB_BUDGET_BYTES:
+        for s in listing:
+            if len(s["command"]) > LISTING_OUTPUT_CHARS:
+                s["command"] = s["command"][:LISTING_OUTPUT_CHARS] + "..."
+        if len(json.dumps(listing)) > JOB_BUDGET_BYTES:
+            return Reply(
+                correlation=correlation,
+                ok=False,
+                code="too_large",
+                error=f"{len(listing)} schedules do not fit in one reply (about 4,000 do)",
+            )
+    return Reply(correlation=correlation, ok=True, data=listing)
 
 
 def _run(r: ScheduleRun | None) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ top of each UTC hour, on every coordinator alike) and knows nothing of zones.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -60,6 +61,30 @@ def _five(expr: str) -> str:
             f"not {len(text.split())}"
         )
     return text
+
+
+def check_jitter(cron: str, tz: str, jitter_s: int, now_s: float | None = None) -> None:
+    """ValueError if a random delay of up to `jitter_s` could reach the next due time of
+    `cron` (over its next 200 due times): a run must start before the next one is due."""
+    if jitter_s <= 0:
+        return
+    five, zone = _five(cron), _zone(tz)
+    at = datetime.fromtimestamp(int(time.time() if now_s is None else now_s), zone)
+    shortest = None
+    it = CronSim(five, at)
+    prev = _ms(next(it))
+    for _ in range(200):
+        try:
+            nxt = _ms(next(it))
+        except StopIteration:
+            break
+        gap, prev = nxt - prev, nxt
+        shortest = gap if shortest is None else min(shortest, gap)
+    if shortest is not None and jitter_s * 1000 >= shortest:
+        raise ValueError(
+            f"jitter_s ({jitter_s}s) must be shorter than the shortest time between two due "
+            f"times of {cron!r} ({duration(shortest // 1000)})"
+        )
 
 
 def check_zone(name: str) -> str:

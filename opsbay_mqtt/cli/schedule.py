@@ -119,6 +119,15 @@ class _JobOptions:
 
         if every_s is not None and self.jitter_s >= every_s:
             raise cliargs.UsageError("--jitter", "must be shorter than the --every interval")
+        if cron is not None:
+            from opsbay_mqtt import schedules
+
+            try:
+                schedules.check_jitter(cron, tz, self.jitter_s)
+            except ValueError as e:
+                raise cliargs.UsageError(
+                    "--jitter", str(e).replace("jitter_s", "--jitter")
+                ) from None
         return ScheduleSpec(
             cron=cron,
             every_s=every_s,
