@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 CHANGE_KID = "#schedule-change"
 DUE_PER_TICK = 200  # schedules handled per deadline check; the rest at the next one
 KEEP_RUNS = 1000  # per schedule, within the retention age
-SHOWN_RUNS = 10
+MAX_SHOWN_RUNS = 100  # runs in one `schedule` answer
 
 
 class _Taken(Exception):
@@ -113,6 +113,12 @@ class Scheduler:
                 "first, or choose another name",
             )
         spec = ch.spec
+        if spec.cron is not None and spec.jitter_s:
+            # Checked when added, never when read: it depends on the due times to come.
+            try:
+                schedules.check_jitter(spec.cron, spec.tz, spec.jitter_s, now / 1000)
+            except ValueError as e:
+                raise Refused("invalid", str(e)) from None
         nodes, known = self._resolve(spec.target, spec.where)
         self.coord._authorize(spec.command, client, nodes, known)
         first = schedules.due_after(spec, now)
@@ -143,10 +149,13 @@ class Scheduler:
             return {"name": s.name, "removed": True}
         if ch.op == "run":
             assert ch.job_id is not None
-            if self.coord.store.get_job(ch.job_id, executions=False) is None:
+            job = self.coord.store.get_job(ch.job_id, executions=False)
+            if job is not None and job.schedule != s.name:
+                raise Refused("job_id_conflict", f"job {ch.job_id} exists, not a run of {s.name}")
+            if job is None:
                 self._start_run(s, now, now, "manual", job_id=ch.job_id, kid=auth.kid)
                 self.table.set_last_job(s.name, ch.job_id)
-            return {**self._shown(s, now), "job_id": ch.job_id}
+            return {**self._current(ch, now), "job_id": ch.job_id}
         paused = ch.op == "pause"
         if s.paused != paused:
             # Resumed: from the next due time on. What fell due while paused is not a run
@@ -315,7 +324,11 @@ class Scheduler:
                 for s in self.table.listing()
             ]
             return _fitted(q.correlation, data)
-        s = self.table.get(q.schedule or "")
+        if q.schedule is None:
+            return Reply(
+                correlation=q.correlation, ok=False, code="invalid", error="schedule: missing"
+            )
+        s = self.table.get(q.schedule)
         if s is None:
             return Reply(
                 correlation=q.correlation,
@@ -323,7 +336,7 @@ class Scheduler:
                 code="not_found",
                 error=f"no schedule {q.schedule!r}",
             )
-        runs = self.table.runs(s.name, min(q.limit, 100))
+        runs = self.table.runs(s.name, min(q.limit, MAX_SHOWN_RUNS))
         data = {
             **self._shown(s, now),
             "upcoming_ms": schedules.upcoming(s, max(now, s.next_due_ms - 1), 5),

@@ -37,6 +37,9 @@ from opsbay_mqtt.protocol import (
     Query,
     Rejected,
     Result,
+    Schedule,
+    ScheduleRun,
+    ScheduleSpec,
     Submit,
     decode,
     encode,
@@ -238,10 +241,10 @@ def test_command_limit_counts_utf8_bytes_as_the_doc_says() -> None:
 # Who signs each message type, as the doc's "signers" table says: the client (its own key, or
 # the shared secret) or the node the message is for or from. A `cancel` goes both ways: from a
 # client without `node`, and from the coordinator to node N with N's key.
-CLIENT_SIGNED = {"submit", "query", "job", "reply", "rejected"}
+CLIENT_SIGNED = {"submit", "query", "schedule", "job", "reply", "rejected"}
 NODE_SIGNED = {"dispatch", "result", "output", "info", "status"}
 SIGNERS = {
-    **{kind: {"client"} for kind in ("submit", "query")},
+    **{kind: {"client"} for kind in ("submit", "query", "schedule")},
     **{kind: {"coordinator"} for kind in ("job", "reply", "rejected", "dispatch")},
     **{kind: {"worker"} for kind in ("result", "output", "info", "status")},
     "cancel": {"client", "coordinator"},
@@ -301,6 +304,9 @@ MODELS: dict[str, type] = {
     **MESSAGE_TYPES,
     "job-object": Job,
     "execution-object": Execution,
+    "schedule-spec-object": ScheduleSpec,
+    "schedule-object": Schedule,
+    "schedule-run-object": ScheduleRun,
 }
 
 
