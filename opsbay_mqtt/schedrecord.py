@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from opsbay_mqtt.protocol import Schedule, ScheduleRun, ScheduleSpec, fields_of, record
+from opsbay_mqtt.states import sql as _sql
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS schedules (
@@ -47,6 +48,7 @@ CREATE TABLE IF NOT EXISTS schedule_runs (
     last_due_ms BIGINT,
     PRIMARY KEY (name, due_ms)
 );
+CREATE INDEX IF NOT EXISTS schedule_runs_by_time ON schedule_runs (recorded_ms);
 CREATE INDEX IF NOT EXISTS jobs_by_schedule ON jobs (schedule, submitted_ms);
 """
 STATEMENTS = tuple(s.strip() for s in SCHEMA.split(";") if s.strip())
@@ -58,6 +60,7 @@ SCHEDULE_COLS = (
 RUN_COLS = ("name", "due_ms", "recorded_ms", "job_id", "code", "reason", "count", "last_due_ms")
 _SELECT = ", ".join(SCHEDULE_COLS)
 _LIVE = "removed_ms IS NULL"
+PENDING = _sql("pending")
 
 
 class _Cursor(Protocol):
@@ -171,6 +174,17 @@ class ScheduleTable:
             [row[c] for c in RUN_COLS],
         )
         return cur.rowcount == 1
+
+    def unstarted_runs(self, since_ms: int, before_ms: int) -> list[str]:
+        """Job ids of runs recorded between `since_ms` and `before_ms` that have an execution
+        dispatched and not started: whoever started them may have died before sending."""
+        rows = self._x(
+            "SELECT DISTINCT r.job_id FROM schedule_runs r JOIN executions e "
+            "ON e.job_id = r.job_id WHERE r.recorded_ms >= ? AND r.recorded_ms < ? "
+            f"AND e.state = {PENDING} AND e.dispatched_ms IS NOT NULL",
+            (since_ms, before_ms),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
 
     def runs(self, name: str, limit: int) -> list[ScheduleRun]:
         """The latest runs and skips of `name`, newest first, with their job's state."""

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 CHANGE_KID = "#schedule-change"
 DUE_PER_TICK = 200  # schedules handled per deadline check; the rest at the next one
 KEEP_RUNS = 1000  # per schedule, within the retention age
+# A run not started this long after it was recorded has its dispatch sent again, once, by
+# every coordinator (checked every OWED_CHECK_S, for runs up to OWED_WINDOW_S old).
+OWED_AFTER_S, OWED_CHECK_S, OWED_WINDOW_S = 5, 5.0, 120
 MAX_SHOWN_RUNS = 100  # runs in one `schedule` answer
 
 
@@ -57,6 +60,8 @@ class Scheduler:
         # rather than at its next regular tick. Read after each tick and each change.
         self.next_fire_ms: int | None = None
         self._read_next = True
+        self._next_owed_check = 0.0
+        self._resent: set[str] = set()
 
     def wake_in_s(self) -> float | None:
         """Seconds until the next run is to start, if that is ahead (None: nothing ahead)."""
@@ -186,7 +191,29 @@ class Scheduler:
                 del self.coord.outbox[mark:]
                 log.info("schedule %s: due time handled by another coordinator", s.name)
         self._read_next = True
+        if self.coord.clock() >= self._next_owed_check:
+            self._next_owed_check = self.coord.clock() + OWED_CHECK_S
+            self.resend_owed(now)
         return handled
+
+    def resend_owed(self, now: int) -> None:
+        """Send again, once, the dispatches of recent runs not started after OWED_AFTER_S.
+        A run comes from no message: if the coordinator that started it died between its
+        commit and its publish, no broker redelivery and no other coordinator would send it,
+        and it would expire unseen by its node. Any coordinator that sees it sends it; the
+        worker's ledger makes a second copy harmless."""
+        since = now - OWED_WINDOW_S * 1000
+        for job_id in self.table.unstarted_runs(since, now - OWED_AFTER_S * 1000):
+            if job_id in self._resent:
+                continue
+            job = self.coord.store.get_job(job_id)
+            if job is None:
+                continue
+            log.info("schedule %s: run %s not started yet; sending it again", job.schedule, job_id)
+            self._resent.add(job_id)
+            self.coord._resend_owed(job)
+        if len(self._resent) > 10_000:
+            self._resent.clear()
 
     def _due(self, s: Schedule, now: int) -> None:
         p = schedules.plan(s.name, s, s.next_due_ms, now)

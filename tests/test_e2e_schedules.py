@@ -14,6 +14,8 @@ import pytest
 from opsbay_mqtt.cli.schedule import problem
 from tests.helpers import Bus, wait_until
 
+pytest_plugins = ("tests.pg",)  # PostgreSQL: pg_url, a database of its own for each test
+
 EVERY = "10s"  # the shortest interval: a test waits for real runs
 
 
@@ -186,3 +188,67 @@ def test_check_reports_overdue_and_skips() -> None:
     assert said is not None and "skipped: overlap: still running" in said
     running_run = {"job_id": "j", "due_ms": 990_000, "state": "running"}
     assert problem({**base, "last_run": running_run}, 1_000_000, 60) is None
+
+
+def test_two_coordinators_on_postgresql_run_each_due_time_once_through_a_kill(
+    bus: Bus, pg_url: str, tmp_path: Path
+) -> None:
+    """20 schedules every 10 s, two coordinators on one PostgreSQL record; one is killed with
+    -9 between due times. Every due time from the first run to the last has exactly one run
+    (none twice, none skipped), each ran on its node once, and a run's job exists for each."""
+    import psycopg
+
+    from tests.test_e2e_coordinators import start_coordinator
+
+    a = start_coordinator(bus, "a", pg_url)
+    start_coordinator(bus, "b", pg_url)
+    bus.worker("n1")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    for i in range(20):
+        out = bus.cli(
+            "schedule", "add", f"s{i}", "--every", EVERY, "-t", "n1",
+            "-c", f"echo run >> {marks / str(i)}",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+
+    def fired() -> list[tuple[str, int, str | None, str]]:
+        with psycopg.connect(pg_url) as db:
+            rows = db.execute("SELECT name, due_ms, job_id, code FROM schedule_runs").fetchall()
+        return [(str(n), int(d), j, str(c)) for n, d, j, c in rows]
+
+    def rounds() -> int:
+        return len({d for _, d, _, _ in fired()})
+
+    wait_until(lambda: rounds() >= 2, 40, "two rounds of runs")
+    a.send_signal(signal.SIGKILL)
+    a.wait(10)
+    wait_until(lambda: rounds() >= 4, 40, "two more rounds with one coordinator left")
+
+    rows = fired()
+    by_name: dict[str, list[int]] = {}
+    for name, due, job_id, code in rows:
+        assert code == "scheduled" and job_id, (name, due, code)
+        by_name.setdefault(name, []).append(due)
+    last_round = max(d for _, d, _, _ in rows)
+    for name, dues in by_name.items():
+        ordered = sorted(dues)
+        assert len(ordered) == len(set(ordered)), f"{name}: a due time ran twice"
+        if ordered[-1] == last_round:  # not the round still being fired as we read
+            assert ordered == list(range(ordered[0], ordered[-1] + 1, 10_000)), (
+                f"{name}: a due time without its run: {ordered}"
+            )
+    jobs = {j["job_id"]: j for name in by_name for j in runs(bus, name)}
+    assert {job_id for _, _, job_id, _ in rows} <= set(jobs)
+    # What ran on the node: once per succeeded run, never twice (paused: no more runs).
+    for name in by_name:
+        assert bus.cli("schedule", "pause", name).returncode == 0
+    wait_until(lambda: all(jobs_done(bus, name) for name in by_name), 30, "every run to end")
+    for i in range(20):
+        succeeded = [j for j in runs(bus, f"s{i}") if j["state"] == "succeeded"]
+        ran = (marks / str(i)).read_text().splitlines() if (marks / str(i)).exists() else []
+        assert len(ran) == len(succeeded), f"s{i}: {len(ran)} runs on the node"
+
+
+def jobs_done(bus: Bus, name: str) -> bool:
+    return all(j["state"] in ("succeeded", "failed") for j in runs(bus, name))

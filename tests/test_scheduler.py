@@ -176,10 +176,13 @@ def tick(c: Coordinator, at: float | None = None) -> list[Outgoing]:
     return step(c, [], True)
 
 
-def dispatched(out: list[Outgoing]) -> list[tuple[str, str]]:
-    """(node, job id) of each dispatch published."""
+def dispatched(out: list[Outgoing], again: bool = False) -> list[tuple[str, str]]:
+    """(node, job id) of each dispatch published when its run started (with `again`: only
+    those sent again, `Scheduler.resend_owed`)."""
     found = []
     for o in out:
+        if o.first == again:
+            continue
         body = json.loads(o.payload)
         if o.topic.startswith("t/nodes/") and body["type"] == "dispatch":
             assert o.topic == f"t/nodes/{body['node']}/jobs"
@@ -767,3 +770,14 @@ def test_two_coordinators_stepping_in_turn_fire_each_due_time_once(
     assert len(seen) == 50 * 4 and set(seen.values()) == {1}
     for name in NAMES:
         assert [r.code for r in runs(a.store, name)] == ["scheduled"] * 4
+
+
+def test_a_run_whose_dispatch_was_never_published_is_sent_again_once(coord: Coordinator) -> None:
+    """The coordinator that started a run died between its commit and its publish: a
+    coordinator still running sends the dispatch (once) when the run has not started."""
+    add(coord, "health")
+    lost = tick(coord, T0 + 10)  # committed; as if never published
+    ((_, job_id),) = dispatched(lost)
+    assert dispatched(tick(coord, T0 + 12), again=True) == []  # it may be on its way
+    assert dispatched(tick(coord, T0 + 16), again=True) == [("n1", job_id)]
+    assert dispatched(tick(coord, T0 + 22), again=True) == [], "once, not at every check"
