@@ -737,7 +737,8 @@ def sqlite_rows(db: sqlite3.Connection, table: str) -> Iterator[tuple[Any, ...]]
 
 
 def copy_record(source: Path, target: str) -> dict[str, int]:
-    """Copy every job, execution, node and remembered nonce of the SQLite record `source` (a
+    """Copy every job, execution, node, remembered nonce, schedule and schedule run of the
+    SQLite record `source` (a
     file) into the PostgreSQL record `target`, which must be empty; all or nothing. How many
     rows of each table were copied. No coordinator may write `source` meanwhile."""
     from opsbay_mqtt.store import SCHEMA_VERSION as SQLITE_VERSION
@@ -765,8 +766,9 @@ def copy_record(source: Path, target: str) -> dict[str, int]:
                 raise ConfigError(
                     f"--to: {dest.shown} already holds a record ("
                     + ", ".join(f"{n} {t}" for t, n in dest.counts().items())
-                    + "): copy into an empty one (a new database, or TRUNCATE jobs, executions, "
-                    "nodes, nonces)"
+                    + "): copy into an empty one (a new database, or TRUNCATE "
+                    + ", ".join(TABLES)
+                    + ")"
                 )
             src.execute("BEGIN")
             copied = {t: dest.copy_rows(t, sqlite_rows(src, t)) for t in TABLES}

@@ -662,7 +662,15 @@ def test_a_new_database_gets_the_schema_once_when_coordinators_start_at_once(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
             "ORDER BY 1"
         ).fetchall()
-    assert [t for (t,) in tables] == ["executions", "jobs", "nodes", "nonces", "opsbay_schema"]
+    assert [t for (t,) in tables] == [
+        "executions",
+        "jobs",
+        "nodes",
+        "nonces",
+        "opsbay_schema",
+        "schedule_runs",
+        "schedules",
+    ]
 
 
 def test_a_database_of_a_newer_schema_is_refused_and_left_alone(own_pg: PgServer) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from opsbay_mqtt.errors import ConfigError
 from opsbay_mqtt.pgstore import PgStore
-from opsbay_mqtt.protocol import Execution, Job
+from opsbay_mqtt.protocol import Execution, Job, Schedule, ScheduleRun, ScheduleSpec, fields_of
 from opsbay_mqtt.store import Store
 
 if TYPE_CHECKING:
@@ -94,6 +94,14 @@ def seed(data_dir: Path) -> Store:
     s.node_conflict("web-01", MS + 6, "two agents named web-01", 7)
     s.remember_nonce("ci-1", "a" * 32, 1_700_000_000)
     s.remember_nonce("ci-1", "b" * 32, 1_700_000_001)
+    spec = ScheduleSpec(cron="30 2 * * *", tz="Europe/Berlin", target="web-01",
+                        command="echo nightly", timeout_s=60, start_within_s=600)  # fmt: skip
+    nightly = Schedule(**fields_of(spec), name="nightly", owner="ci", owner_kid="ci-1",
+                       created_ms=MS, updated_ms=MS, next_due_ms=MS + 3_600_000)  # fmt: skip
+    s.schedules.add(nightly, MS + 3_600_000)
+    s.schedules.add_run(ScheduleRun(name="nightly", due_ms=MS - 86_400_000, recorded_ms=MS,
+                                    job_id="00000000-0000-0000-0000-000000000001",
+                                    code="scheduled"))  # fmt: skip
     s.commit()
     return s
 
@@ -106,6 +114,9 @@ def picture(record: Any) -> dict[str, Any]:
         "nodes": record.list_nodes(),
         "kids": {n["node"]: record.node_kid(n["node"]) for n in record.list_nodes()},
         "labels": record.node_labels_all(),
+        "schedules": record.schedules.listing(),
+        "runs": record.schedules.runs("nightly", 10),
+        "next_fire": record.schedules.next_fire(),
     }
 
 
@@ -115,7 +126,9 @@ def test_store_copy_moves_a_sqlite_record_into_postgresql(tmp_path: Path, pg_url
     source.close()
     out = opsbay("store", "copy", "--from", str(tmp_path / "data"), "--to", pg_url)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("copied 5 jobs, 40 executions, 2 nodes and 2 nonces to ")
+    assert out.stdout.startswith(
+        "copied 5 jobs, 40 executions, 2 nodes, 2 nonces, 1 schedules and 1 schedule runs to "
+    )
     copied = PgStore(pg_url)
     try:
         assert picture(copied) == expected
@@ -130,7 +143,10 @@ def test_store_copy_moves_a_sqlite_record_into_postgresql(tmp_path: Path, pg_url
     # A second copy into the same (now not empty) record is refused, and changes nothing.
     again = opsbay("store", "copy", "--from", str(tmp_path / "data" / "opsbay.db"), "--to", pg_url)
     assert again.returncode == 78
-    assert "already holds a record (5 jobs, 40 executions, 2 nodes, 2 nonces)" in again.stderr
+    assert (
+        "already holds a record (5 jobs, 40 executions, 2 nodes, 2 nonces, 1 schedules, "
+        "1 schedule_runs)" in again.stderr
+    )
     check = PgStore(pg_url)
     assert picture(check) == expected
     check.close()

@@ -455,10 +455,10 @@ def store_copy(
         ),
     ],
 ) -> None:
-    """Copy a SQLite record into an empty PostgreSQL one: every job, execution, node and
-    remembered nonce, in one transaction (all or nothing); print how many of each. Stop the
-    coordinator first and keep it stopped until the copy is done: nothing may write the SQLite
-    record meanwhile. Then start the coordinator(s) with --store URL. See docs/postgresql.md."""
+    """Copy a SQLite record into an empty PostgreSQL one: every job, execution, node,
+    remembered nonce, schedule and schedule run, in one transaction (all or nothing); print
+    how many of each. Stop the coordinator first and keep it stopped until the copy is done:
+    nothing may write the SQLite record meanwhile. Then start the coordinator(s) with --store URL. See docs/postgresql.md."""
     from opsbay_mqtt.errors import ConfigError, UsageError
 
     def copy() -> dict[str, int]:
@@ -483,5 +483,6 @@ def store_copy(
 
     typer.echo(
         f"copied {copied['jobs']} jobs, {copied['executions']} executions, "
-        f"{copied['nodes']} nodes and {copied['nonces']} nonces to {shown(target)}"
+        f"{copied['nodes']} nodes, {copied['nonces']} nonces, {copied['schedules']} schedules "
+        f"and {copied['schedule_runs']} schedule runs to {shown(target)}"
     )
