@@ -458,7 +458,8 @@ def store_copy(
     """Copy a SQLite record into an empty PostgreSQL one: every job, execution, node,
     remembered nonce, schedule and schedule run, in one transaction (all or nothing); print
     how many of each. Stop the coordinator first and keep it stopped until the copy is done:
-    nothing may write the SQLite record meanwhile. Then start the coordinator(s) with --store URL. See docs/postgresql.md."""
+    nothing may write the SQLite record meanwhile. Then start the coordinator(s) with --store
+    URL. See docs/postgresql.md."""
     from opsbay_mqtt.errors import ConfigError, UsageError
 
     def copy() -> dict[str, int]:
