@@ -216,44 +216,50 @@ class Scheduler:
             self._resent.clear()
 
     def _due(self, s: Schedule, now: int) -> None:
+        """Handle what came due of `s`: record the due times missed, run or skip the latest,
+        and move the schedule on from the due time it was at (`_Taken` if another coordinator
+        did first: nothing of this is kept)."""
         p = schedules.plan(s.name, s, s.next_due_ms, now)
         if p is None:
             return
         if p.missed is not None:
-            first, last, count = p.missed
-            many = (
-                f"{count}{'+' if count >= schedules.COUNT_CAP else ''} due times"
-                if (count > 1)
-                else "its due time"
-            )
-            self._record(
-                s.name,
-                first,
-                now,
-                None,
-                "missed",
-                f"no coordinator was running at {many}, nor within the start window "
-                f"({schedules.duration(s.start_within_s)}) after",
-                count=count,
-                last_due_ms=last if count > 1 else None,
-            )
-            log.warning("schedule %s: missed %d due time(s) (no coordinator ran)", s.name, count)
-        job_id = None
-        if p.fire_due_ms is not None:
-            busy = self._still_running(s)
-            if busy is not None:
-                self._record(s.name, p.fire_due_ms, now, None, "overlap", busy)
-                log.info("schedule %s: skipped (%s)", s.name, busy)
-            else:
-                code = "caught_up" if p.caught_up else "scheduled"
-                try:
-                    job_id = self._start_run(s, p.fire_due_ms, now, code, start_by=p.start_by_ms)
-                except Refused as e:
-                    self._record(s.name, p.fire_due_ms, now, None, "refused", f"{e.code}: {e.text}")
-                    log.warning("schedule %s: run refused: %s", s.name, e)
+            self._record_missed(s, p, now)
+        job_id = None if p.fire_due_ms is None else self._run_or_skip(s, p, now)
         next_fire = schedules.fire_at(s.name, s, p.next_due_ms)
         if not self.table.advance(s.name, s.next_due_ms, p.next_due_ms, next_fire, job_id):
             raise _Taken
+
+    def _record_missed(self, s: Schedule, p: schedules.Plan, now: int) -> None:
+        assert p.missed is not None
+        first, last, count = p.missed
+        if count == 1:
+            many = "its due time"
+        else:
+            many = f"{count}{'+' if count >= schedules.COUNT_CAP else ''} due times in a row"
+        if p.fire_due_ms is not None:
+            why = f"no coordinator ran at {many}; only the latest due time since runs"
+        else:
+            window = schedules.duration(s.start_within_s)
+            why = f"no coordinator ran at {many}, nor within the start window ({window}) after"
+        last_due = last if count > 1 else None
+        self._record(s.name, first, now, None, "missed", why, count=count, last_due_ms=last_due)
+        log.warning("schedule %s: %d due time(s) missed: %s", s.name, count, why)
+
+    def _run_or_skip(self, s: Schedule, p: schedules.Plan, now: int) -> str | None:
+        """Start the run of `p.fire_due_ms`, or record why it does not run; its job id."""
+        assert p.fire_due_ms is not None
+        busy = self._still_running(s)
+        if busy is not None:
+            self._record(s.name, p.fire_due_ms, now, None, "overlap", busy)
+            log.info("schedule %s: skipped (%s)", s.name, busy)
+            return None
+        code = "caught_up" if p.caught_up else "scheduled"
+        try:
+            return self._start_run(s, p.fire_due_ms, now, code, start_by=p.start_by_ms)
+        except Refused as e:
+            self._record(s.name, p.fire_due_ms, now, None, "refused", f"{e.code}: {e.text}")
+            log.warning("schedule %s: run refused: %s", s.name, e)
+            return None
 
     def _still_running(self, s: Schedule) -> str | None:
         """Why the next run must not start (its overlap policy), or None."""

@@ -61,6 +61,59 @@ def stored(db: Path | str) -> dict[str, tuple[str, list[str]]]:
     return {j: (s, execs.get(j, [])) for j, s in jobs.items()}
 
 
+def check_schedules(bus: Bus, db: Path | str, marks: Path, context: str) -> None:
+    """Each due time of each schedule, from its first to its last recorded, was handled once
+    (run, or skipped with a reason): none twice, none silently left out; and each run's
+    command ran at most once on its node."""
+    for node in NODES:  # no more runs from here on
+        wait_until(
+            lambda node=node: bus.cli("schedule", "pause", f"s-{node}").returncode == 0,  # type: ignore[misc]
+            60,
+            f"s-{node} paused ({context})",
+        )
+    query = "SELECT name, due_ms, job_id, code, count, last_due_ms FROM schedule_runs"
+    jobs_q = "SELECT job_id, state, schedule FROM jobs WHERE schedule IS NOT NULL"
+
+    def read() -> tuple[list[tuple[object, ...]], dict[str, tuple[str, str]]]:
+        if isinstance(db, str):
+            with psycopg.connect(db) as con:
+                return con.execute(query).fetchall(), {
+                    j: (st, sc) for j, st, sc in con.execute(jobs_q).fetchall()
+                }
+        con = sqlite3.connect(db)
+        try:
+            return con.execute(query).fetchall(), {
+                j: (st, sc) for j, st, sc in con.execute(jobs_q).fetchall()
+            }
+        finally:
+            con.close()
+
+    wait_until(
+        lambda: all(st in TERMINAL for st, _ in read()[1].values()), 120,
+        f"every scheduled run terminal ({context})", 0.5,
+    )  # fmt: skip
+    rows, jobs = read()
+    for node in NODES:
+        name = f"s-{node}"
+        mine = [r for r in rows if r[0] == name]
+        covered: list[int] = []
+        for _, due, _, _, count, last in mine:
+            assert isinstance(due, int) and isinstance(count, int)
+            end = last if isinstance(last, int) else due
+            covered += list(range(due, end + 1, 10_000))
+            assert len(range(due, end + 1, 10_000)) == count, (name, due, count, context)
+        covered.sort()
+        assert covered, f"{name} never ran ({context})"
+        assert covered == list(range(covered[0], covered[-1] + 1, 10_000)), (name, context)
+        runs = [r[2] for r in mine if r[2] is not None]
+        theirs = [j for j, (_, sc) in jobs.items() if sc == name]
+        assert sorted(runs) == sorted(theirs), f"{name}: a job without its run ({context})"
+        succeeded = sum(1 for j in theirs if jobs[j][0] == "succeeded")
+        mark = marks / f"schedule-{node}"
+        ran = len(mark.read_text().splitlines()) if mark.exists() else 0
+        assert succeeded <= ran <= len(theirs), (name, succeeded, ran, len(theirs), context)
+
+
 @pytest.fixture(params=["sqlite", "postgresql", "postgresql+nats"])
 def mode(request: pytest.FixtureRequest) -> tuple[str, bool]:
     """(the record: "" for SQLite or a PostgreSQL URL, whether the broker is a NATS cluster):
@@ -106,6 +159,10 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(
     procs = {name: start_coordinator(name) for name in coordinators}
     for node in NODES:
         procs[node] = bus.worker(node)
+    for node in NODES:  # a schedule per node, due every 10 s through the faults
+        added = bus.cli("schedule", "add", f"s-{node}", "--every", "10s", "-t", node,
+                        "-c", f"echo run >> {marks / ('schedule-' + node)}")  # fmt: skip
+        assert added.returncode == 0, added.stderr
     events = bus.watch("jobs/#")
     faults: list[str] = []
     done = threading.Event()
@@ -198,8 +255,9 @@ def test_nothing_lost_nothing_run_twice_under_random_faults(
             return [j for j in submitted if record.get(j, ("?", []))[0] not in TERMINAL]
 
         wait_until(lambda: not all_terminal(), 120, f"every job terminal (seed {seed})", 0.5)
-        record = stored(db)
         context = f"seed {seed}, faults {faults}"
+        check_schedules(bus, db, marks, context)
+        record = stored(db)
         states: dict[str, int] = {}
         for job_id in submitted:
             state, executions = record[job_id]
