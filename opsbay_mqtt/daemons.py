@@ -229,8 +229,7 @@ def serve_coordinator(coord: Coordinator, conn: Connection, stop: threading.Even
         wake = coord.scheduler.wake_in_s()
         wait = coord.cfg.tick_s if wake is None else min(coord.cfg.tick_s, wake)
         batch = conn.receive(wait, coord.cfg.batch_max)
-        woke = wake is not None and coord.scheduler.wake_in_s() is None
-        tick_due = time.monotonic() >= next_tick or woke
+        tick_due = time.monotonic() >= next_tick or coord.scheduler.due_now()
         if tick_due:
             next_tick = time.monotonic() + coord.cfg.tick_s
         outgoing = step(coord, batch, tick_due)

@@ -56,22 +56,33 @@ class _Taken(Exception):
 class Scheduler:
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
-        # When the next run is to start, as last read: the loop wakes for it (`wake_in_s`)
-        # rather than at its next regular tick. Read after each tick and each change.
+        # When the next run is to start, as last read (after each tick and each change): the
+        # loop wakes for it (`wake_in_s`, `due_now`) rather than at its next regular tick, if
+        # it was ahead when read (one already past is another coordinator's, or came back
+        # from a failure: the regular tick handles it without spinning), or at once when a
+        # tick left due schedules over (`_more`).
         self.next_fire_ms: int | None = None
         self._read_next = True
+        self._armed = False
+        self._more = False
         self._next_owed_check = 0.0
         self._resent: set[str] = set()
 
     def wake_in_s(self) -> float | None:
-        """Seconds until the next run is to start, if that is ahead (None: nothing ahead)."""
+        """Seconds until the loop should tick for a run (0: now; None: no run to wake for)."""
         if self._read_next:
             self._read_next = False
             self.next_fire_ms = self.table.next_fire()
-        if self.next_fire_ms is None:
+            self._armed = self.next_fire_ms is not None and self.next_fire_ms > self.coord._now_ms()
+        if self._more:
+            return 0.0
+        if not self._armed or self.next_fire_ms is None:
             return None
-        ahead = self.next_fire_ms / 1000 - self.coord.clock()
-        return ahead if ahead > 0 else None
+        return max(0.0, self.next_fire_ms / 1000 - self.coord.clock())
+
+    def due_now(self) -> bool:
+        """Whether the loop should tick now for a run (see `wake_in_s`)."""
+        return self.wake_in_s() == 0.0
 
     @property
     def table(self) -> ScheduleTable:
@@ -181,7 +192,9 @@ class Scheduler:
         many were handled here (not by another coordinator)."""
         now = self.coord._now_ms()
         handled = 0
-        for s in self.table.due(now, DUE_PER_TICK):
+        due = self.table.due(now, DUE_PER_TICK)
+        self._more = len(due) == DUE_PER_TICK  # more may be due: tick again at once
+        for s in due:
             mark = len(self.coord.outbox)
             try:
                 with self.coord.store.atomic():

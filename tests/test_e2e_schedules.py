@@ -252,3 +252,25 @@ def test_two_coordinators_on_postgresql_run_each_due_time_once_through_a_kill(
 
 def jobs_done(bus: Bus, name: str) -> bool:
     return all(j["state"] in ("succeeded", "failed") for j in runs(bus, name))
+
+
+def test_help_lists_the_schedule_commands() -> None:
+    import subprocess
+    import sys
+
+    for args in (
+        [],
+        ["--help"],
+        ["schedule"],
+        ["schedule", "--help"],
+        ["schedule", "add", "--help"],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "opsbay_mqtt", *args], capture_output=True, text=True, timeout=30
+        )
+        assert out.returncode in (0, 2) and "Traceback" not in out.stderr, (args, out.stderr)
+        assert "schedule" in out.stdout or "schedule" in out.stderr, args
+    add = subprocess.run([sys.executable, "-m", "opsbay_mqtt", "schedule", "add", "--help"],
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    for option in ("--cron", "--tz", "--every", "--overlap", "--catch-up", "--jitter"):
+        assert option in add.stdout

@@ -781,3 +781,29 @@ def test_a_run_whose_dispatch_was_never_published_is_sent_again_once(coord: Coor
     assert dispatched(tick(coord, T0 + 12), again=True) == []  # it may be on its way
     assert dispatched(tick(coord, T0 + 16), again=True) == [("n1", job_id)]
     assert dispatched(tick(coord, T0 + 22), again=True) == [], "once, not at every check"
+
+
+def test_the_loop_is_woken_for_the_next_run_and_at_once_while_runs_are_left_over(
+    coord: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sched = coord.scheduler
+    assert sched.wake_in_s() is None  # no schedule: the regular tick only
+    add(coord, "a")  # due at T0 + 10
+    assert sched.wake_in_s() == pytest.approx(10.0)
+    assert not sched.due_now()
+    assert isinstance(coord.clock, Clock)
+    coord.clock.now = T0 + 10
+    assert sched.due_now()
+    ((_, first),) = dispatched(tick(coord))
+    finish(coord, first)  # over before its next due time: no overlap
+    assert sched.wake_in_s() == pytest.approx(10.0) and not sched.due_now()
+    # More due than one tick handles: the next tick comes at once, until none are left over.
+    monkeypatch.setattr("opsbay_mqtt.scheduler.DUE_PER_TICK", 2)
+    for name in ("b", "c", "d"):
+        add(coord, name)
+    out = tick(coord, T0 + 20)
+    assert len(dispatched(out)) == 2 and sched.due_now()
+    out = tick(coord)
+    assert len(dispatched(out)) == 2 and sched.due_now()  # a full tick: there may be more
+    assert dispatched(tick(coord)) == [] and not sched.due_now()
+    assert sched.wake_in_s() == pytest.approx(10.0)

@@ -313,12 +313,13 @@ def main() -> None:
         importlib.import_module(f"opsbay_mqtt.cli.{module}")  # registers its commands
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     everything = app.registered_commands
-    grouped = {id(g): g.typer_instance.registered_commands for g in _groups(words[0])}
+    first = words[0] if words else ""
+    grouped = {id(g): g.typer_instance.registered_commands for g in _groups(first)}
     if wanted:  # typer builds every registered command's options; build the one that runs
         app.registered_commands = [
             c for c in everything if (c.name or getattr(c.callback, "__name__", "")) == words[0]
         ]
-        for g in _groups(words[0]):  # a group's (`schedule add`): only the one that runs
+        for g in _groups(first):  # a group's (`schedule add`): only the one that runs
             chosen = [c for c in grouped[id(g)] if words[1:] and c.name == words[1]]
             if chosen:
                 g.typer_instance.registered_commands = chosen
@@ -327,7 +328,7 @@ def main() -> None:
         app()
     finally:
         app.registered_commands = everything
-        for g in _groups(words[0]):
+        for g in _groups(first):
             g.typer_instance.registered_commands = grouped[id(g)]
 
 
