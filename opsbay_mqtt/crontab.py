@@ -48,6 +48,7 @@ def parse(text: str, tz: str = "UTC") -> Crontab:
     out = Crontab()
     env: dict[str, str] = {}
     shell = "/bin/sh"
+    bad_zone: int | None = None  # the line of a refused CRON_TZ: its entries are refused too
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -57,9 +58,10 @@ def parse(text: str, tz: str = "UTC") -> Crontab:
             name, value = assign.group(1), _unquote(assign.group(2))
             if name == "CRON_TZ":
                 try:
-                    tz = schedules.check_zone(value)
+                    tz, bad_zone = schedules.check_zone(value), None
                 except ValueError as e:
                     out.refused.append((number, f"CRON_TZ: {e}"))
+                    bad_zone = number
             elif name == "SHELL":
                 shell = value or "/bin/sh"
                 if shell != "/bin/sh":
@@ -70,6 +72,8 @@ def parse(text: str, tz: str = "UTC") -> Crontab:
                 env[name] = value
             continue
         entry = _entry(number, line, tz, env, shell)
+        if bad_zone is not None and not isinstance(entry, str):
+            entry = f"its zone, CRON_TZ on line {bad_zone}, was refused"
         if isinstance(entry, str):
             out.refused.append((number, entry))
         else:
@@ -93,6 +97,11 @@ def _entry(number: int, line: str, tz: str, env: dict[str, str], shell: str) -> 
     command = command.strip()
     if not command:
         return "no command"
+    if command.split()[0] == "root":
+        return (
+            "looks like a system crontab line (a user field, root, before the command): remove "
+            "the user field; commands run as the worker's user"
+        )
     try:
         schedules.check_cron(expr)
     except ValueError as e:

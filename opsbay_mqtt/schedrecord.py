@@ -186,23 +186,28 @@ class ScheduleTable:
         ).fetchall()
         return [str(r[0]) for r in rows]
 
-    def runs(self, name: str, limit: int) -> list[ScheduleRun]:
-        """The latest runs and skips of `name`, newest first, with their job's state."""
+    def runs(self, name: str, limit: int, since_ms: int = 0) -> list[ScheduleRun]:
+        """The latest runs and skips of `name` (recorded since `since_ms`: those of the
+        schedule that has the name now, not of one removed before it), newest first, with
+        their job's state."""
         cols = ", ".join(f"r.{c}" for c in RUN_COLS)
         rows = self._x(
             f"SELECT {cols}, j.state FROM schedule_runs r LEFT JOIN jobs j "
-            "ON j.job_id = r.job_id WHERE r.name = ? ORDER BY r.due_ms DESC LIMIT ?",
-            (name, limit),
+            "ON j.job_id = r.job_id WHERE r.name = ? AND r.recorded_ms >= ? "
+            "ORDER BY r.due_ms DESC LIMIT ?",
+            (name, since_ms, limit),
         ).fetchall()
         return [_run(r) for r in rows]
 
     def last_runs(self) -> dict[str, ScheduleRun]:
-        """Each schedule's latest run or skip, with its job's state."""
+        """Each live schedule's latest run or skip (not a removed namesake's), with its job's
+        state."""
         cols = ", ".join(f"r.{c}" for c in RUN_COLS)
         rows = self._x(
-            f"SELECT {cols}, j.state FROM schedule_runs r LEFT JOIN jobs j "
-            "ON j.job_id = r.job_id WHERE r.due_ms = "
-            "(SELECT max(due_ms) FROM schedule_runs l WHERE l.name = r.name)"
+            f"SELECT {cols}, j.state FROM schedules s JOIN schedule_runs r ON r.name = s.name "
+            "LEFT JOIN jobs j ON j.job_id = r.job_id WHERE s.removed_ms IS NULL AND r.due_ms = "
+            "(SELECT max(due_ms) FROM schedule_runs l WHERE l.name = s.name "
+            "AND l.recorded_ms >= s.created_ms)"
         ).fetchall()
         return {r[0]: _run(r) for r in rows}
 

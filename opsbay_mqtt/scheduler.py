@@ -250,7 +250,7 @@ class Scheduler:
         else:
             many = f"{count}{'+' if count >= schedules.COUNT_CAP else ''} due times in a row"
         if p.fire_due_ms is not None:
-            why = f"no coordinator ran at {many}; only the latest due time since runs"
+            why = f"no coordinator ran at {many}; the due time after them ran instead"
         else:
             window = schedules.duration(s.start_within_s)
             why = f"no coordinator ran at {many}, nor within the start window ({window}) after"
@@ -281,7 +281,15 @@ class Scheduler:
         job = self.coord.store.get_job(s.last_job_id, executions=False)
         if job is None or states.is_terminal(job.state):
             return None
-        return f"the previous run (job {job.job_id}) is still {job.state}; overlap is skip"
+        briefs = self.coord.store.briefs(job.job_id)
+        waiting = [b.node for b in briefs if b.state == "pending"]
+        going = [b.node for b in briefs if b.state == "running"]
+        why = f"the previous run (job {job.job_id}) is still going (overlap skip)"
+        if going:
+            why += f": running on {_few(going)}"
+        if waiting:
+            why += f"{';' if going else ':'} not started on {_few(waiting)} (offline, or busy?)"
+        return why
 
     def _start_run(
         self,
@@ -382,7 +390,7 @@ class Scheduler:
                 code="not_found",
                 error=f"no schedule {q.schedule!r}",
             )
-        runs = self.table.runs(s.name, min(q.limit, MAX_SHOWN_RUNS))
+        runs = self.table.runs(s.name, min(q.limit, MAX_SHOWN_RUNS), s.created_ms)
         data = {
             **self._shown(s, now),
             "upcoming_ms": schedules.upcoming(s, max(now, s.next_due_ms - 1), 5),
@@ -400,6 +408,11 @@ class Scheduler:
 
     def prune(self, before_ms: int) -> int:
         return int(self.table.prune(before_ms, KEEP_RUNS))
+
+
+def _few(nodes: list[str]) -> str:
+    shown = ", ".join(nodes[:5])
+    return shown + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
 
 
 def _fitted(correlation: str, listing: list[dict[str, Any]]) -> Reply:

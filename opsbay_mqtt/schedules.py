@@ -82,8 +82,8 @@ def check_jitter(cron: str, tz: str, jitter_s: int, now_s: float | None = None) 
         shortest = gap if shortest is None else min(shortest, gap)
     if shortest is not None and jitter_s * 1000 >= shortest:
         raise ValueError(
-            f"jitter_s ({jitter_s}s) must be shorter than the shortest time between two due "
-            f"times of {cron!r} ({duration(shortest // 1000)})"
+            f"{duration(jitter_s)} is not shorter than the shortest time between two due times "
+            f"of {cron!r} ({duration(shortest // 1000)}): a run would start after the next one"
         )
 
 
@@ -99,9 +99,14 @@ def check_zone(name: str) -> str:
     return name
 
 
+# Names in the zone database that are not zones a schedule means: `localtime` is whatever each
+# coordinator's host is set to (two coordinators could disagree), the others are artefacts.
+NOT_ZONES = frozenset({"localtime", "posixrules", "factory"})
+
+
 @lru_cache(maxsize=256)
 def _zone(name: str) -> ZoneInfo:
-    if not name or name.startswith(("/", ".")) or ".." in name:
+    if not name or name.startswith(("/", ".")) or ".." in name or name.lower() in NOT_ZONES:
         raise ValueError(name)
     return ZoneInfo(name)
 

@@ -133,6 +133,8 @@ def runs_offline(bus: Bus) -> list[dict[str, Any]]:
         (["--every", "1m", "--jitter", "1m"], "--jitter: must be shorter than the --every"),
         (["--every", "1m", "--overlap", "queue"], "--overlap: 'queue': give skip or allow"),
         (["--every", "1m", "--catch-up", "all"], "--catch-up: 'all': give latest or none"),
+        (["--cron", "0 3 * * *", "--tz", "localtime"], "--tz: 'localtime' is not a time zone"),
+        (["--cron", "* * * * *", "--jitter", "1m"], "--jitter: 1m is not shorter than"),
         ([], "give --cron EXPR or --every DURATION"),
         (["--cron", "@daily", "--every", "1m"], "give --cron EXPR or --every DURATION"),
     ],
@@ -172,6 +174,17 @@ def test_import_crontab_adds_each_entry_and_refuses_reboot(running: Bus, tmp_pat
     assert (listed["n1-5"]["cron"], listed["n1-5"]["tz"]) == ("30 2 * * *", "Europe/Berlin")
     assert listed["n1-5"]["command"] == "export PATH=/usr/bin:/bin; echo backup"
     assert listed["n1-6"]["cron"] == "@hourly"
+    # Imported again, or edited so that every line moved: nothing is scheduled twice.
+    crontab.write_text("# moved\n# down\n" + crontab.read_text())
+    again = running.cli("schedule", "import", str(crontab), "-t", "n1", "--skip-refused")
+    assert again.returncode == 0, again.stderr
+    assert "n1-7: already scheduled as n1-5; left as it is" in again.stderr
+    assert set(s["name"] for s in running.cli_json("schedule", "list")) == {"n1-5", "n1-6"}
+    # Several names at once.
+    paused = running.cli("schedule", "pause", "n1-5", "n1-6")
+    assert paused.returncode == 0 and paused.stdout.count("paused") == 2, paused.stderr
+    assert all(s["paused"] for s in running.cli_json("schedule", "list"))
+    assert running.cli("schedule", "resume", "n1-5", "n1-6").returncode == 0
     # The commands run as the crontab meant them: PATH exported.
     job = json.loads(running.cli("schedule", "run", "n1-6", "--wait", "--json").stdout)
     assert job["state"] == "succeeded" and job["executions"][0]["stdout"] == "hourly\n"

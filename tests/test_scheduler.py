@@ -344,8 +344,9 @@ def test_overlap_skip_records_the_due_time_and_makes_no_job_while_the_last_run_i
         (ms(T0 + 30), "overlap", None),
         (ms(T0 + 40), "scheduled", third),
     ]
-    assert f"job {first}" in (recorded[1].reason or "") and "pending" in (recorded[1].reason or "")
-    assert "running" in (recorded[2].reason or "")
+    assert f"job {first}" in (recorded[1].reason or "")
+    assert "not started on n1" in (recorded[1].reason or "")
+    assert "running on n1" in (recorded[2].reason or "")
     assert len(coord.store.list_jobs(schedule="slow")) == 2
 
 
@@ -807,3 +808,29 @@ def test_the_loop_is_woken_for_the_next_run_and_at_once_while_runs_are_left_over
     assert len(dispatched(out)) == 2 and sched.due_now()  # a full tick: there may be more
     assert dispatched(tick(coord)) == [] and not sched.due_now()
     assert sched.wake_in_s() == pytest.approx(10.0)
+
+
+def test_a_name_added_again_does_not_inherit_the_runs_of_the_schedule_removed(
+    coord: Coordinator,
+) -> None:
+    add(coord, "reuse")
+    ((_, job_id),) = dispatched(tick(coord, T0 + 10))
+    res = Result(job_id=job_id, node="n1", state="failed", exit_code=5)
+    step(coord, [Inbound(f"t/results/n1/{job_id}", encode(res, KEYS, int(T0 + 11)))], False)
+    assert send_change(coord, "remove", "reuse")["ok"]
+    assert isinstance(coord.clock, Clock)
+    coord.clock.now = T0 + 12
+    add(coord, "reuse", command="echo fixed")
+    listed = {s["name"]: s for s in query(coord, query="schedules")["data"]}
+    assert listed["reuse"]["last_run"] is None, "the removed schedule's failed run"
+    shown = query(coord, query="schedule", schedule="reuse")["data"]
+    assert shown["runs"] == [] and shown["command"] == "echo fixed"
+
+
+def test_an_overlap_skip_names_the_nodes_the_previous_run_waits_for(coord: Coordinator) -> None:
+    add(coord, "ghost", target="ghost-01")
+    tick(coord, T0 + 10)  # a run for a node that never connects: pending
+    tick(coord, T0 + 20)
+    skipped = runs(coord.store, "ghost")[-1]
+    assert skipped.code == "overlap" and skipped.reason is not None
+    assert "not started on ghost-01 (offline, or busy?)" in skipped.reason

@@ -12,6 +12,7 @@ import typer
 
 from opsbay_mqtt.cli.app import JsonOut, Verbose, app, bus_options, fail, run
 from opsbay_mqtt.cli.jobs import Where, _client_config, _command, _notice, _write
+from opsbay_mqtt.protocol import wire
 
 if TYPE_CHECKING:
     from opsbay_mqtt.client import ClientConfig
@@ -125,9 +126,7 @@ class _JobOptions:
             try:
                 schedules.check_jitter(cron, tz, self.jitter_s)
             except ValueError as e:
-                raise cliargs.UsageError(
-                    "--jitter", str(e).replace("jitter_s", "--jitter")
-                ) from None
+                raise cliargs.UsageError("--jitter", str(e)) from None
         return ScheduleSpec(
             cron=cron,
             every_s=every_s,
@@ -168,7 +167,7 @@ def _when(cron: str | None, every: str | None, tz: str) -> tuple[str | None, int
         return None, seconds, tz
     assert cron is not None
     try:
-        return schedules.check_cron(cron), None, tz
+        return schedules.check_cron(" ".join(cron.split())), None, tz
     except ValueError as e:
         raise cliargs.UsageError("--cron", str(e)) from None
 
@@ -184,13 +183,13 @@ def _target(target: str, where: list[str] | None) -> tuple[str, dict[str, str]]:
     return target, labels
 
 
-def _name(name: str) -> str:
+def _name(name: str, option: str = "NAME") -> str:
     from opsbay_mqtt.cli import args as cliargs
     from opsbay_mqtt.topics import NODE_NAME_RE
 
     if not NODE_NAME_RE.fullmatch(name):
         raise cliargs.UsageError(
-            "NAME",
+            option,
             f"{name!r}: a schedule name is 1-63 of A-Z a-z 0-9 . _ - (a letter or digit first)",
         )
     return name
@@ -200,7 +199,23 @@ def _change(cfg: ClientConfig, op: str, name: str, **params: Any) -> Any:
     from opsbay_mqtt.client import Client
 
     with Client(cfg, notice=_notice) as c:
-        return c.change_schedule(op, name, **params)  # type: ignore[arg-type]
+        return _changed(c, op, name, **params)
+
+
+def _changed(c: Any, op: str, name: str, **params: Any) -> Any:
+    """`c.change_schedule(...)`, saying when no answer came that the change may still be made
+    (a coordinator that reads the request later, within the freshness window, makes it)."""
+    from opsbay_mqtt.errors import BrokerError, BrokerRefused
+
+    try:
+        return c.change_schedule(op, name, **params)
+    except BrokerRefused:
+        raise
+    except BrokerError as e:
+        raise BrokerError(
+            f"{e} The {op} of schedule {name} may still be made by a coordinator that reads it "
+            f"later: see `opsbay schedule show {name}` before trying again."
+        ) from e
 
 
 @schedule_app.command("add")
@@ -213,8 +228,9 @@ def add(
         typer.Option(
             "--cron",
             metavar="EXPR",
-            help="Five fields (minute hour day-of-month month day-of-week) or @hourly, @daily, "
-            "@weekly, @monthly, @yearly; in --tz. Quote it.",
+            help="Five fields (minute hour day-of-month month day-of-week, as crontab(5)) or "
+            "@hourly, @daily (@midnight), @weekly, @monthly, @yearly (@annually); in --tz. "
+            "Quote it.",
         ),
     ] = None,
     tz: Annotated[
@@ -338,6 +354,7 @@ def show(
         f"command   {s['command']}",
         f"timeout   {s['timeout_s']}s; start within {s['start_within_s']}s of the due time",
         f"policy    overlap {s['overlap']}, catch-up {s['catch_up']}, jitter {s['jitter_s']}s",
+        f"rollout   batch {s['batch'] or 'all'}, max failures {s['max_failures'] or 'any'}",
         f"owner     {s['owner']}",
         "next due  " + ("(paused)" if s["paused"] else ""),
     ]
@@ -353,12 +370,28 @@ def _simple(op: str, done: str, help_text: str) -> None:
     @schedule_app.command(op, help=help_text)
     @bus_options
     def command(
-        bus: BusOptions, name: Name, json_out: JsonOut = False, verbose: Verbose = False
+        bus: BusOptions,
+        names: Annotated[list[str], typer.Argument(metavar="NAME...", help="Schedule names.")],
+        json_out: JsonOut = False,
+        verbose: Verbose = False,
     ) -> None:
-        run(lambda: _name(name))
+        from opsbay_mqtt.client import Client
+
+        for name in names:
+            run(lambda name=name: _name(name))  # type: ignore[misc]
         cfg = _client_config(bus, verbose)
-        data = run(lambda: _change(cfg, op, name))
-        _print(data, json_out, f"schedule {name} {done}")
+        answers: list[Any] = []
+
+        def change_each() -> None:
+            with Client(cfg, notice=_notice) as c:
+                for name in names:
+                    answers.append(_changed(c, op, name))
+                    if not json_out:
+                        _print(answers[-1], False, f"schedule {name} {done}")
+
+        run(change_each)
+        if json_out:
+            typer.echo(json.dumps(public(answers if len(names) > 1 else answers[0]), indent=2))
 
 
 _simple("pause", "paused", "Pause a schedule: no runs until resumed (due times meanwhile are "
@@ -397,7 +430,7 @@ def run_now(
         with Client(cfg, notice=_notice) as c:
             if wait:
                 c.expect_job(job_id)
-            c.change_schedule("run", name, job_id=job_id)
+            _changed(c, "run", name, job_id=job_id)
             if not wait:
                 return None
             return c.wait(job_id, None, on_update=None if json_out else follower.update)
@@ -435,9 +468,11 @@ def check(
     verbose: Verbose = False,
 ) -> None:
     """For monitoring: exit 0 when every schedule is fine; exit 1, naming each, when a
-    schedule's last run failed (or was skipped, refused or missed), or a run is overdue (a
-    due time passed and no coordinator ran it: all of them down?). Paused schedules are
-    not checked. 69 when no coordinator answers, 66 for an unknown NAME."""
+    schedule's last due time failed (or was skipped, refused or missed), or a run is overdue
+    (a due time passed and no coordinator ran it: all of them down?). Only the last due time
+    counts: a failure followed by a success is fine. Paused schedules are not checked. 69
+    when no coordinator answers, 66 for an unknown NAME; 77 when there are too many schedules
+    for one answer (about 4,000): name them."""
     from opsbay_mqtt.cli import args as cliargs
     from opsbay_mqtt.client import Client
 
@@ -447,15 +482,16 @@ def check(
     cfg = _client_config(bus, verbose)
 
     def fetch() -> Any:
+        # Named ones one by one (however many schedules the bus keeps), else all in one reply.
         with Client(cfg, notice=_notice) as c:
+            if names:
+                return [c.query("schedule", schedule=n, limit=1) for n in dict.fromkeys(names)]
             return c.query("schedules")
 
     found = run(fetch)
-    known = {s["name"] for s in found}
-    missing = [n for n in names or [] if n not in known]
-    if missing:
-        fail(66, f"no schedule {', '.join(map(repr, missing))}")
-    now_ms = int(time.time() * 1000)
+    # Overdue by the coordinator's clock, not this host's (a monitoring host's clock may be
+    # off): each answer carries the coordinator's time.
+    now_ms = found[0]["now_ms"] if found else int(time.time() * 1000)
     report = [
         {"name": s["name"], "problem": problem(s, now_ms, grace_s)}
         for s in found
@@ -528,7 +564,15 @@ def import_(
     start_by: StartBy = "10m",
     overlap: Overlap = "skip",
     catch_up: CatchUp = "none",
-    jitter: Jitter = "0",
+    jitter: Annotated[
+        str,
+        typer.Option(
+            "--jitter",
+            metavar="DURATION",
+            help="Delay each run by a random time up to this (less than the shortest time "
+            "between two due times of an entry), the same on every coordinator.",
+        ),
+    ] = "0",
     skip_refused: Annotated[
         bool,
         typer.Option(
@@ -560,7 +604,7 @@ def import_(
         from opsbay_mqtt.topics import NODE_NAME_RE
 
         single = nodes if nodes and NODE_NAME_RE.fullmatch(nodes) else "cron"
-        first = _name(name_prefix or single)
+        first = _name(name_prefix or single, "--name-prefix" if name_prefix else "--target")
         specs = [
             (
                 _name(f"{first}-{e.line}"),
@@ -583,12 +627,15 @@ def import_(
             2, f"{len(table.refused)} line(s) refused, nothing added (--skip-refused adds the rest)"
         )
     if not specs:
-        fail(2, f"{file}: no entries to import")
+        typer.echo(f"opsbay: {file}: no entries to import", err=True)
+        if json_out:
+            typer.echo("[]")
+        return
     if dry_run:
-        for n, s in specs:
-            typer.echo(
-                f"{n}: {_describe({'cron': s.cron, 'tz': s.tz, 'every_s': None})}: {s.command}"
-            )
+        if json_out:
+            typer.echo(json.dumps([{"name": n, **wire(s)} for n, s in specs], indent=2))
+        for n, s in [] if json_out else specs:
+            typer.echo(f"{n}: {_describe(wire(s))}: {s.command}")
         return
     cfg = _client_config(bus, verbose)
     added: list[Any] = []
@@ -597,8 +644,9 @@ def import_(
         from opsbay_mqtt.client import Client
 
         with Client(cfg, notice=_notice) as c:
-            for n, s in specs:
-                added.append(c.change_schedule("add", n, spec=s))
+            todo = _not_there(specs, c.query("schedules"))
+            for n, s in todo:
+                added.append(_changed(c, "add", n, spec=s))
                 if not json_out:
                     typer.echo(f"added {n}: {_describe(added[-1])}: {s.command}")
 
@@ -609,6 +657,44 @@ def import_(
             typer.echo(f"opsbay: {len(added)} of {len(specs)} schedule(s) were added", err=True)
     if json_out:
         typer.echo(json.dumps(public(added), indent=2))
+
+
+def _not_there(
+    specs: list[tuple[str, ScheduleSpec]], existing: list[dict[str, Any]]
+) -> list[tuple[str, ScheduleSpec]]:
+    """The entries to add: those not scheduled already. An entry whose schedule exists (the
+    same when, target and command, under any name: a crontab imported again, perhaps edited)
+    is left out with a note; a name taken by another schedule refuses the whole import, before
+    anything is added."""
+    from opsbay_mqtt.cli import args as cliargs
+
+    def same(s: ScheduleSpec) -> str:
+        return same_of(wire(s))
+
+    by_content = {same_of(e): e["name"] for e in existing}
+    by_name = {e["name"]: same_of(e) for e in existing}
+    todo, taken = [], []
+    for n, s in specs:
+        there = by_content.get(same(s))
+        if there is not None:
+            typer.echo(f"{n}: already scheduled as {there}; left as it is", err=True)
+        elif n in by_name:
+            taken.append(n)
+        else:
+            todo.append((n, s))
+    if taken:
+        raise cliargs.UsageError(
+            "--name-prefix",
+            f"{', '.join(taken)}: taken by other schedules; nothing added (choose another "
+            "--name-prefix, or remove those)",
+        )
+    return todo
+
+
+def same_of(e: dict[str, Any]) -> str:
+    """What makes two schedules the same: when, where and what (as one comparable text)."""
+    keys = ("cron", "every_s", "tz", "target", "where", "command")
+    return json.dumps([e.get(k) for k in keys], sort_keys=True)
 
 
 def _read(file: Path) -> str:
