@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from opsbay_mqtt.cli.schedule import problem
+from opsbay_mqtt.cli.schedule_view import problem
 from tests.helpers import Bus, wait_until
 
 pytest_plugins = ("tests.pg",)  # PostgreSQL: pg_url, a database of its own for each test

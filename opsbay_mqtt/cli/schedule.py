@@ -10,9 +10,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from opsbay_mqtt.cli.app import JsonOut, Verbose, app, bus_options, fail, run
+from opsbay_mqtt.cli.app import JsonOut, Verbose, app, bus_options, run
 from opsbay_mqtt.cli.jobs import Where, _client_config, _command, _notice, _write
-from opsbay_mqtt.protocol import wire
+from opsbay_mqtt.cli.schedule_view import (
+    describe,
+    in_zone,
+    outcome,
+    problem,
+    public,
+    say,
+    shown_target,
+    utc,
+)
 
 if TYPE_CHECKING:
     from opsbay_mqtt.client import ClientConfig
@@ -290,7 +299,7 @@ def add(
     s = run(spec)
     cfg = _client_config(bus, verbose)
     data = run(lambda: _change(cfg, "add", name, spec=s))
-    _print(data, json_out, f"schedule {name} added")
+    say(data, json_out, f"schedule {name} added")
 
 
 @schedule_app.command("list")
@@ -316,8 +325,8 @@ def list_(bus: BusOptions, json_out: JsonOut = False, verbose: Verbose = False) 
 
     rows = []
     for s in found:
-        nxt = "paused" if s["paused"] else _utc(s["next_fire_ms"])
-        rows.append([s["name"], _describe(s), _shown_target(s), nxt, _outcome(s["last_run"])])
+        nxt = "paused" if s["paused"] else utc(s["next_fire_ms"])
+        rows.append([s["name"], describe(s), shown_target(s), nxt, outcome(s["last_run"])])
     _write(render.table(["NAME", "WHEN", "TARGET", "NEXT RUN (UTC)", "LAST RUN"], rows))
 
 
@@ -349,8 +358,8 @@ def show(
         return
     lines = [
         f"schedule  {s['name']}{'  (paused)' if s['paused'] else ''}",
-        f"when      {_describe(s)}",
-        f"target    {_shown_target(s)}",
+        f"when      {describe(s)}",
+        f"target    {shown_target(s)}",
         f"command   {s['command']}",
         f"timeout   {s['timeout_s']}s; start within {s['start_within_s']}s of the due time",
         f"policy    overlap {s['overlap']}, catch-up {s['catch_up']}, jitter {s['jitter_s']}s",
@@ -359,10 +368,10 @@ def show(
         "next due  " + ("(paused)" if s["paused"] else ""),
     ]
     if not s["paused"]:
-        lines += [f"  {_in_zone(ms, s['tz'])}   {_utc(ms)}" for ms in s["upcoming_ms"]]
+        lines += [f"  {in_zone(ms, s['tz'])}   {utc(ms)}" for ms in s["upcoming_ms"]]
     lines.append("last runs" + ("" if s["runs"] else "  (none yet)"))
     for r in s["runs"]:
-        lines.append(f"  {_utc(r['due_ms'])}  {_outcome(r)}")
+        lines.append(f"  {utc(r['due_ms'])}  {outcome(r)}")
     _write("\n".join(lines) + "\n")
 
 
@@ -387,7 +396,7 @@ def _simple(op: str, done: str, help_text: str) -> None:
                 for name in names:
                     answers.append(_changed(c, op, name))
                     if not json_out:
-                        _print(answers[-1], False, f"schedule {name} {done}")
+                        say(answers[-1], False, f"schedule {name} {done}")
 
         run(change_each)
         if json_out:
@@ -509,275 +518,5 @@ def check(
         raise typer.Exit(EXIT_ATTENTION)
 
 
-def problem(s: dict[str, Any], now_ms: int, grace_s: int) -> str | None:
-    """What is wrong with a schedule as `schedules` lists it, in words; None if nothing."""
-    from opsbay_mqtt.states import TERMINAL
-
-    if s["paused"]:
-        return None
-    fire = s["next_fire_ms"]
-    if fire is not None and now_ms > fire + grace_s * 1000:
-        late = (now_ms - fire) // 1000
-        return f"overdue: due {_utc(fire)}, no run {late}s later (is any coordinator running?)"
-    last = s.get("last_run")
-    if last is None:
-        return None
-    if last["job_id"] is None:
-        return f"last due time {_utc(last['due_ms'])} skipped: {last['code']}: {last['reason']}"
-    state = last.get("state")
-    if state in TERMINAL and state != "succeeded":
-        return f"last run {last['job_id']} (due {_utc(last['due_ms'])}) {state}"
-    return None
-
-
-@schedule_app.command("import")
-@bus_options
-def import_(
-    bus: BusOptions,
-    file: Annotated[
-        Path,
-        typer.Argument(metavar="FILE", help="A user crontab (crontab -l > FILE), - for stdin."),
-    ],
-    target: Annotated[
-        str,
-        typer.Option(
-            "--target",
-            "-t",
-            metavar="NODES",
-            help="Where its entries run (the host whose crontab it was).",
-        ),
-    ] = "",
-    where: Where = None,
-    name_prefix: Annotated[
-        str | None,
-        typer.Option(
-            "--name-prefix",
-            metavar="PREFIX",
-            help="Schedule names are PREFIX-LINE (default: the target when it is one node, "
-            "else cron).",
-        ),
-    ] = None,
-    tz: Annotated[
-        str, typer.Option("--tz", metavar="ZONE", help="Zone of the entries (CRON_TZ= wins).")
-    ] = "UTC",
-    timeout: Timeout = "1h",
-    start_by: StartBy = "10m",
-    overlap: Overlap = "skip",
-    catch_up: CatchUp = "none",
-    jitter: Annotated[
-        str,
-        typer.Option(
-            "--jitter",
-            metavar="DURATION",
-            help="Delay each run by a random time up to this (less than the shortest time "
-            "between two due times of an entry), the same on every coordinator.",
-        ),
-    ] = "0",
-    skip_refused: Annotated[
-        bool,
-        typer.Option(
-            "--skip-refused",
-            help="Import what can be imported and list the lines refused (default: refuse "
-            "the whole file, exit 2, nothing added).",
-        ),
-    ] = False,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the schedules it would add; add nothing.")
-    ] = False,
-    json_out: JsonOut = False,
-    verbose: Verbose = False,
-) -> None:
-    """Turn a crontab into schedules, one per entry: comments skipped; CRON_TZ= sets the zone
-    of the entries after it; SHELL= runs them through that shell; MAILTO= ignored (the bus
-    keeps the output); other NAME=value lines are exported to the entries after them;
-    @reboot and entries with an unescaped % are refused, with their line numbers."""
-    from opsbay_mqtt import crontab
-    from opsbay_mqtt.cli import args as cliargs
-
-    def parse() -> tuple[list[tuple[str, ScheduleSpec]], crontab.Crontab]:
-        nodes, labels = _target(target, where)
-        if tz != "UTC":
-            _when("@daily", None, tz)
-        options = _JobOptions(timeout, start_by, overlap, catch_up, jitter)
-        text = _read(file)
-        table = crontab.parse(text, tz)
-        from opsbay_mqtt.topics import NODE_NAME_RE
-
-        single = nodes if nodes and NODE_NAME_RE.fullmatch(nodes) else "cron"
-        first = _name(name_prefix or single, "--name-prefix" if name_prefix else "--target")
-        specs = [
-            (
-                _name(f"{first}-{e.line}"),
-                options.spec(
-                    cron=e.cron, every_s=None, tz=e.tz, target=nodes, where=labels,
-                    cmd=cliargs.check_command(e.command, f"line {e.line}"),
-                ),
-            )
-            for e in table.entries
-        ]  # fmt: skip
-        return specs, table
-
-    specs, table = run(parse)
-    for line, note in table.notes:
-        typer.echo(f"line {line}: {note}", err=True)
-    for line, why in table.refused:
-        typer.echo(f"line {line}: refused: {why}", err=True)
-    if table.refused and not skip_refused:
-        fail(
-            2, f"{len(table.refused)} line(s) refused, nothing added (--skip-refused adds the rest)"
-        )
-    if not specs:
-        typer.echo(f"opsbay: {file}: no entries to import", err=True)
-        if json_out:
-            typer.echo("[]")
-        return
-    if dry_run:
-        if json_out:
-            typer.echo(json.dumps([{"name": n, **wire(s)} for n, s in specs], indent=2))
-        for n, s in [] if json_out else specs:
-            typer.echo(f"{n}: {_describe(wire(s))}: {s.command}")
-        return
-    cfg = _client_config(bus, verbose)
-    added: list[Any] = []
-
-    def send() -> None:
-        from opsbay_mqtt.client import Client
-
-        with Client(cfg, notice=_notice) as c:
-            todo = _not_there(specs, c.query("schedules"))
-            for n, s in todo:
-                added.append(_changed(c, "add", n, spec=s))
-                if not json_out:
-                    typer.echo(f"added {n}: {_describe(added[-1])}: {s.command}")
-
-    try:
-        run(send)
-    finally:
-        if added and len(added) < len(specs):
-            typer.echo(f"opsbay: {len(added)} of {len(specs)} schedule(s) were added", err=True)
-    if json_out:
-        typer.echo(json.dumps(public(added), indent=2))
-
-
-def _not_there(
-    specs: list[tuple[str, ScheduleSpec]], existing: list[dict[str, Any]]
-) -> list[tuple[str, ScheduleSpec]]:
-    """The entries to add: those not scheduled already. An entry whose schedule exists (the
-    same when, target and command, under any name: a crontab imported again, perhaps edited)
-    is left out with a note; a name taken by another schedule refuses the whole import, before
-    anything is added."""
-    from opsbay_mqtt.cli import args as cliargs
-
-    def same(s: ScheduleSpec) -> str:
-        return same_of(wire(s))
-
-    by_content = {same_of(e): e["name"] for e in existing}
-    by_name = {e["name"]: same_of(e) for e in existing}
-    todo, taken = [], []
-    for n, s in specs:
-        there = by_content.get(same(s))
-        if there is not None:
-            typer.echo(f"{n}: already scheduled as {there}; left as it is", err=True)
-        elif n in by_name:
-            taken.append(n)
-        else:
-            todo.append((n, s))
-    if taken:
-        raise cliargs.UsageError(
-            "--name-prefix",
-            f"{', '.join(taken)}: taken by other schedules; nothing added (choose another "
-            "--name-prefix, or remove those)",
-        )
-    return todo
-
-
-def same_of(e: dict[str, Any]) -> str:
-    """What makes two schedules the same: when, where and what (as one comparable text)."""
-    keys = ("cron", "every_s", "tz", "target", "where", "command")
-    return json.dumps([e.get(k) for k in keys], sort_keys=True)
-
-
-def _read(file: Path) -> str:
-    from opsbay_mqtt.cli import args as cliargs
-
-    try:
-        data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
-    except OSError as e:
-        raise cliargs.UsageError("FILE", f"cannot read {file}: {e.strerror}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise cliargs.UsageError("FILE", f"{file}: not UTF-8 (at byte {e.start})") from None
-
-
-# -- showing schedules
-def public(data: Any) -> Any:
-    """A schedule (or a list, or a run) as `--json` prints it: times as ISO 8601 UTC strings
-    (`next_fire_ms` becomes `next_fire_at`, `upcoming_ms` a list `upcoming`), as for jobs."""
-    from opsbay_mqtt.cli.render import iso
-
-    if isinstance(data, list):
-        return [public(x) for x in data]
-    if not isinstance(data, dict):
-        return data
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if key == "now_ms":
-            continue
-        if key.endswith("_ms") and isinstance(value, list):
-            out[key[:-3]] = [iso(v) for v in value]
-        elif key.endswith("_ms") and (value is None or isinstance(value, int)):
-            out[key[:-3] + "_at"] = iso(value)
-        else:
-            out[key] = public(value)
-    return out
-
-
-def _print(data: Any, json_out: bool, said: str) -> None:
-    if json_out:
-        typer.echo(json.dumps(public(data), indent=2))
-        return
-    line = said if data.get("removed") else f"{said}: {_describe(data)}"
-    if data.get("job_id"):
-        line = f"{said}: job {data['job_id']}"
-    elif not data.get("removed") and not data.get("paused") and data.get("next_fire_ms"):
-        at = data["next_fire_ms"]
-        line += f"; next run {_in_zone(at, data['tz'])} ({_utc(at)})"
-    typer.echo(line)
-
-
-def _describe(s: dict[str, Any]) -> str:
-    if s.get("removed"):
-        return "removed"
-    if s.get("every_s"):
-        from opsbay_mqtt.schedules import duration
-
-        return f"every {duration(s['every_s'])}"
-    return f"cron {s['cron']} ({s['tz']})" if s.get("cron") else "?"
-
-
-def _shown_target(s: dict[str, Any]) -> str:
-    labels = ",".join(f"{k}={v}" for k, v in sorted(s["where"].items()))
-    return " ".join(x for x in (s["target"], f"where {labels}" if labels else "") if x)
-
-
-def _outcome(r: dict[str, Any] | None) -> str:
-    if r is None:
-        return "-"
-    if r["job_id"] is None:
-        many = f" x{r['count']}" if r["count"] > 1 else ""
-        return f"skipped{many} ({r['code']}): {r['reason']}"
-    return f"{r['state'] or 'pruned'} {r['job_id']} ({r['code']})"
-
-
-def _utc(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000))
-
-
-def _in_zone(ms: int, tz: str) -> str:
-    from datetime import datetime
-    from zoneinfo import ZoneInfo
-
-    return datetime.fromtimestamp(ms / 1000, ZoneInfo(tz)).strftime("%Y-%m-%d %H:%M:%S %Z")
+# The `import` command lives beside this module; importing it registers it on `schedule_app`.
+from opsbay_mqtt.cli import schedule_import as _schedule_import  # noqa: E402, F401
