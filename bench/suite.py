@@ -49,6 +49,7 @@ from bench import (
     fig_intake,
     fig_latency,
     fig_scale,
+    fig_schedules,
     fig_store,
     fig_throughput,
 )
@@ -64,6 +65,7 @@ FIGURES: dict[str, tuple[str, Callable[[Suite], list[Row]]]] = {
     "store": ("store", fig_store.run),
     "fleet-nats": ("fleet on NATS", fig_fleet.run_nats),
     "coordinators": ("coordinators", fig_scale.run),
+    "schedules": ("schedules", fig_schedules.run),
 }
 RESULTS = REPO / "bench" / "results"
 AGAINST_TIMEOUT_S = {True: 300.0, False: 900.0}  # one figure of the earlier commit, by --quick

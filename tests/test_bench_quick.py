@@ -26,7 +26,9 @@ def test_every_figure_runs_in_quick_mode_and_writes_json(tmp_path: Path) -> None
     assert all(set(row) == ROW_KEYS for row in results["rows"])
     figures = {row["figure"] for row in results["rows"]}
     assert {"CLI round trip", "CLI start-up", "bus latency", "agent footprint"} <= figures
-    assert {"throughput", "coordinator intake", "fleet", "store"} <= figures
+    assert {"throughput", "coordinator intake", "fleet", "store", "schedules"} <= figures
+    schedules = [row for row in results["rows"] if row["figure"] == "schedules"]
+    assert schedules and all(row["met"] is True for row in schedules), schedules
     table = bench("report", str(tmp_path / "run.json"), timeout=60)
     assert table.returncode == 0, table.stderr
     assert "| CLI start-up | baseline: `python -c pass` |" in table.stdout
