@@ -33,6 +33,8 @@ from opsbay_mqtt.protocol import (
     Rejected,
     Reply,
     Result,
+    ScheduleChange,
+    ScheduleSpec,
     Submit,
     decode,
     encode,
@@ -100,6 +102,26 @@ SAMPLES: list[Message] = [
     Rejected(code="bad_json", reason="message is not a JSON object"),
     Query(query="result", reply_to="r-1", correlation="c1", job_id=JOB),
     Query(query="results", reply_to="r_2", correlation="c2", node="web", state="failed", limit=5),
+    ScheduleChange(
+        op="add",
+        name="nightly",
+        change_id="0123456789abcdef",
+        reply_to="r-3",
+        correlation="c3",
+        spec=ScheduleSpec(
+            cron="30 2 * * 1-5",
+            tz="Europe/Berlin",
+            where={"role": "db"},
+            command="backup --all",
+            timeout_s=7200,
+            start_within_s=600,
+            batch="1",
+            jitter_s=120,
+        ),
+    ),
+    ScheduleChange(
+        op="run", name="nightly", change_id="f" * 32, reply_to="r-3", correlation="c4", job_id=JOB
+    ),
     Reply(correlation="c1", ok=True, data={"jobs": [{"job_id": JOB}], "n": 1}),
     Reply(correlation="c2", ok=False, code="not_found", error="no such job"),
     NodeInfo(
@@ -258,6 +280,13 @@ def test_decode_refuses_a_type_not_expected(
         (Query, {"correlation": ""}),
         (Query, {"limit": 0}),
         (Query, {"limit": 1001}),
+        (Query, {"schedule": "a b"}),
+        (ScheduleChange, {"op": "edit"}),
+        (ScheduleChange, {"name": "a/b"}),
+        (ScheduleChange, {"change_id": "XYZ"}),
+        (ScheduleChange, {"spec": None}),  # add without its spec
+        (ScheduleChange, {"job_id": JOB}),  # a job id with add
+        (ScheduleChange, {"spec": {"cron": "61 * * * *"}}),
         (JobEvent, {"job": {"job_id": JOB}}),
         (Rejected, {"code": None}),
     ],
@@ -269,6 +298,30 @@ def test_decode_refuses_invalid_fields_of_other_types(
     body = wire(next(m for m in SAMPLES if type(m) is model))
     body.update(changes)
     assert refusal(sign(body)).code == "invalid"
+
+
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"cron": None}, "give cron or every_s, one of them"),
+        ({"every_s": 60}, "give cron or every_s, one of them"),
+        ({"cron": None, "every_s": 5}, "every_s"),
+        ({"cron": None, "every_s": 60, "tz": "UTC", "jitter_s": 60}, "shorter than every_s"),
+        ({"cron": None, "every_s": 60, "jitter_s": 0}, "tz applies to cron only"),
+        ({"tz": "Mars/Base"}, "is not a time zone"),
+        ({"tz": "localtime"}, "is not a time zone"),
+        ({"cron": "@reboot"}, "@reboot has no due time"),
+        ({"overlap": "queue"}, "overlap"),
+        ({"jitter_s": 86401}, "jitter_s"),
+        ({"target": "", "where": {}}, "give a target, labels (where), or both"),
+    ],
+    ids=lambda v: repr(v)[:40],
+)
+def test_a_schedule_spec_is_checked_as_the_docs_say(changes: dict[str, Any], says: str) -> None:
+    body = wire(next(m for m in SAMPLES if isinstance(m, ScheduleChange) and m.spec))
+    body["spec"].update(changes)
+    e = refusal(sign(body))
+    assert e.code == "invalid" and says in e.text, e.text
 
 
 def test_decode_refuses_what_signing_refuses() -> None:
