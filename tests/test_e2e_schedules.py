@@ -62,6 +62,7 @@ def test_every_runs_for_real_and_is_watchable_and_checked(running: Bus) -> None:
     check = running.cli("schedule", "check")
     assert check.returncode == 1
     assert check.stdout.startswith("bad: last run ") and "failed" in check.stdout
+    assert check.stdout.rstrip().endswith(": on n1 failed, exit 3"), check.stdout
     assert "hc" not in check.stdout
     assert running.cli("schedule", "check", "hc").returncode == 0
     assert running.cli("schedule", "check", "nope").returncode == 66

@@ -33,6 +33,7 @@ from opsbay_mqtt.protocol import (
     Result,
     encode,
     encode_unsigned,
+    replace,
     wire,
 )
 from opsbay_mqtt.signing import Keyring
@@ -327,6 +328,13 @@ J = JOB[:8]
             [f"{CLOCK} (unverified) job {JOB} running: n2 succeeded exit 0 [1/1]"],
         ),
         (event(state="pending"), True, False, None, [f"{CLOCK} job {J} pending [0/0]"]),
+        (
+            JobEvent(job=replace(job(state="pending"), schedule="nightly"), counts={}, total=0),
+            True,
+            False,
+            None,
+            [f"{CLOCK} job {J} (schedule nightly) pending [0/0]"],
+        ),
         (
             Rejected(job_id=JOB, code="denied", reason="not allowed"),
             True,

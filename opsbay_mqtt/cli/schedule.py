@@ -21,6 +21,7 @@ from opsbay_mqtt.cli.schedule_view import (
     say,
     shown_target,
     utc,
+    why_failed,
 )
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ schedule_app = typer.Typer(
 )
 app.add_typer(schedule_app, name="schedule")
 
+CHECK_DETAILS = 20  # `schedule check`: failed runs whose nodes and exit codes it asks for
 EXIT_ATTENTION = 1  # `schedule check`: a schedule's last run failed, was skipped, or is overdue
 
 Name = Annotated[str, typer.Argument(metavar="NAME", help="The schedule's name.")]
@@ -490,22 +492,26 @@ def check(
         run(lambda n=n: _name(n))  # type: ignore[misc]
     cfg = _client_config(bus, verbose)
 
-    def fetch() -> Any:
-        # Named ones one by one (however many schedules the bus keeps), else all in one reply.
+    def fetch() -> list[dict[str, Any]]:
         with Client(cfg, notice=_notice) as c:
+            # Named ones one by one (however many schedules the bus keeps), else all at once.
             if names:
-                return [c.query("schedule", schedule=n, limit=1) for n in dict.fromkeys(names)]
-            return c.query("schedules")
+                found = [c.query("schedule", schedule=n, limit=1) for n in dict.fromkeys(names)]
+            else:
+                found = c.query("schedules")
+            # Overdue by the coordinator's clock, not this host's (a monitoring host's clock
+            # may be off): each answer carries the coordinator's time.
+            now_ms = found[0]["now_ms"] if found else int(time.time() * 1000)
+            report = [{"name": s["name"], "problem": problem(s, now_ms, grace_s)} for s in found]
+            ended = ("succeeded", "pending", "running", None)
+            failed = [(r, s["last_run"]["job_id"]) for r, s in zip(report, found, strict=True)
+                      if r["problem"] and s["last_run"] and s["last_run"]["job_id"]
+                      and s["last_run"].get("state") not in ended]  # fmt: skip
+            for r, job_id in failed[:CHECK_DETAILS]:  # what went wrong, as `result` says it
+                r["problem"] += why_failed(c.result(job_id))
+            return report
 
-    found = run(fetch)
-    # Overdue by the coordinator's clock, not this host's (a monitoring host's clock may be
-    # off): each answer carries the coordinator's time.
-    now_ms = found[0]["now_ms"] if found else int(time.time() * 1000)
-    report = [
-        {"name": s["name"], "problem": problem(s, now_ms, grace_s)}
-        for s in found
-        if not names or s["name"] in names
-    ]
+    report = run(fetch)
     bad = [r for r in report if r["problem"]]
     if json_out:
         typer.echo(json.dumps(report, indent=2))

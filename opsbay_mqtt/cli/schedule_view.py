@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from opsbay_mqtt.protocol import Job
 
 
 def problem(s: dict[str, Any], now_ms: int, grace_s: int) -> str | None:
@@ -102,3 +105,19 @@ def in_zone(ms: int, tz: str) -> str:
     from zoneinfo import ZoneInfo
 
     return datetime.fromtimestamp(ms / 1000, ZoneInfo(tz)).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def why_failed(job: Job) -> str:
+    """Where a failed run failed and how, in a few words (its first three nodes that did not
+    succeed): `: on web-01 failed, exit 3; on web-02 expired (exit 68): not started by ...`."""
+    from opsbay_mqtt.cli.render import outcome as exec_outcome
+
+    bad = [x for x in job.executions if x.state != "succeeded"]
+    parts = []
+    for x in bad[:3]:
+        why = f": {x.reason}" if x.reason and x.state not in ("succeeded", "failed") else ""
+        parts.append(f"on {x.node} {exec_outcome(x, job.timeout_s)}{why}")
+    if job.reason_code:
+        parts.append(f"{job.reason_code}: {job.reason}")
+    more = f"; and {len(bad) - 3} more node(s)" if len(bad) > 3 else ""
+    return (": " + "; ".join(parts) + more) if parts else ""

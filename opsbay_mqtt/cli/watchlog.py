@@ -134,7 +134,10 @@ def human_lines(
             parts.append(f"{ex.node} {ex.state}{code}{why}")
         done = sum(n for s, n in m.counts.items() if states.is_terminal(s))
         what = f": {', '.join(parts)}" if parts else ""
-        return [visible(f"{head} job {jid(m.job.job_id)} {m.job.state}{what} [{done}/{m.total}]")]
+        run = f" (schedule {m.job.schedule})" if m.job.schedule else ""
+        return [
+            visible(f"{head} job {jid(m.job.job_id)}{run} {m.job.state}{what} [{done}/{m.total}]")
+        ]
     if isinstance(m, Rejected):
         return [visible(f"{head} job {jid(m.job_id)} rejected: {m.code}: {m.reason}")]
     if isinstance(m, NodeStatus):
