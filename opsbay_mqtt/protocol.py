@@ -249,10 +249,7 @@ class ScheduleSpec(_Plain):
             raise ValueError("tz applies to cron only: every_s counts seconds, in UTC")
         if self.every_s is not None and self.jitter_s >= self.every_s:
             raise ValueError("jitter_s must be shorter than every_s")
-        if not self.target and not self.where:
-            raise ValueError("give a target, labels (where), or both")
-        if self.batch in ("0", "0%"):
-            raise ValueError("batch must be at least 1")
+        _check_targets(self.target, self.where, self.batch)
 
 
 @dataclass(kw_only=True, repr=False, eq=False)
@@ -306,10 +303,15 @@ class Submit(JobSpec, Message):
     accept_by_ms: Millis | None = None
 
     def __post_init__(self) -> None:
-        if not self.target and not self.where:
-            raise ValueError("give a target, labels (where), or both")
-        if self.batch in ("0", "0%"):
-            raise ValueError("batch must be at least 1")
+        _check_targets(self.target, self.where, self.batch)
+
+
+def _check_targets(target: str, where: dict[str, str], batch: str | None) -> None:
+    """What a submission and a schedule's runs must say about their nodes (ValueError)."""
+    if not target and not where:
+        raise ValueError("give a target, labels (where), or both")
+    if batch in ("0", "0%"):
+        raise ValueError("batch must be at least 1")
 
 
 @dataclass(kw_only=True, repr=False, eq=False)

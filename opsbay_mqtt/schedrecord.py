@@ -83,12 +83,10 @@ class ScheduleTable:
         return cur
 
     # -- the schedules
-    def get(self, name: str, *, removed: bool = False, lock: bool = False) -> Schedule | None:
-        """The schedule (with `removed`, a removed one too); with `lock`, held until the batch
-        ends (PostgreSQL: against the other coordinators)."""
-        sql = f"SELECT {_SELECT} FROM schedules WHERE name = ?"
-        if not removed:
-            sql += f" AND {_LIVE}"
+    def get(self, name: str, *, lock: bool = False) -> Schedule | None:
+        """The schedule (not a removed one); with `lock`, held until the batch ends
+        (PostgreSQL: against the other coordinators)."""
+        sql = f"SELECT {_SELECT} FROM schedules WHERE name = ? AND {_LIVE}"
         if lock and self._pg:
             sql += " FOR UPDATE"
         row = self._x(sql, (name,)).fetchone()

@@ -27,6 +27,7 @@ from opsbay_mqtt.cli.app import (
 )
 
 if TYPE_CHECKING:
+    from opsbay_mqtt.cli.waiting import Follower
     from opsbay_mqtt.client import Client, ClientConfig, SubmitArgs
     from opsbay_mqtt.protocol import Job, Rejected
     from opsbay_mqtt.settings import BusOptions
@@ -354,6 +355,15 @@ def _submit(
             )
         except KeyboardInterrupt:
             got = _interrupted(client, jid, cancel_on_interrupt)
+    finish_wait(got, follower, json_out)
+
+
+def finish_wait(got: Job | Rejected, follower: Follower, json_out: bool) -> NoReturn:
+    """The end of a wait on a job (`submit --wait`, `schedule run --wait`): its outcome shown
+    (JSON, or the follower's last lines and why it was rejected), and the exit code it means."""
+    from opsbay_mqtt.cli import render
+    from opsbay_mqtt.protocol import Rejected
+
     if isinstance(got, Rejected):
         _rejected(got)
     if json_out:
@@ -361,7 +371,7 @@ def _submit(
     else:
         follower.finish(got)
         if got.state == "rejected" and got.reason_code:
-            why = f"opsbay: job {jid} rejected: {got.reason_code}: {got.reason}"
+            why = f"opsbay: job {got.job_id} rejected: {got.reason_code}: {got.reason}"
             typer.echo(render.visible(why) if sys.stderr.isatty() else why, err=True)
     raise typer.Exit(render.exit_code(got))
 

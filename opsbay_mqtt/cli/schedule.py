@@ -424,11 +424,9 @@ def run_now(
 ) -> None:
     """Run a schedule once, now (its policy checked as for any run); print the job id. With
     --wait, exit as `submit --wait` does."""
-    from opsbay_mqtt.cli import render
-    from opsbay_mqtt.cli.jobs import _for_terminal, _rejected
+    from opsbay_mqtt.cli.jobs import _for_terminal, finish_wait
     from opsbay_mqtt.cli.waiting import Follower, TerminalView
     from opsbay_mqtt.client import Client
-    from opsbay_mqtt.protocol import Rejected
     from opsbay_mqtt.topics import new_job_id
 
     run(lambda: _name(name))
@@ -450,13 +448,7 @@ def run_now(
     if got is None:
         typer.echo(json.dumps({"job_id": job_id}) if json_out else job_id)
         return
-    if isinstance(got, Rejected):
-        _rejected(got)
-    if json_out:
-        typer.echo(json.dumps(render.public_job(got), indent=2))
-    else:
-        follower.finish(got)
-    raise typer.Exit(render.exit_code(got))
+    finish_wait(got, follower, json_out)
 
 
 @schedule_app.command("check")
