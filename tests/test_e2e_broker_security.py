@@ -546,6 +546,16 @@ def test_a_query_the_broker_refuses_is_not_blamed_on_the_coordinator(
     assert "coordinator" not in out.stderr, out.stderr
 
 
+def test_a_schedule_change_the_broker_refuses_exits_77_and_is_not_said_to_be_pending(
+    tls_bus: Bus, secure: SecureBroker
+) -> None:
+    out = tls_bus.cli("schedule", "add", "nightly", "--cron", "@daily", "-t", "web-01",
+                      "-c", "true", timeout=30, **login(secure, "watcher"))  # fmt: skip
+    assert out.returncode == 77, out.stderr
+    assert "refused to let login 'watcher' publish to opsbay/rpc/request" in out.stderr
+    assert "may still be made" not in out.stderr, out.stderr
+
+
 def test_a_worker_whose_login_is_not_its_node_name_stops_and_says_why(
     tls_bus: Bus, secure: SecureBroker
 ) -> None:
